@@ -1,0 +1,314 @@
+"""Hub-layout checkpoints: find them, load them lazily, save them (sharded or not).
+
+On disk each expert has its own keys, as the released checkpoints and every peer expect:
+    model.layers.{L}.mlp.experts.{E}.{gate,up,down}_proj.weight
+In memory a layer's experts are two stacked tensors (`gate_up_proj` (E, 2I, H), `down_proj`
+(E, H, I)). `hub_pieces` is the one place that maps between the two; every other tensor keeps its
+name. Files that hold the stacked tensors under their in-memory names (as transformers 5 can write
+them) load too. Only safetensors is read: a pickled `.bin` file can run code, so it is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from olmoe.config import CONFIG_NAME, OlmoeConfig
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
+HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+_STACKED_EXPERTS = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)")
+
+# A piece of a model parameter as stored on disk: the file key and the index into the parameter
+# it fills (an empty index means the whole parameter).
+Piece = tuple[str, tuple]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as it is: the message says which file or key and why."""
+
+
+# ---------------------------------------------------------------------------- key map
+def hub_pieces(name: str, config: OlmoeConfig) -> list[Piece]:
+    """The on-disk keys that make up parameter `name`, and where each goes inside it."""
+    match = _STACKED_EXPERTS.fullmatch(name)
+    if match is None:
+        return [(name, ())]
+    prefix, stacked = match.groups()
+    inter = config.intermediate_size
+    pieces: list[Piece] = []
+    for e in range(config.num_experts):
+        if stacked == "gate_up_proj":  # gate rows first, then up rows
+            pieces.append((f"{prefix}.{e}.gate_proj.weight", (e, slice(0, inter))))
+            pieces.append((f"{prefix}.{e}.up_proj.weight", (e, slice(inter, 2 * inter))))
+        else:
+            pieces.append((f"{prefix}.{e}.down_proj.weight", (e,)))
+    return pieces
+
+
+# ---------------------------------------------------------------------------- finding files
+def resolve_checkpoint_dir(
+    path_or_repo_id: str | os.PathLike, revision: str | None = None, weights: bool = True
+) -> Path:
+    """A local checkpoint directory, or the local snapshot of a hub repo (downloaded if needed)."""
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_dir():
+        if revision is not None:
+            raise ValueError(
+                f"revision={revision!r} selects a branch of a hub repo, but {path} is a local "
+                "directory: drop revision, or pass the repo id"
+            )
+        return path
+    text = str(path_or_repo_id)
+    looks_local = path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1
+    if looks_local:
+        raise FileNotFoundError(
+            f"no checkpoint directory at {text}: pass a directory holding config.json and "
+            "*.safetensors, or a hub repo id such as allenai/OLMoE-1B-7B-0924"
+        )
+    return _download(text, revision, HUB_FILE_PATTERNS if weights else ["*.json"])
+
+
+def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except HFValidationError as exc:
+        raise FileNotFoundError(
+            f"{repo_id!r} is neither a local directory nor a valid hub repo id ({exc})"
+        ) from exc
+    except Exception as exc:  # network, authentication, unknown repo or revision
+        where = f"{repo_id}@{revision}" if revision else repo_id
+        raise OSError(
+            f"could not get {where} from the Hugging Face hub ({type(exc).__name__}: {exc}). "
+            "Check the repo id and revision and your network, or pass a local directory"
+        ) from exc
+
+
+def weight_files(directory: Path) -> dict[str, Path]:
+    """Map every tensor key of the checkpoint in `directory` to the safetensors file holding it."""
+    index_path = directory / WEIGHTS_INDEX_NAME
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index_path} is not a valid safetensors index: {exc}") from exc
+        missing = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
+        if missing:
+            raise CheckpointError(f"{index_path} lists shard files that are missing: {missing}")
+        return {key: directory / name for key, name in weight_map.items()}
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        if pickled:
+            raise CheckpointError(
+                f"{directory} holds only pickled weights ({', '.join(pickled)}); olmoe reads "
+                "safetensors only, because unpickling can run arbitrary code. Convert them "
+                "(for example with transformers: from_pretrained then save_pretrained) first"
+            )
+        raise CheckpointError(f"no *.safetensors weights in {directory}")
+    keys: dict[str, Path] = {}
+    for file in files:
+        with safe_open(file, framework="pt") as handle:
+            keys.update({key: file for key in handle.keys()})
+    return keys
+
+
+# ---------------------------------------------------------------------------- loading
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"dtype must be a floating-point torch dtype or its name (bfloat16, float16, "
+            f"float32), got {dtype!r}"
+        )
+    return dtype
+
+
+def load_pretrained(cls, path_or_repo_id, revision=None, dtype=None, device="cpu"):
+    """Build `cls` from a checkpoint with peak memory near the weights' size.
+
+    The model is created on the meta device, given uninitialised storage of the final dtype on
+    the final device, and filled tensor by tensor from memory-mapped files: no random init, no
+    second copy, no float32 detour for bf16 weights.
+    """
+    directory = resolve_checkpoint_dir(path_or_repo_id, revision=revision)
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise CheckpointError(f"no {CONFIG_NAME} in {directory}: is this an OLMoE checkpoint?")
+    config = OlmoeConfig.from_json_file(config_path)
+    key_files = weight_files(directory)
+    dtype = resolve_dtype(dtype)
+
+    with torch.device("meta"):
+        model = cls(config)
+    plan = _load_plan(model, config, key_files)
+    if dtype is None:  # keep what is stored: a bf16 checkpoint stays bf16
+        first_key = plan[0][1][0][0]
+        dtype = _stored_dtype(key_files[first_key], first_key)
+    model.to(dtype=dtype).to_empty(device=device)  # replaces the parameter objects
+    params = dict(model.named_parameters())
+
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        handles = {
+            file: stack.enter_context(safe_open(file, framework="pt", device="cpu"))
+            for file in set(key_files.values())
+        }
+        for name, pieces in tqdm(plan, desc="Loading weights", unit="tensor", disable=None):
+            for key, index in pieces:
+                params[name][index].copy_(handles[key_files[key]].get_tensor(key))
+    config.extra["torch_dtype"] = str(dtype).removeprefix("torch.")
+    return model.eval()
+
+
+def _load_plan(model, config, key_files) -> list[tuple[str, list[Piece]]]:
+    """Match every parameter to its file keys, checking names and shapes before reading data."""
+    plan, used, missing = [], set(), []
+    for name, param in model.named_parameters():  # a tied lm_head comes once, as the embedding
+        if name in key_files:  # stored under the in-memory name (stacked experts included)
+            pieces = [(name, ())]
+        else:
+            pieces = hub_pieces(name, config)
+        absent = [key for key, _ in pieces if key not in key_files]
+        if absent:
+            missing.extend(absent)
+            continue
+        for key, index in pieces:
+            expected = tuple(param[index].shape)
+            stored = _stored_shape(key_files[key], key)
+            if stored != expected:
+                raise CheckpointError(
+                    f"tensor {key} in {key_files[key].name} has shape {stored}, but the model "
+                    f"built from config.json expects {expected}: the config and the weights "
+                    "disagree"
+                )
+            used.add(key)
+        plan.append((name, pieces))
+    if missing:
+        raise CheckpointError(
+            f"{len(missing)} tensor(s) missing from the checkpoint, for example "
+            f"{', '.join(missing[:5])}"
+        )
+    unexpected = sorted(set(key_files) - used)
+    if config.tie_word_embeddings and "lm_head.weight" in unexpected:
+        unexpected.remove("lm_head.weight")  # a copy of the tied embedding; nothing to load
+    if unexpected:
+        raise CheckpointError(
+            f"{len(unexpected)} unexpected tensor(s) in the checkpoint, for example "
+            f"{', '.join(unexpected[:5])}: the config does not describe these weights"
+        )
+    return plan
+
+
+def _stored_shape(file: Path, key: str) -> tuple[int, ...]:
+    with safe_open(file, framework="pt") as handle:
+        return tuple(handle.get_slice(key).get_shape())
+
+
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def _stored_dtype(file: Path, key: str) -> torch.dtype:
+    with safe_open(file, framework="pt") as handle:
+        stored = handle.get_slice(key).get_dtype()
+    if stored not in _SAFETENSORS_DTYPES:
+        raise CheckpointError(
+            f"tensor {key} is stored as {stored}; pass dtype= (bfloat16, float16 or float32)"
+        )
+    return _SAFETENSORS_DTYPES[stored]
+
+
+# ---------------------------------------------------------------------------- saving
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string such as '5GB' (10^9) or '2GiB' (2^30)."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), re.IGNORECASE)
+    if not match:
+        raise ValueError(f"max_shard_size must be a positive byte count or like '5GB', got {size!r}")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    powers = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+    powers.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+    result = int(number * powers[unit])
+    if result <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+    return result
+
+
+def save_pretrained(model, directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
+    """Write config.json and the weights in the hub layout.
+
+    Files are written to a temporary directory beside the target and moved in only when all of
+    them are complete, so an interrupted save never leaves a half-written checkpoint; weight
+    files of an earlier save that the new one does not use are removed.
+    """
+    limit = parse_size(max_shard_size)
+    config: OlmoeConfig = model.config
+    tensors = [
+        (key, param.detach()[index])
+        for name, param in model.named_parameters()  # a tied lm_head is stored once, as the embedding
+        for key, index in hub_pieces(name, config)
+    ]
+    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    shard_bytes = 0
+    for key, tensor in tensors:
+        size = tensor.numel() * tensor.element_size()
+        if shards[-1] and shard_bytes + size > limit:
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append((key, tensor))
+        shard_bytes += size
+
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        names = [WEIGHTS_NAME] if len(shards) == 1 else [
+            SHARD_NAME.format(index=i + 1, count=len(shards)) for i in range(len(shards))
+        ]
+        weight_map = {}
+        for name, shard in zip(names, tqdm(shards, desc="Saving", unit="shard", disable=None)):
+            # Clones: slices of one stacked tensor share storage, which safetensors refuses.
+            save_file({k: t.contiguous().clone() for k, t in shard}, staging / name,
+                      metadata={"format": "pt"})
+            weight_map.update({key: name for key, _ in shard})
+        if len(shards) > 1:
+            total = sum(t.numel() * t.element_size() for _, t in tensors)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (staging / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        config.extra["torch_dtype"] = config.extra["dtype"] = str(model.dtype).removeprefix("torch.")
+        config.save_pretrained(staging)
+        _move_into(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_into(staging: Path, target: Path) -> None:
+    if not target.exists():
+        staging.rename(target)
+        return
+    new = {p.name for p in staging.iterdir()}
+    for old in target.iterdir():
+        stale_weights = old.name == WEIGHTS_INDEX_NAME or old.suffix == ".safetensors"
+        if stale_weights and old.name not in new and old.is_file():
+            old.unlink()
+    for item in staging.iterdir():
+        os.replace(item, target / item.name)
