@@ -1,0 +1,30 @@
+"""Shared helpers: tiny random OLMoE models and their transformers twins."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from olmoe import OlmoeConfig, OlmoeForCausalLM
+
+
+@torch.no_grad()
+def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
+    """Give every parameter (norms and biases too) random values, so that no feature of the
+    model can hide behind an initial value of one or zero."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        noise = torch.randn(param.shape, generator=generator) * std
+        param.copy_(noise + (1.0 if "norm" in name else 0.0))
+    return model
+
+
+def tiny_model(seed: int = 0, **overrides) -> OlmoeForCausalLM:
+    torch.manual_seed(seed)
+    return randomize(OlmoeForCausalLM(OlmoeConfig.tiny(**overrides)), seed).eval()
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(1234)
+    yield
