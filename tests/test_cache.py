@@ -13,7 +13,9 @@ from tests.conftest import tiny_model
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-def decode_step_by_step(model, ids, prompt_length, attention_mask=None, position_ids=None, cache=None):
+def decode_step_by_step(
+    model, ids, prompt_length, attention_mask=None, position_ids=None, cache=None
+):
     """Prefill `prompt_length` tokens, then feed the rest one at a time; return all logits."""
     with torch.no_grad():
 
@@ -41,7 +43,8 @@ def decode_step_by_step(model, ids, prompt_length, attention_mask=None, position
 
 
 @pytest.mark.parametrize(
-    "overrides", [{}, {"num_key_value_heads": 1}, {"rope_scaling": {"type": "linear", "factor": 3.0}}]
+    "overrides",
+    [{}, {"num_key_value_heads": 1}, {"rope_scaling": {"type": "linear", "factor": 3.0}}],
 )
 def test_incremental_decoding_equals_full_forward(overrides):
     model = tiny_model(**overrides)
@@ -119,9 +122,9 @@ def test_cache_position_rewrites_a_step():
     with torch.no_grad():
         expected = model(other).logits[:, -1]
         cache = model(ids).past_key_values  # all six tokens cached
-        got = model(
-            other[:, 5:], past_key_values=cache, cache_position=torch.tensor([5])
-        ).logits[:, -1]
+        got = model(other[:, 5:], past_key_values=cache, cache_position=torch.tensor([5])).logits[
+            :, -1
+        ]
     assert_close(got, expected, **TOL)
     assert cache.get_seq_length() == 6
 

@@ -66,7 +66,8 @@ def test_route_softmax_over_all_experts_without_renormalisation():
     routing = route(logits, top_k=3)
     # weight = exp(logit - logsumexp(all logits)): the full-softmax probability itself
     expected = torch.exp(
-        torch.gather(logits.double(), 1, routing.top_k_indices) - torch.logsumexp(logits.double(), -1, keepdim=True)
+        torch.gather(logits.double(), 1, routing.top_k_indices)
+        - torch.logsumexp(logits.double(), -1, keepdim=True)
     )
     assert_close(routing.top_k_weights.double(), expected, atol=1e-7, rtol=1e-6)
     assert (routing.top_k_weights.sum(-1) < 1).all()
@@ -94,7 +95,9 @@ def test_grouped_linear_both_paths_agree(dtype):
     assert_close(got.float(), expected.float(), **tol)
     # width 30 breaks grouped_mm's 16-byte row alignment, so this takes the fallback path
     x_odd, w_odd = x[:, :30].contiguous(), weight[:, :, :30].contiguous()
-    expected_odd = torch.cat([x_odd[:3] @ w_odd[0].T, x_odd[3:8] @ w_odd[2].T, x_odd[8:] @ w_odd[3].T])
+    expected_odd = torch.cat(
+        [x_odd[:3] @ w_odd[0].T, x_odd[3:8] @ w_odd[2].T, x_odd[8:] @ w_odd[3].T]
+    )
     assert_close(grouped_linear(x_odd, w_odd, counts).float(), expected_odd.float(), **tol)
 
 

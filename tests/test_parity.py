@@ -24,7 +24,10 @@ VARIANTS = {
     "norm_topk_prob": {"norm_topk_prob": True},
     "rope_linear": {"rope_scaling": {"type": "linear", "factor": 2.0}},
     # max_position_embeddings below the sequence length, so the dynamic base actually grows
-    "rope_dynamic": {"rope_scaling": {"type": "dynamic", "factor": 2.0}, "max_position_embeddings": 8},
+    "rope_dynamic": {
+        "rope_scaling": {"type": "dynamic", "factor": 2.0},
+        "max_position_embeddings": 8,
+    },
     "tied_embeddings": {"tie_word_embeddings": True},
     "attention_bias": {"attention_bias": True},
     "top1_of_4": {"num_experts": 4, "num_experts_per_tok": 1},
@@ -70,9 +73,17 @@ def test_loading_reference_checkpoint_matches(tmp_path):
     """The reverse direction: transformers saves, olmoe loads."""
     torch.manual_seed(0)
     config = transformers.OlmoeConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
-        max_position_embeddings=64, eos_token_id=0, clip_qkv=1.5,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        eos_token_id=0,
+        clip_qkv=1.5,
     )
     ref = randomize(transformers.OlmoeForCausalLM(config)).eval()
     ref.config._attn_implementation = "eager"
@@ -102,7 +113,9 @@ def test_padded_batch_with_attention_mask(tmp_path):
     mask[1, :1] = 0
     ids[mask == 0] = ours.config.pad_token_id
     for position_ids in (None, (mask.cumsum(-1) - 1).clamp(min=0)):
-        mine, theirs = run_both(ours, ref, input_ids=ids, attention_mask=mask, position_ids=position_ids)
+        mine, theirs = run_both(
+            ours, ref, input_ids=ids, attention_mask=mask, position_ids=position_ids
+        )
         assert_outputs_match(mine, theirs, labels=False)
     # the padding really is masked: changing padded tokens changes no real position's logits
     other = ids.clone()

@@ -11,15 +11,17 @@ them) load too. Only safetensors is read: a pickled `.bin` file can run code, so
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -30,7 +32,7 @@ WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
 HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-_STACKED_EXPERTS = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)")
+_STACKED_EXPERTS = re.compile(r"(.*layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)")
 
 # A piece of a model parameter as stored on disk: the file key and the index into the parameter
 # it fills (an empty index means the whole parameter).
@@ -100,19 +102,72 @@ def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
         ) from exc
 
 
-def weight_files(directory: Path) -> dict[str, Path]:
-    """Map every tensor key of the checkpoint in `directory` to the safetensors file holding it."""
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor lies in a safetensors file, from the file's header."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in the file
+    nbytes: int
+
+
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def read_header(file: Path) -> dict[str, StoredTensor]:
+    """The tensor table of a safetensors file: an 8-byte little-endian header length, a JSON
+    header of dtype, shape and data offsets per tensor, then the data."""
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+        length = int.from_bytes(fh.read(8), "little")
+        if size < 8 or length > size - 8:
+            raise CheckpointError(f"{file} is not a safetensors file, or it is truncated")
+        try:
+            header = json.loads(fh.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{file} has a corrupt safetensors header: {exc}") from exc
+    header.pop("__metadata__", None)
+    table = {}
+    for key, entry in header.items():
+        if entry["dtype"] not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(
+                f"tensor {key} in {file.name} is stored as {entry['dtype']}; olmoe reads "
+                f"floating-point weights ({', '.join(_SAFETENSORS_DTYPES)})"
+            )
+        begin, end = entry["data_offsets"]
+        stored = StoredTensor(
+            file,
+            _SAFETENSORS_DTYPES[entry["dtype"]],
+            tuple(entry["shape"]),
+            8 + length + begin,
+            end - begin,
+        )
+        itemsize = torch.empty((), dtype=stored.dtype).element_size()
+        if (
+            stored.offset + stored.nbytes > size
+            or math.prod(stored.shape) * itemsize != stored.nbytes
+        ):
+            raise CheckpointError(f"tensor {key} in {file.name} is truncated or mis-sized")
+        table[key] = stored
+    return table
+
+
+def stored_tensors(directory: Path) -> dict[str, StoredTensor]:
+    """Every tensor of the checkpoint in `directory`, single file or sharded."""
     index_path = directory / WEIGHTS_INDEX_NAME
     if index_path.is_file():
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            files = sorted({directory / name for name in weight_map.values()})
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"{index_path} is not a valid safetensors index: {exc}") from exc
-        missing = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
+        missing = sorted(f.name for f in files if not f.is_file())
         if missing:
             raise CheckpointError(f"{index_path} lists shard files that are missing: {missing}")
-        return {key: directory / name for key, name in weight_map.items()}
-    files = sorted(directory.glob("*.safetensors"))
+    else:
+        files = sorted(directory.glob("*.safetensors"))
     if not files:
         pickled = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES)
         if pickled:
@@ -122,11 +177,10 @@ def weight_files(directory: Path) -> dict[str, Path]:
                 "(for example with transformers: from_pretrained then save_pretrained) first"
             )
         raise CheckpointError(f"no *.safetensors weights in {directory}")
-    keys: dict[str, Path] = {}
+    table: dict[str, StoredTensor] = {}
     for file in files:
-        with safe_open(file, framework="pt") as handle:
-            keys.update({key: file for key in handle.keys()})
-    return keys
+        table.update(read_header(file))
+    return table
 
 
 # ---------------------------------------------------------------------------- loading
@@ -147,67 +201,90 @@ def load_pretrained(cls, path_or_repo_id, revision=None, dtype=None, device="cpu
     """Build `cls` from a checkpoint with peak memory near the weights' size.
 
     The model is created on the meta device, given uninitialised storage of the final dtype on
-    the final device, and filled tensor by tensor from memory-mapped files: no random init, no
-    second copy, no float32 detour for bf16 weights.
+    the final device, and each stored tensor is read from its file straight into its place in
+    that storage: no random init, no second copy, no float32 detour for bf16 weights. Plain
+    reads rather than safetensors' memory map: mapped pages count as resident while the file is
+    open, which would show a 13.8 GB load as 27 GB.
     """
     directory = resolve_checkpoint_dir(path_or_repo_id, revision=revision)
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise CheckpointError(f"no {CONFIG_NAME} in {directory}: is this an OLMoE checkpoint?")
     config = OlmoeConfig.from_json_file(config_path)
-    key_files = weight_files(directory)
+    stored = stored_tensors(directory)
     dtype = resolve_dtype(dtype)
 
     with torch.device("meta"):
         model = cls(config)
-    plan = _load_plan(model, config, key_files)
+    plan = _load_plan(model, config, stored)
     if dtype is None:  # keep what is stored: a bf16 checkpoint stays bf16
-        first_key = plan[0][1][0][0]
-        dtype = _stored_dtype(key_files[first_key], first_key)
+        dtype = stored[plan[0][1][0][0]].dtype
     model.to(dtype=dtype).to_empty(device=device)  # replaces the parameter objects
+    _retie_embeddings(model)
     params = dict(model.named_parameters())
 
     with contextlib.ExitStack() as stack, torch.no_grad():
-        handles = {
-            file: stack.enter_context(safe_open(file, framework="pt", device="cpu"))
-            for file in set(key_files.values())
-        }
+        files = {f: stack.enter_context(open(f, "rb")) for f in {t.file for t in stored.values()}}
         for name, pieces in tqdm(plan, desc="Loading weights", unit="tensor", disable=None):
             for key, index in pieces:
-                params[name][index].copy_(handles[key_files[key]].get_tensor(key))
-    config.extra["torch_dtype"] = str(dtype).removeprefix("torch.")
+                _read_into(files[stored[key].file], stored[key], params[name][index])
+    # The config describes the model in memory, as transformers' does after a dtype cast.
+    config.extra["torch_dtype"] = config.extra["dtype"] = str(dtype).removeprefix("torch.")
     return model.eval()
 
 
-def _load_plan(model, config, key_files) -> list[tuple[str, list[Piece]]]:
+def _read_into(fh, stored: StoredTensor, dest: torch.Tensor) -> None:
+    """Fill `dest` with a stored tensor, reading straight into its memory where dtype, device
+    and layout allow, else through one temporary buffer."""
+    direct = dest.dtype == stored.dtype and dest.device.type == "cpu" and dest.is_contiguous()
+    buffer = dest if direct else torch.empty(stored.shape, dtype=stored.dtype)
+    fh.seek(stored.offset)
+    if fh.readinto(memoryview(buffer.view(-1).view(torch.uint8).numpy())) != stored.nbytes:
+        raise CheckpointError(f"{stored.file} ended early: the file is truncated")
+    if not direct:
+        dest.copy_(buffer)
+
+
+def _retie_embeddings(model) -> None:
+    """Share the embedding with lm_head again after `to_empty`.
+
+    `to_empty` gives each module its own new parameter, so a tied lm_head would be left as a
+    separate, never-filled tensor (the plan loads the shared weight once, as the embedding).
+    """
+    if model.config.tie_word_embeddings and hasattr(model, "lm_head"):
+        model.lm_head.weight = model.get_input_embeddings().weight
+
+
+def _load_plan(model, config, stored) -> list[tuple[str, list[Piece]]]:
     """Match every parameter to its file keys, checking names and shapes before reading data."""
+    # A bare OlmoeModel reading a causal-LM checkpoint: its keys carry the `model.` prefix.
+    base_only = not hasattr(model, "lm_head")
+    prefix = "model." if base_only and any(k.startswith("model.") for k in stored) else ""
     plan, used, missing = [], set(), []
     for name, param in model.named_parameters():  # a tied lm_head comes once, as the embedding
-        if name in key_files:  # stored under the in-memory name (stacked experts included)
-            pieces = [(name, ())]
-        else:
-            pieces = hub_pieces(name, config)
-        absent = [key for key, _ in pieces if key not in key_files]
+        key = prefix + name
+        # stored under the in-memory name (stacked experts included), or in the hub layout
+        pieces = [(key, ())] if key in stored else hub_pieces(key, config)
+        absent = [k for k, _ in pieces if k not in stored]
         if absent:
             missing.extend(absent)
             continue
-        for key, index in pieces:
+        for k, index in pieces:
             expected = tuple(param[index].shape)
-            stored = _stored_shape(key_files[key], key)
-            if stored != expected:
+            if stored[k].shape != expected:
                 raise CheckpointError(
-                    f"tensor {key} in {key_files[key].name} has shape {stored}, but the model "
-                    f"built from config.json expects {expected}: the config and the weights "
-                    "disagree"
+                    f"tensor {k} in {stored[k].file.name} has shape {stored[k].shape}, but the "
+                    f"model built from config.json expects {expected}: the config and the "
+                    "weights disagree"
                 )
-            used.add(key)
+            used.add(k)
         plan.append((name, pieces))
     if missing:
         raise CheckpointError(
             f"{len(missing)} tensor(s) missing from the checkpoint, for example "
             f"{', '.join(missing[:5])}"
         )
-    unexpected = sorted(set(key_files) - used)
+    unexpected = sorted(k for k in set(stored) - used if k.startswith(prefix))
     if config.tie_word_embeddings and "lm_head.weight" in unexpected:
         unexpected.remove("lm_head.weight")  # a copy of the tied embedding; nothing to load
     if unexpected:
@@ -218,24 +295,6 @@ def _load_plan(model, config, key_files) -> list[tuple[str, list[Piece]]]:
     return plan
 
 
-def _stored_shape(file: Path, key: str) -> tuple[int, ...]:
-    with safe_open(file, framework="pt") as handle:
-        return tuple(handle.get_slice(key).get_shape())
-
-
-_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-
-
-def _stored_dtype(file: Path, key: str) -> torch.dtype:
-    with safe_open(file, framework="pt") as handle:
-        stored = handle.get_slice(key).get_dtype()
-    if stored not in _SAFETENSORS_DTYPES:
-        raise CheckpointError(
-            f"tensor {key} is stored as {stored}; pass dtype= (bfloat16, float16 or float32)"
-        )
-    return _SAFETENSORS_DTYPES[stored]
-
-
 # ---------------------------------------------------------------------------- saving
 def parse_size(size: int | str) -> int:
     """Bytes from an int or a string such as '5GB' (10^9) or '2GiB' (2^30)."""
@@ -243,7 +302,9 @@ def parse_size(size: int | str) -> int:
         return size
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), re.IGNORECASE)
     if not match:
-        raise ValueError(f"max_shard_size must be a positive byte count or like '5GB', got {size!r}")
+        raise ValueError(
+            f"max_shard_size must be a positive byte count or like '5GB', got {size!r}"
+        )
     number, unit = float(match.group(1)), (match.group(2) or "B").upper()
     powers = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
     powers.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
@@ -264,7 +325,8 @@ def save_pretrained(model, directory: str | os.PathLike, max_shard_size: int | s
     config: OlmoeConfig = model.config
     tensors = [
         (key, param.detach()[index])
-        for name, param in model.named_parameters()  # a tied lm_head is stored once, as the embedding
+        # a tied lm_head is stored once, as the embedding
+        for name, param in model.named_parameters()
         for key, index in hub_pieces(name, config)
     ]
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
@@ -281,21 +343,29 @@ def save_pretrained(model, directory: str | os.PathLike, max_shard_size: int | s
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        names = [WEIGHTS_NAME] if len(shards) == 1 else [
-            SHARD_NAME.format(index=i + 1, count=len(shards)) for i in range(len(shards))
-        ]
+        names = (
+            [WEIGHTS_NAME]
+            if len(shards) == 1
+            else [SHARD_NAME.format(index=i + 1, count=len(shards)) for i in range(len(shards))]
+        )
         weight_map = {}
         for name, shard in zip(names, tqdm(shards, desc="Saving", unit="shard", disable=None)):
             # Clones: slices of one stacked tensor share storage, which safetensors refuses.
-            save_file({k: t.contiguous().clone() for k, t in shard}, staging / name,
-                      metadata={"format": "pt"})
+            save_file(
+                {k: t.contiguous().clone() for k, t in shard},
+                staging / name,
+                metadata={"format": "pt"},
+            )
             weight_map.update({key: name for key, _ in shard})
         if len(shards) > 1:
             total = sum(t.numel() * t.element_size() for _, t in tensors)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (staging / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        config.extra["torch_dtype"] = config.extra["dtype"] = str(model.dtype).removeprefix("torch.")
-        config.save_pretrained(staging)
+        # The dtype the weights were written in, under both transformers generations' keys.
+        written = copy.copy(config)
+        dtype_name = str(model.dtype).removeprefix("torch.")
+        written.extra = {**config.extra, "torch_dtype": dtype_name, "dtype": dtype_name}
+        written.save_pretrained(staging)
         _move_into(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -130,7 +130,8 @@ class OlmoeConfig:
             )
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
             raise ValueError(
-                f"hidden_act {self.hidden_act!r} is not supported: use one of {SUPPORTED_ACTIVATIONS}"
+                f"hidden_act {self.hidden_act!r} is not supported: "
+                f"use one of {SUPPORTED_ACTIVATIONS}"
             )
         if not 0.0 <= self.attention_dropout < 1.0:
             raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
@@ -178,7 +179,9 @@ class OlmoeConfig:
                 }
         names = {f.name for f in dataclasses.fields(cls)}
         config = cls(**{k: v for k, v in data.items() if k in names})
-        config.extra = {k: v for k, v in data.items() if k not in names and k not in _GENERATED_KEYS}
+        config.extra = {
+            k: v for k, v in data.items() if k not in names and k not in _GENERATED_KEYS
+        }
         return config
 
     def to_dict(self) -> dict[str, Any]:
@@ -189,7 +192,11 @@ class OlmoeConfig:
             out[f.name] = copy.deepcopy(getattr(self, f.name))
         rope_parameters: dict[str, Any] = {"rope_theta": self.rope_theta, "rope_type": "default"}
         if self.rope_scaling is not None:
-            rope_parameters.update(self.rope_scaling)
+            # transformers 5 names the kind `rope_type`; a stray `type` beside "default" would
+            # read back (here) as no scaling at all.
+            scaling = dict(self.rope_scaling)
+            rope_parameters["rope_type"] = scaling.pop("type")
+            rope_parameters.update(scaling)
         out["rope_parameters"] = rope_parameters
         return out
 
@@ -254,7 +261,7 @@ PRESETS = {"OLMoE-1B-7B-0924": OlmoeConfig.olmoe_1b_7b, "tiny": OlmoeConfig.tiny
 
 
 def _normalise_rope_scaling(scaling: Any) -> dict[str, Any]:
-    """Accept `{"type"|"rope_type": "linear"|"dynamic", "factor": >1}`; store it as `type`+`factor`."""
+    """Accept `{"type" or "rope_type": "linear" | "dynamic", "factor": > 1}`; store `type`."""
     if not isinstance(scaling, dict):
         raise ValueError(
             f"rope_scaling must be None or a dict like {{'type': 'linear', 'factor': 2.0}}, "

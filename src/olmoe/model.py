@@ -125,7 +125,12 @@ class OlmoeAttention(nn.Module):
             out, weights = self._attention_with_weights(q, k, v, mask, causal, dropout)
         else:
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=dropout,
+                is_causal=causal,
                 enable_gqa=self.num_heads != self.num_kv_heads,
             )  # (B, N, L, D)
             weights = None
@@ -424,7 +429,9 @@ class OlmoeForCausalLM(OlmoePreTrainedModel):
                 base.router_logits,
                 self.config.num_experts,
                 self.config.num_experts_per_tok,
-                attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None,
+                attention_mask
+                if attention_mask is not None and attention_mask.dim() == 2
+                else None,
             )
             if loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss

@@ -69,7 +69,11 @@ class _ContiguousGrad(torch.autograd.Function):
 
 def _grouped_mm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether PyTorch's grouped GEMM takes these operands (dtype and 16-byte row alignment)."""
-    if not hasattr(F, "grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if not hasattr(F, "grouped_mm") or x.dtype not in (
+        torch.float32,
+        torch.bfloat16,
+        torch.float16,
+    ):
         return False
     row_bytes = x.element_size()
     return (weight.shape[1] * row_bytes) % 16 == 0 and (weight.shape[2] * row_bytes) % 16 == 0
@@ -161,7 +165,9 @@ def load_balancing_loss(
     OLMoE training objective (megablocks' definition, per layer, f over slots) lives with the
     training code.
     """
-    tokens_per_expert = torch.zeros(num_experts, dtype=torch.float32, device=router_logits[0].device)
+    tokens_per_expert = torch.zeros(
+        num_experts, dtype=torch.float32, device=router_logits[0].device
+    )
     prob_per_expert = torch.zeros_like(tokens_per_expert)
     total = torch.zeros((), dtype=torch.float32, device=tokens_per_expert.device)
     mask = None
