@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
 from olmoe import OlmoeConfig, OlmoeForCausalLM
 
@@ -22,6 +23,11 @@ def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.
 def tiny_model(seed: int = 0, **overrides) -> OlmoeForCausalLM:
     torch.manual_seed(seed)
     return randomize(OlmoeForCausalLM(OlmoeConfig.tiny(**overrides)), seed).eval()
+
+
+def reference_config(**overrides) -> transformers.OlmoeConfig:
+    """transformers' config for `OlmoeConfig.tiny(**overrides)`."""
+    return transformers.OlmoeConfig.from_dict(OlmoeConfig.tiny(**overrides).to_dict())
 
 
 @pytest.fixture(autouse=True)

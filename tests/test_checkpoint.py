@@ -21,39 +21,12 @@ from safetensors.torch import load_file, save_file
 import olmoe.checkpoint
 from olmoe import CheckpointError, OlmoeConfig, OlmoeForCausalLM
 from olmoe.checkpoint import WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from tests.conftest import randomize, reference_config, tiny_model
 
-# transformers' OlmoeConfig with OlmoeConfig.tiny()'s sizes.
-TINY_SIZES = dict(
-    vocab_size=128,
-    hidden_size=32,
-    intermediate_size=16,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=64,
-    num_experts=8,
-    num_experts_per_tok=2,
-    pad_token_id=1,
-    eos_token_id=0,
-)
 SMALL_SHARD = 20_000  # bytes: splits a tiny float32 model (~160 kB) into several shards
 
 
 # ---------------------------------------------------------------------------- helpers
-@torch.no_grad()
-def fill_random(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Distinct random values in every parameter, norms included, so no tensor can be swapped
-    with another (or left at its initial value) without a comparison noticing."""
-    generator = torch.Generator().manual_seed(seed)
-    for param in model.parameters():
-        param.copy_(torch.randn(param.shape, generator=generator))
-    return model
-
-
-def make_model(seed: int = 0, **overrides) -> OlmoeForCausalLM:
-    torch.manual_seed(seed)
-    return fill_random(OlmoeForCausalLM(OlmoeConfig.tiny(**overrides)), seed).eval()
-
-
 def assert_same_state(loaded: torch.nn.Module, original: torch.nn.Module) -> None:
     got, want = loaded.state_dict(), original.state_dict()
     assert sorted(got) == sorted(want)
@@ -92,7 +65,7 @@ def logits(model: OlmoeForCausalLM) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- round trips
 def test_single_file_round_trip_is_bit_exact(tmp_path):
-    model = make_model(0)
+    model = tiny_model(0)
     model.save_pretrained(tmp_path / "a")
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["config.json", WEIGHTS_NAME]
 
@@ -107,7 +80,7 @@ def test_single_file_round_trip_is_bit_exact(tmp_path):
 
 
 def test_sharded_round_trip_is_bit_exact(tmp_path):
-    model = make_model(1, num_key_value_heads=2, attention_bias=True)
+    model = tiny_model(1, num_key_value_heads=2, attention_bias=True)
     model.save_pretrained(tmp_path / "a", max_shard_size=SMALL_SHARD)
     a = tmp_path / "a"
     shards = sorted(p.name for p in a.glob("*.safetensors"))
@@ -136,7 +109,7 @@ def test_sharded_round_trip_is_bit_exact(tmp_path):
 
 
 def test_max_shard_size_accepts_unit_strings(tmp_path):
-    model = make_model(2)
+    model = tiny_model(2)
     model.save_pretrained(tmp_path, max_shard_size="20kB")
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
     assert_same_state(OlmoeForCausalLM.from_pretrained(tmp_path), model)
@@ -146,7 +119,7 @@ def test_max_shard_size_accepts_unit_strings(tmp_path):
 
 def test_files_hold_per_expert_hub_keys(tmp_path):
     config = OlmoeConfig.tiny(num_key_value_heads=2)
-    make_model(3, num_key_value_heads=2).save_pretrained(tmp_path, max_shard_size=SMALL_SHARD)
+    tiny_model(3, num_key_value_heads=2).save_pretrained(tmp_path, max_shard_size=SMALL_SHARD)
     keys = {key: shape for key, (_, shape, _) in file_keys(tmp_path).items()}
     h, i, kv = config.hidden_size, config.intermediate_size, 2 * config.head_dim
 
@@ -175,7 +148,7 @@ def test_files_hold_per_expert_hub_keys(tmp_path):
 
 
 def test_expert_split_puts_gate_rows_first(tmp_path):
-    model = make_model(4)
+    model = tiny_model(4)
     model.save_pretrained(tmp_path)
     stored = load_file(tmp_path / WEIGHTS_NAME)
     i = model.config.intermediate_size
@@ -193,8 +166,8 @@ def test_expert_split_puts_gate_rows_first(tmp_path):
 )
 def test_loads_files_saved_by_transformers5(tmp_path, overrides):
     torch.manual_seed(5)
-    theirs = transformers.OlmoeForCausalLM(transformers.OlmoeConfig(**TINY_SIZES, **overrides))
-    fill_random(theirs, 5).save_pretrained(tmp_path)
+    theirs = transformers.OlmoeForCausalLM(reference_config(**overrides))
+    randomize(theirs, 5).save_pretrained(tmp_path)
 
     ours = OlmoeForCausalLM.from_pretrained(tmp_path)
     their_state = theirs.state_dict()
@@ -211,14 +184,14 @@ def test_loads_files_saved_by_transformers5(tmp_path, overrides):
 
 
 def test_transformers5_loads_our_files(tmp_path):
-    model = make_model(6, num_key_value_heads=2)
+    model = tiny_model(6, num_key_value_heads=2)
     model.save_pretrained(tmp_path, max_shard_size=SMALL_SHARD)
     theirs = transformers.OlmoeForCausalLM.from_pretrained(tmp_path)
     assert_same_state(theirs, model)
 
 
 def test_loads_stacked_in_memory_layout(tmp_path):
-    model = make_model(7)
+    model = tiny_model(7)
     state = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
     assert "model.layers.0.mlp.experts.gate_up_proj" in state
     save_file(state, tmp_path / WEIGHTS_NAME, metadata={"format": "pt"})
@@ -229,7 +202,7 @@ def test_loads_stacked_in_memory_layout(tmp_path):
 # ---------------------------------------------------------------------------- dtype
 @pytest.mark.parametrize("dtype", [torch.bfloat16, "bfloat16", "torch.bfloat16"])
 def test_dtype_argument_casts_on_load(tmp_path, dtype):
-    model = make_model(8)
+    model = tiny_model(8)
     model.save_pretrained(tmp_path)
     loaded = OlmoeForCausalLM.from_pretrained(tmp_path, dtype=dtype)
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
@@ -239,7 +212,7 @@ def test_dtype_argument_casts_on_load(tmp_path, dtype):
 
 @pytest.mark.parametrize("dtype", [None, "auto"])
 def test_no_dtype_keeps_the_stored_one(tmp_path, dtype):
-    model = make_model(9).to(torch.bfloat16)
+    model = tiny_model(9).to(torch.bfloat16)
     model.save_pretrained(tmp_path)
     assert {d for _, _, d in file_keys(tmp_path).values()} == {"BF16"}
     assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
@@ -250,14 +223,14 @@ def test_no_dtype_keeps_the_stored_one(tmp_path, dtype):
 
 @pytest.mark.parametrize("dtype", ["int8", "banana", torch.int64, 3])
 def test_bad_dtype_raises(tmp_path, dtype):
-    make_model(10).save_pretrained(tmp_path)
+    tiny_model(10).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="dtype"):
         OlmoeForCausalLM.from_pretrained(tmp_path, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------- tied embeddings
 def test_tied_embeddings_round_trip(tmp_path):
-    model = make_model(11, tie_word_embeddings=True)
+    model = tiny_model(11, tie_word_embeddings=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     model.save_pretrained(tmp_path / "a")
     assert "lm_head.weight" not in file_keys(tmp_path / "a")
@@ -273,7 +246,7 @@ def test_tied_embeddings_round_trip(tmp_path):
 
 
 def test_tied_checkpoint_with_a_stored_lm_head_copy_loads(tmp_path):
-    model = make_model(12, tie_word_embeddings=True)
+    model = tiny_model(12, tie_word_embeddings=True)
     model.save_pretrained(tmp_path)
     rewrite_weights(
         tmp_path / WEIGHTS_NAME,
@@ -285,7 +258,7 @@ def test_tied_checkpoint_with_a_stored_lm_head_copy_loads(tmp_path):
 
 
 def test_tied_bf16_load_keeps_the_tie(tmp_path):
-    model = make_model(13, tie_word_embeddings=True)
+    model = tiny_model(13, tie_word_embeddings=True)
     model.save_pretrained(tmp_path)
     loaded = OlmoeForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
@@ -301,7 +274,7 @@ def test_checkpoint_error_is_exported():
 
 
 def test_missing_tensor_is_named(tmp_path):
-    make_model(14).save_pretrained(tmp_path)
+    tiny_model(14).save_pretrained(tmp_path)
     key = "model.layers.1.mlp.experts.3.up_proj.weight"
     rewrite_weights(tmp_path / WEIGHTS_NAME, lambda t: t.pop(key))
     with pytest.raises(CheckpointError, match="missing") as info:
@@ -310,7 +283,7 @@ def test_missing_tensor_is_named(tmp_path):
 
 
 def test_unexpected_tensor_is_named(tmp_path):
-    make_model(15).save_pretrained(tmp_path)
+    tiny_model(15).save_pretrained(tmp_path)
     key = "model.layers.0.mlp.experts.8.gate_proj.weight"  # tiny has experts 0..7
     rewrite_weights(tmp_path / WEIGHTS_NAME, lambda t: t.__setitem__(key, torch.zeros(16, 32)))
     with pytest.raises(CheckpointError, match="unexpected") as info:
@@ -319,7 +292,7 @@ def test_unexpected_tensor_is_named(tmp_path):
 
 
 def test_config_disagreeing_with_weights_names_key_and_both_shapes(tmp_path):
-    make_model(16).save_pretrained(tmp_path)  # intermediate_size 16
+    tiny_model(16).save_pretrained(tmp_path)  # intermediate_size 16
     config = json.loads((tmp_path / "config.json").read_text())
     config["intermediate_size"] = 8
     (tmp_path / "config.json").write_text(json.dumps(config))
@@ -332,7 +305,7 @@ def test_config_disagreeing_with_weights_names_key_and_both_shapes(tmp_path):
 
 
 def test_mis_shaped_tensor_names_key_and_both_shapes(tmp_path):
-    make_model(17).save_pretrained(tmp_path)
+    tiny_model(17).save_pretrained(tmp_path)
     key = "model.layers.1.self_attn.k_proj.weight"
     rewrite_weights(tmp_path / WEIGHTS_NAME, lambda t: t.__setitem__(key, torch.zeros(32, 31)))
     with pytest.raises(CheckpointError) as info:
@@ -342,7 +315,7 @@ def test_mis_shaped_tensor_names_key_and_both_shapes(tmp_path):
 
 
 def test_pickled_weights_are_refused_without_unpickling(tmp_path, monkeypatch):
-    model = make_model(18)
+    model = tiny_model(18)
     model.config.save_pretrained(tmp_path)
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
 
@@ -363,7 +336,7 @@ def test_directory_without_weights(tmp_path):
 
 
 def test_missing_config_json(tmp_path):
-    make_model(19).save_pretrained(tmp_path)
+    tiny_model(19).save_pretrained(tmp_path)
     (tmp_path / "config.json").unlink()
     with pytest.raises(CheckpointError, match="config.json"):
         OlmoeForCausalLM.from_pretrained(tmp_path)
@@ -379,13 +352,13 @@ def test_nonexistent_local_path(tmp_path):
 
 
 def test_revision_with_a_local_directory(tmp_path):
-    make_model(20).save_pretrained(tmp_path)
+    tiny_model(20).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="revision"):
         OlmoeForCausalLM.from_pretrained(tmp_path, revision="main")
 
 
 def test_index_referencing_a_missing_shard(tmp_path):
-    make_model(21).save_pretrained(tmp_path, max_shard_size=SMALL_SHARD)
+    tiny_model(21).save_pretrained(tmp_path, max_shard_size=SMALL_SHARD)
     shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
     shard.unlink()
     with pytest.raises(CheckpointError, match="missing") as info:
@@ -395,7 +368,7 @@ def test_index_referencing_a_missing_shard(tmp_path):
 
 
 def test_invalid_index_json(tmp_path):
-    make_model(22).save_pretrained(tmp_path, max_shard_size=SMALL_SHARD)
+    tiny_model(22).save_pretrained(tmp_path, max_shard_size=SMALL_SHARD)
     (tmp_path / WEIGHTS_INDEX_NAME).write_text('{"metadata": {}}')
     with pytest.raises(CheckpointError, match=re.escape(WEIGHTS_INDEX_NAME)):
         OlmoeForCausalLM.from_pretrained(tmp_path)
@@ -418,13 +391,13 @@ def fail_after_first_file(monkeypatch):
 
 def test_interrupted_save_keeps_the_earlier_checkpoint(tmp_path, monkeypatch):
     target = tmp_path / "ckpt"
-    earlier = make_model(23)
+    earlier = tiny_model(23)
     earlier.save_pretrained(target)
     before = directory_bytes(target)
 
     calls = fail_after_first_file(monkeypatch)
     with pytest.raises(OSError, match="simulated"):
-        make_model(24).save_pretrained(target, max_shard_size=SMALL_SHARD)
+        tiny_model(24).save_pretrained(target, max_shard_size=SMALL_SHARD)
     assert len(calls) == 2  # the first shard was written before the failure
 
     assert directory_bytes(target) == before
@@ -435,16 +408,16 @@ def test_interrupted_save_keeps_the_earlier_checkpoint(tmp_path, monkeypatch):
 def test_interrupted_first_save_leaves_nothing(tmp_path, monkeypatch):
     fail_after_first_file(monkeypatch)
     with pytest.raises(OSError, match="simulated"):
-        make_model(25).save_pretrained(tmp_path / "ckpt", max_shard_size=SMALL_SHARD)
+        tiny_model(25).save_pretrained(tmp_path / "ckpt", max_shard_size=SMALL_SHARD)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_resaving_with_fewer_shards_removes_stale_files(tmp_path):
-    make_model(26).save_pretrained(tmp_path, max_shard_size=SMALL_SHARD)
+    tiny_model(26).save_pretrained(tmp_path, max_shard_size=SMALL_SHARD)
     many = len(list(tmp_path.glob("model-*.safetensors")))
     assert many > 2
 
-    second = make_model(27)
+    second = tiny_model(27)
     second.save_pretrained(tmp_path, max_shard_size=4 * SMALL_SHARD)
     shards = sorted(p.name for p in tmp_path.glob("*.safetensors"))
     assert 1 < len(shards) < many
@@ -453,7 +426,7 @@ def test_resaving_with_fewer_shards_removes_stale_files(tmp_path):
     assert sorted(set(index["weight_map"].values())) == shards
     assert_same_state(OlmoeForCausalLM.from_pretrained(tmp_path), second)
 
-    third = make_model(28)
+    third = tiny_model(28)
     third.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", WEIGHTS_NAME]
     assert_same_state(OlmoeForCausalLM.from_pretrained(tmp_path), third)
@@ -462,7 +435,7 @@ def test_resaving_with_fewer_shards_removes_stale_files(tmp_path):
 def test_save_keeps_unrelated_files(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")
     (tmp_path / "README.md").write_text("notes")
-    make_model(29).save_pretrained(tmp_path)
+    tiny_model(29).save_pretrained(tmp_path)
     assert (tmp_path / "tokenizer.json").read_text() == "{}"
     assert (tmp_path / "README.md").read_text() == "notes"
 
@@ -483,7 +456,7 @@ def fake_hub(tmp_path, monkeypatch):
     repo = cache / ("models--" + REPO.replace("/", "--"))
     models = {}
     for branch, commit, seed in (("main", MAIN_COMMIT, 30), (STEP_BRANCH, STEP_COMMIT, 31)):
-        models[branch] = make_model(seed)
+        models[branch] = tiny_model(seed)
         models[branch].save_pretrained(repo / "snapshots" / commit)
         (repo / "refs").mkdir(parents=True, exist_ok=True)
         (repo / "refs" / branch).write_text(commit)
@@ -559,7 +532,7 @@ _MEASURE_LOAD = textwrap.dedent(
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux /proc")
 def test_loading_peak_memory_is_near_the_weights_size(tmp_path):
-    make_model(32).save_pretrained(tmp_path / "warmup")
+    tiny_model(32).save_pretrained(tmp_path / "warmup")
     # ~107 MB of float32 weights: large next to interpreter noise, still a second to build.
     config = OlmoeConfig.tiny(
         vocab_size=1024,
@@ -595,7 +568,7 @@ def test_base_model_loads_from_causal_lm_checkpoint_and_round_trips(tmp_path):
     own checkpoint (no prefix, as transformers writes a base model)."""
     from olmoe import OlmoeModel
 
-    lm = make_model(5)
+    lm = tiny_model(5)
     lm.save_pretrained(tmp_path / "lm")
     base = OlmoeModel.from_pretrained(tmp_path / "lm")
     ids = torch.randint(0, lm.config.vocab_size, (1, 6))
@@ -612,7 +585,7 @@ def test_base_model_loads_from_causal_lm_checkpoint_and_round_trips(tmp_path):
 
 
 def test_truncated_weights_file_raises(tmp_path):
-    make_model(6).save_pretrained(tmp_path)
+    tiny_model(6).save_pretrained(tmp_path)
     file = tmp_path / "model.safetensors"
     file.write_bytes(file.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match="truncated"):

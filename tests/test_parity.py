@@ -12,7 +12,7 @@ import transformers
 from torch.testing import assert_close
 
 from olmoe import OlmoeForCausalLM
-from tests.conftest import randomize, tiny_model
+from tests.conftest import randomize, reference_config, tiny_model
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -72,19 +72,7 @@ def test_forward_matches_reference(variant, tmp_path):
 def test_loading_reference_checkpoint_matches(tmp_path):
     """The reverse direction: transformers saves, olmoe loads."""
     torch.manual_seed(0)
-    config = transformers.OlmoeConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_experts=8,
-        num_experts_per_tok=2,
-        max_position_embeddings=64,
-        eos_token_id=0,
-        clip_qkv=1.5,
-    )
+    config = reference_config(num_key_value_heads=2, clip_qkv=1.5)
     ref = randomize(transformers.OlmoeForCausalLM(config)).eval()
     ref.config._attn_implementation = "eager"
     ref.save_pretrained(tmp_path)
