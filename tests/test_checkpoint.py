@@ -590,3 +590,15 @@ def test_truncated_weights_file_raises(tmp_path):
     file.write_bytes(file.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match="truncated"):
         OlmoeForCausalLM.from_pretrained(tmp_path)
+
+
+def test_saved_checkpoint_has_ordinary_permissions(tmp_path):
+    """Staging must not leave the checkpoint private to its writer (mkdtemp's 0700)."""
+    umask = os.umask(0o022)
+    try:
+        tiny_model(7).save_pretrained(tmp_path / "ckpt", max_shard_size=SMALL_SHARD)
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o755
+    for file in (tmp_path / "ckpt").iterdir():
+        assert file.stat().st_mode & 0o777 == 0o644, file.name

@@ -363,9 +363,20 @@ def save_pretrained(model, directory: str | os.PathLike, max_shard_size: int | s
         dtype_name = str(model.dtype).removeprefix("torch.")
         written.extra = {**config.extra, "torch_dtype": dtype_name, "dtype": dtype_name}
         written.save_pretrained(staging)
+        _default_permissions(staging)
         _move_into(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _default_permissions(staging: Path) -> None:
+    """Give the staged checkpoint the modes a plain mkdir/open would have: mkdtemp makes the
+    directory private (0700) and safetensors writes its files 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
+    for file in staging.iterdir():
+        file.chmod(0o666 & ~umask)
 
 
 def _move_into(staging: Path, target: Path) -> None:
