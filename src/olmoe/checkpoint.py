@@ -144,10 +144,9 @@ def read_header(file: Path) -> dict[str, StoredTensor]:
             8 + length + begin,
             end - begin,
         )
-        itemsize = torch.empty((), dtype=stored.dtype).element_size()
         if (
             stored.offset + stored.nbytes > size
-            or math.prod(stored.shape) * itemsize != stored.nbytes
+            or math.prod(stored.shape) * stored.dtype.itemsize != stored.nbytes
         ):
             raise CheckpointError(f"tensor {key} in {file.name} is truncated or mis-sized")
         table[key] = stored
@@ -332,7 +331,7 @@ def save_pretrained(model, directory: str | os.PathLike, max_shard_size: int | s
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
     shard_bytes = 0
     for key, tensor in tensors:
-        size = tensor.numel() * tensor.element_size()
+        size = tensor.nbytes
         if shards[-1] and shard_bytes + size > limit:
             shards.append([])
             shard_bytes = 0
@@ -355,7 +354,7 @@ def save_pretrained(model, directory: str | os.PathLike, max_shard_size: int | s
             save_file(dict(shard), staging / name, metadata={"format": "pt"})
             weight_map.update({key: name for key, _ in shard})
         if len(shards) > 1:
-            total = sum(t.numel() * t.element_size() for _, t in tensors)
+            total = sum(t.nbytes for _, t in tensors)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (staging / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         # The dtype the weights were written in, under both transformers generations' keys.
