@@ -378,6 +378,14 @@ class OlmoeForCausalLM(OlmoePreTrainedModel):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
+    def generate(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
+        """Prompt plus new tokens, like transformers' `generate`; see `olmoe.generation.generate`
+        for the arguments (max_length, max_new_tokens, do_sample, temperature, top_k, top_p,
+        repetition_penalty, eos_token_id, pad_token_id, stop_strings, generator, streamer)."""
+        from olmoe.generation import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
