@@ -118,7 +118,11 @@ def test_sampling_with_a_seed_is_reproducible_and_seeds_differ(pair):
     def sample(seed):
         gen = torch.Generator().manual_seed(seed)
         return ours.generate(
-            ids, max_new_tokens=30, do_sample=True, temperature=1.5, generator=gen,
+            ids,
+            max_new_tokens=30,
+            do_sample=True,
+            temperature=1.5,
+            generator=gen,
         )
 
     assert torch.equal(sample(7), sample(7))
@@ -130,8 +134,13 @@ def test_top_k_one_equals_greedy(pair):
     ids, mask = left_pad(PROMPTS)
     greedy = ours.generate(ids, attention_mask=mask, max_new_tokens=12)
     sampled = ours.generate(
-        ids, attention_mask=mask, max_new_tokens=12, do_sample=True, top_k=1,
-        temperature=0.7, generator=torch.Generator().manual_seed(0),
+        ids,
+        attention_mask=mask,
+        max_new_tokens=12,
+        do_sample=True,
+        top_k=1,
+        temperature=0.7,
+        generator=torch.Generator().manual_seed(0),
     )
     assert torch.equal(greedy, sampled)
 
@@ -140,9 +149,7 @@ def test_greedy_with_repetition_penalty_matches_transformers(pair):
     ours, ref = pair
     ids = torch.tensor([PROMPTS[0]])
     mine = ours.generate(ids, max_new_tokens=20, repetition_penalty=1.8)
-    theirs = reference_generate(
-        ref, ids, max_new_tokens=20, repetition_penalty=1.8
-    )
+    theirs = reference_generate(ref, ids, max_new_tokens=20, repetition_penalty=1.8)
     assert torch.equal(mine, theirs)
     plain = ours.generate(ids, max_new_tokens=20)
     assert not torch.equal(mine, plain)
@@ -159,7 +166,7 @@ def test_top_k_filter_on_crafted_logits():
 def test_top_p_filter_on_crafted_logits():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     logits = probs.log()
-    kept = lambda p: torch.isfinite(top_p_filter(logits, p))[0].tolist()  # noqa: E731
+    kept = lambda p: torch.isfinite(top_p_filter(logits, p))[0].tolist()
     assert kept(0.5) == [True, False, False, False]
     assert kept(0.7) == [True, True, False, False]  # 0.5 + 0.3 reaches 0.7
     assert kept(0.81) == [True, True, True, False]
@@ -182,8 +189,9 @@ def test_repetition_penalty_on_crafted_logits():
 def test_process_logits_order_matches_transformers():
     logits = torch.randn(3, 40)
     seen = torch.randint(0, 40, (3, 6))
-    params = SamplingParams(do_sample=True, temperature=0.7, top_k=10, top_p=0.8,
-                            repetition_penalty=1.3)
+    params = SamplingParams(
+        do_sample=True, temperature=0.7, top_k=10, top_p=0.8, repetition_penalty=1.3
+    )
     reference = logits.clone()
     for processor in (
         transformers.RepetitionPenaltyLogitsProcessor(1.3),

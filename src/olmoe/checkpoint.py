@@ -182,6 +182,41 @@ def stored_tensors(directory: Path) -> dict[str, StoredTensor]:
     return table
 
 
+@dataclass(frozen=True)
+class CheckpointSummary:
+    """What `olmoe info` shows: read from config.json and the safetensors headers, no weights."""
+
+    directory: Path
+    config: OlmoeConfig
+    dtypes: tuple[str, ...]  # stored weight dtypes, e.g. ("bfloat16",)
+    num_files: int
+    total_bytes: int  # the weights' bytes
+
+
+def summarize_checkpoint(
+    path_or_repo_id: str | os.PathLike, revision: str | None = None
+) -> CheckpointSummary:
+    """Describe a checkpoint without loading it. A hub repo is described from its JSON files
+    (config and shard index) alone, so nothing large is downloaded."""
+    directory = resolve_checkpoint_dir(path_or_repo_id, revision=revision, weights=False)
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise CheckpointError(f"no {CONFIG_NAME} in {directory}: is this an OLMoE checkpoint?")
+    config = OlmoeConfig.from_json_file(config_path)
+    index_path = directory / WEIGHTS_INDEX_NAME
+    if not any(directory.glob("*.safetensors")) and index_path.is_file():  # hub: JSON only
+        index = json.loads(index_path.read_text())
+        files = set(index.get("weight_map", {}).values())
+        stored_dtype = config.extra.get("torch_dtype") or config.extra.get("dtype") or "unknown"
+        total = int(index.get("metadata", {}).get("total_size", 0))
+        return CheckpointSummary(directory, config, (str(stored_dtype),), len(files), total)
+    tensors = stored_tensors(directory)
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
+    files = {t.file for t in tensors.values()}
+    total = sum(t.nbytes for t in tensors.values())
+    return CheckpointSummary(directory, config, tuple(dtypes), len(files), total)
+
+
 # ---------------------------------------------------------------------------- loading
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or dtype == "auto":

@@ -49,9 +49,7 @@ class SamplingParams:
             isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1
         ):
             raise ValueError(f"top_p must lie in (0, 1] (1 or None: off), got {self.top_p!r}")
-        if not (
-            isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0
-        ):
+        if not (isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0):
             raise ValueError(
                 f"repetition_penalty must be a number > 0 (1: off), got {self.repetition_penalty!r}"
             )
@@ -177,10 +175,10 @@ class StopStrings:
             raise ValueError(
                 "stop_strings need the tokenizer to read the generated text: pass tokenizer="
             )
-        if isinstance(stop_strings, str) or not all(
-            isinstance(s, str) and s for s in stop_strings
-        ):
-            raise ValueError(f"stop_strings must be a list of non-empty strings, got {stop_strings!r}")
+        if isinstance(stop_strings, str) or not all(isinstance(s, str) and s for s in stop_strings):
+            raise ValueError(
+                f"stop_strings must be a list of non-empty strings, got {stop_strings!r}"
+            )
         self.tokenizer = tokenizer
         self.strings = tuple(stop_strings)
         self.window = max(len(s.encode()) for s in self.strings) + 1
@@ -247,7 +245,7 @@ def generate_tokens(
     input_ids: torch.Tensor,
     max_new_tokens: int,
     attention_mask: torch.Tensor | None = None,
-    params: SamplingParams = SamplingParams(),
+    params: SamplingParams | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     stop_strings: StopStrings | None = None,
@@ -259,6 +257,7 @@ def generate_tokens(
     Each sequence finishes at its own eos or stop string and gets `pad_token_id` from then on;
     the loop ends when all have finished or after `max_new_tokens` steps.
     """
+    params = params or SamplingParams()
     batch, length = input_ids.shape
     device = input_ids.device
     capacity = length + max_new_tokens

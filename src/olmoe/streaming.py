@@ -88,8 +88,9 @@ class TextStreamer:
     prompt (the first `put`); `callback` receives each piece instead of printing it.
     """
 
-    def __init__(self, tokenizer, skip_prompt: bool = False, skip_special_tokens: bool = True,
-                 callback=None):
+    def __init__(
+        self, tokenizer, skip_prompt: bool = False, skip_special_tokens: bool = True, callback=None
+    ):
         self.decoder = IncrementalDecoder(tokenizer, skip_special_tokens)
         self.skip_prompt = skip_prompt
         self.callback = callback or self._print
@@ -123,7 +124,7 @@ class TextStream:
     """One prompt's continuation as an iterator of text pieces.
 
     Ends at eos, at a stop string (left out of the text) or after `max_new_tokens` (default: up
-    to the context window). Afterwards `finish_reason` is "stop" (eos or a stop string) or
+    to the context window, where it always stops). Afterwards `finish_reason` is "stop" (eos or a stop string) or
     "length", and `new_tokens` counts the tokens generated.
     """
 
@@ -133,7 +134,7 @@ class TextStream:
         tokenizer,
         input_ids: torch.Tensor | Sequence[int],
         max_new_tokens: int | None = None,
-        params: SamplingParams = SamplingParams(),
+        params: SamplingParams | None = None,
         stop_strings: Sequence[str] = (),
         eos_token_id: int | Sequence[int] | None = None,
         generator: torch.Generator | None = None,
@@ -141,12 +142,13 @@ class TextStream:
     ):
         ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)
         self.input_ids = ids.to(model.device)
+        # Stops quietly at the context window: a chat or a server cannot know the room left.
         context = model.config.max_position_embeddings
-        if max_new_tokens is None:
-            max_new_tokens = context - ids.shape[1]
-        self.max_new_tokens = plan_new_tokens(ids.shape[1], context, max_new_tokens=max_new_tokens)
+        room = context - ids.shape[1]
+        wanted = room if max_new_tokens is None else min(max_new_tokens, max(room, 1))
+        self.max_new_tokens = plan_new_tokens(ids.shape[1], context, max_new_tokens=wanted)
         self.model = model
-        self.params = params
+        self.params = params or SamplingParams()
         self.stops = StopStrings(tokenizer, stop_strings) if stop_strings else None
         self.eos_token_id = model.config.eos_token_id if eos_token_id is None else eos_token_id
         self.generator = generator
