@@ -180,15 +180,24 @@ def test_return_dict_false_gives_reference_tuple(tmp_path):
         assert_close(a, b, **TOL)
 
 
-def test_bfloat16_close_to_float32_reference(tmp_path):
+def test_bfloat16_as_close_to_float32_as_the_reference_in_bfloat16(tmp_path):
+    """bf16 rounding through random tiny layers costs a few percent on its own, so the bound is
+    the reference's own bf16 error, not a fixed number."""
     ours = tiny_model()
     ref = reference_from(ours, tmp_path)
+    ref_bf16 = transformers.OlmoeForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
     ids = torch.randint(0, 128, (2, 12))
     with torch.no_grad():
         expected = ref(ids).logits
+        theirs = ref_bf16(ids).logits.float()
         got = OlmoeForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)(ids).logits.float()
-    relative = (got - expected).norm() / expected.norm()
-    assert relative < 2e-2
+
+    def relative(a, b):
+        return float((a - b).norm() / b.norm())
+
+    assert got.dtype == torch.float32 and relative(theirs, expected) < 0.1
+    assert relative(got, expected) <= 1.1 * relative(theirs, expected) + 1e-3
+    assert relative(got, theirs) < 1e-2
 
 
 def test_attention_dropout_only_in_training():

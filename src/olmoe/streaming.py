@@ -37,7 +37,7 @@ class IncrementalDecoder:
         self.stop_strings = tuple(stop_strings)
         # With clean-up on, a later token can delete a space already decoded (" ." -> "."),
         # so text from the last space on is not final yet.
-        self.hold_from_space = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+        self.hold_from_space = bool(getattr(tokenizer, "cleans_up_spaces", False))
         self.ids: list[int] = []
         self.emitted = ""
         self.stopped = False
