@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from olmoe import kernels
 from olmoe.cache import KVCache
 from olmoe.config import OlmoeConfig
 from olmoe.moe import OlmoeExperts, OlmoeRouter, OlmoeSparseMoeBlock, load_balancing_loss
@@ -32,6 +33,16 @@ class OlmoeRMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+class OlmoeLinear(nn.Linear):
+    """nn.Linear whose decode-sized bf16 calls (a few tokens) go to the bandwidth-bound CPU
+    kernels; same parameters, same checkpoint keys."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.applies(x, self.weight):
+            return kernels.linear(x, self.weight, self.bias)
+        return super().forward(x)
 
 
 class OlmoeRotaryEmbedding(nn.Module):
@@ -88,10 +99,10 @@ class OlmoeAttention(nn.Module):
         self.clip_qkv = config.clip_qkv
         self.dropout = config.attention_dropout
         h, kv, bias = config.hidden_size, self.num_kv_heads * self.head_dim, config.attention_bias
-        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(h, kv, bias=bias)
-        self.v_proj = nn.Linear(h, kv, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=bias)
+        self.q_proj = OlmoeLinear(h, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = OlmoeLinear(h, kv, bias=bias)
+        self.v_proj = OlmoeLinear(h, kv, bias=bias)
+        self.o_proj = OlmoeLinear(self.num_heads * self.head_dim, h, bias=bias)
         # OLMoE normalises the whole q and k projections (all heads together), before the split
         # into heads and before RoPE. Per-head norms would be a different model.
         self.q_norm = OlmoeRMSNorm(self.num_heads * self.head_dim, config.rms_norm_eps)
@@ -369,7 +380,7 @@ class OlmoeForCausalLM(OlmoePreTrainedModel):
     def __init__(self, config: OlmoeConfig):
         super().__init__(config)
         self.model = OlmoeModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = OlmoeLinear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         else:

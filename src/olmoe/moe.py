@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from olmoe import kernels
 from olmoe.config import OlmoeConfig
 
 ACTIVATIONS = {
@@ -123,6 +124,10 @@ class OlmoeExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
         """Dropless dispatch: every token reaches each of its K experts. x: (T, H) -> (T, H)."""
+        if self.act_fn is F.silu and kernels.applies(x, self.gate_up_proj):  # decoding
+            return kernels.moe(
+                x, self.gate_up_proj, self.down_proj, routing.top_k_indices, routing.top_k_weights
+            )
         t, k = routing.top_k_indices.shape
         expert_of_slot = routing.top_k_indices.reshape(-1)  # (S,)
         # Sort the S routing slots by expert so that each expert's rows are contiguous.

@@ -1,0 +1,107 @@
+"""Native CPU kernels for decoding, compiled from `cpu.cpp` on first use.
+
+Decoding a few tokens is bound by memory bandwidth, and PyTorch's bf16 matrix-vector products
+reach only a fraction of it (see cpu.cpp). These kernels take over the bf16 linear layers and the
+MoE block when a call carries at most `MAX_TOKENS` tokens, runs on a CPU with AVX-512 BF16, and
+needs no gradient. Everywhere else — prefill, training, float32, other CPUs, no compiler, or
+`OLMOE_KERNELS=0` — the PyTorch code in model.py and moe.py runs, and it is the reference the
+kernels are tested against.
+
+The build (about a minute, once per machine and torch version) lands in `~/.cache/olmoe/kernels`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu.cpp")
+REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+COMPILER_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
+# Up to this many tokens a call streams weights (the kernels); beyond it, it is a GEMM, which
+# oneDNN does well.
+MAX_TOKENS = 16
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.cache
+def native():
+    """The compiled kernel module, or None where it cannot run here (see the module doc)."""
+    if os.environ.get("OLMOE_KERNELS", "1") == "0":
+        return None
+    missing = [f for f in REQUIRED_CPU_FLAGS if f not in cpu_flags()]
+    if missing:
+        return None
+    from torch.utils.cpp_extension import load
+
+    from olmoe.assets import cache_dir
+
+    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    build = cache_dir() / "kernels" / digest
+    build.mkdir(parents=True, exist_ok=True)
+    name = f"olmoe_cpu_{digest}"
+    if not (build / f"{name}.so").exists():
+        print("olmoe: compiling the CPU decode kernels (once, about a minute)...", file=sys.stderr)
+    try:
+        return load(
+            name=name, sources=[str(SOURCE)], build_directory=str(build),
+            extra_cflags=COMPILER_FLAGS, verbose=False,
+        )  # fmt: skip
+    except Exception as exc:  # no compiler, no ninja, a failed build: PyTorch still works
+        warnings.warn(
+            f"olmoe's CPU kernels could not be built ({type(exc).__name__}: {exc}); decoding "
+            "falls back to PyTorch, which is several times slower",
+            stacklevel=2,
+        )
+        return None
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `x @ weight.T`-shaped work should go to the kernels."""
+    return (
+        x.dtype == torch.bfloat16
+        and weight.dtype == torch.bfloat16
+        and x.device.type == "cpu"
+        and x.numel() <= MAX_TOKENS * x.shape[-1]
+        and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
+        and native() is not None
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """`F.linear` for a few bf16 rows. x: (..., K); weight: (N, K)."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()  # (T, K)
+    return native().linear(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+
+def moe(
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """The MoE block's expert part for a few bf16 tokens: x (T, H), gate_up (E, 2I, H),
+    down (E, H, I), indices and weights (T, K) from the router; returns (T, H)."""
+    return native().moe(x.contiguous(), gate_up, down, indices, weights)
+
+
+def read_all(buffer: torch.Tensor) -> int:
+    """Read every byte of `buffer` once on all threads (a memory read bandwidth probe)."""
+    return native().read_all(buffer)

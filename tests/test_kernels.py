@@ -1,0 +1,168 @@
+"""The native CPU decode kernels against float64 formulas and against the PyTorch path.
+
+Their numerics: bf16 inputs, float32 products and sums, one bf16 rounding of each result (and of
+the expert activation before the down projection). So the formulas below round at the same
+places and the tolerance is a bf16 unit in the last place, not a loose percentage.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from olmoe import kernels
+from olmoe.generation import generate_tokens
+from olmoe.moe import route
+from tests.conftest import tiny_model
+
+pytestmark = pytest.mark.skipif(
+    kernels.native() is None, reason="needs an x86 CPU with AVX-512 BF16 and a C++ compiler"
+)
+BF16_ULP = dict(rtol=2**-7, atol=1e-6)  # one bf16 rounding of a float32-exact result
+
+
+def bf16(*shape, scale=1.0, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=generator) * scale).bfloat16()
+
+
+@pytest.mark.parametrize(
+    "tokens, out_features, in_features",
+    [(1, 64, 2048), (1, 100, 48), (3, 33, 16), (8, 256, 1024), (16, 130, 96), (5, 7, 40)],
+)
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_float64(tokens, out_features, in_features, bias):
+    x = bf16(tokens, in_features, seed=1)
+    weight = bf16(out_features, in_features, scale=0.05, seed=2)
+    b = bf16(out_features, seed=3) if bias else None
+    got = kernels.linear(x, weight, b)
+    expected = x.double() @ weight.double().T + (b.double() if bias else 0)
+    assert got.dtype == torch.bfloat16 and got.shape == (tokens, out_features)
+    assert_close(got.double(), expected.bfloat16().double(), **BF16_ULP)
+
+
+def test_linear_keeps_leading_dimensions():
+    x = bf16(2, 3, 64)
+    weight = bf16(32, 64, scale=0.1, seed=4)
+    assert_close(kernels.linear(x, weight), F.linear(x, weight), rtol=2**-7, atol=1e-3)
+
+
+def moe_formula(x, gate_up, down, indices, weights):
+    """float64 experts, the activation rounded to bf16 where the kernel rounds it."""
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    inter = down.shape[2]
+    for t in range(x.shape[0]):
+        for k in range(indices.shape[1]):
+            e = int(indices[t, k])
+            gate_up_out = gate_up[e].double() @ x[t].double()
+            act = F.silu(gate_up_out[:inter]) * gate_up_out[inter:]
+            out[t] += weights[t, k].double() * (down[e].double() @ act.bfloat16().double())
+    return out
+
+
+def random_routing(tokens, experts, top_k, seed, only=None):
+    """Router output for random logits; `only` restricts the choice to those experts."""
+    logits = torch.randn(tokens, experts, generator=torch.Generator().manual_seed(seed))
+    if only is not None:
+        blocked = torch.ones(experts, dtype=torch.bool)
+        blocked[only] = False
+        logits = logits.masked_fill(blocked, -1e4)
+    return route(logits.bfloat16(), top_k)
+
+
+@pytest.mark.parametrize(
+    "tokens, experts, top_k, hidden, inter, only",
+    [
+        (1, 8, 2, 32, 16, None),  # the tiny config, decode at batch 1
+        (8, 64, 8, 64, 48, None),  # most experts idle, others shared
+        (16, 8, 2, 32, 16, [3, 5]),  # every token on the same two experts
+        (6, 4, 1, 96, 64, [2]),  # top-1, all on one expert, three experts empty
+        (12, 16, 4, 128, 80, None),
+    ],
+)
+def test_moe_matches_float64(tokens, experts, top_k, hidden, inter, only):
+    x = bf16(tokens, hidden, seed=5)
+    gate_up = bf16(experts, 2 * inter, hidden, scale=0.1, seed=6)
+    down = bf16(experts, hidden, inter, scale=0.1, seed=7)
+    routing = random_routing(tokens, experts, top_k, seed=8, only=only)
+    got = kernels.moe(x, gate_up, down, routing.top_k_indices, routing.top_k_weights)
+    expected = moe_formula(x, gate_up, down, routing.top_k_indices, routing.top_k_weights)
+    assert got.dtype == torch.bfloat16
+    assert_close(got.double(), expected.bfloat16().double(), rtol=2**-6, atol=1e-4)
+
+
+def test_moe_matches_the_pytorch_experts(monkeypatch):
+    """The same layer through the grouped-GEMM path (kernels off) and the kernel."""
+    model = tiny_model().to(torch.bfloat16)
+    experts = model.model.layers[0].mlp.experts
+    x = bf16(7, model.config.hidden_size, seed=9)
+    routing = random_routing(7, model.config.num_experts, model.config.num_experts_per_tok, 10)
+    with torch.no_grad():
+        fast = experts(x, routing)
+        monkeypatch.setattr(kernels, "applies", lambda *args: False)
+        reference = experts(x, routing)
+    relative = (fast.float() - reference.float()).norm() / reference.float().norm()
+    assert relative < 1e-2
+
+
+def test_decoding_uses_the_kernels_and_matches_pytorch(monkeypatch):
+    model = tiny_model(seed=2).to(torch.bfloat16)
+    calls = {"linear": 0, "moe": 0}
+    for name in calls:
+        original = getattr(kernels, name)
+
+        def counted(*args, _name=name, _original=original):
+            calls[_name] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(kernels, name, counted)
+
+    prompt = torch.tensor([[5, 17, 42, 7, 99, 3]])
+
+    def logits_per_step():
+        out = []
+        with torch.inference_mode():
+            cache = None
+            ids = prompt
+            for _ in range(6):
+                result = model(ids, past_key_values=cache, use_cache=True)
+                cache = result.past_key_values
+                out.append(result.logits[:, -1].float())
+                ids = result.logits[:, -1:].argmax(-1)
+        return torch.cat(out)
+
+    fast = logits_per_step()
+    layers = model.config.num_hidden_layers
+    # prompt of 6 tokens and 5 single tokens: all within MAX_TOKENS, so every projection
+    assert calls["moe"] == 6 * layers and calls["linear"] == 6 * (4 * layers + 1)
+    monkeypatch.setattr(kernels, "applies", lambda *args: False)
+    reference = logits_per_step()
+    relative = (fast - reference).norm() / reference.norm()
+    assert relative < 2e-2
+
+
+def test_kernels_stay_out_of_training_and_float32():
+    model = tiny_model()
+    x = torch.randn(1, 3, model.config.hidden_size)
+    assert not kernels.applies(x, model.lm_head.weight)  # float32
+    model = model.to(torch.bfloat16)
+    assert kernels.applies(x.bfloat16(), model.lm_head.weight) is False  # needs a gradient
+    with torch.no_grad():
+        assert kernels.applies(x.bfloat16(), model.lm_head.weight)
+        big = torch.randn(1, kernels.MAX_TOKENS + 1, model.config.hidden_size).bfloat16()
+        assert not kernels.applies(big, model.lm_head.weight)  # prefill: a GEMM
+
+
+def test_greedy_generation_in_bf16_with_kernels_runs_to_length():
+    model = tiny_model(seed=4, eos_token_id=None).to(torch.bfloat16)
+    steps = list(generate_tokens(model, torch.tensor([[1, 2, 3]]), 20))
+    assert len(steps) == 20
+
+
+def test_read_all_touches_every_byte():
+    buffer = torch.zeros(1 << 16, dtype=torch.uint8)
+    empty = kernels.read_all(buffer)
+    buffer[12345] = 7  # a change anywhere changes the checksum
+    assert kernels.read_all(buffer) != empty
