@@ -168,6 +168,22 @@ def test_chat_ends_at_exit_command(checkpoint):
     assert result.stdout == ""
 
 
+# ---------------------------------------------------------------------------- quantize
+def test_quantize_writes_an_int8_checkpoint_that_generates(checkpoint, tmp_path):
+    directory, model, _ = checkpoint
+    output = tmp_path / "int8"
+    result = olmoe("quantize", str(directory), str(output))
+    assert result.returncode == 0, result.stderr
+    info = json.loads(olmoe("info", str(output), "--json").stdout)
+    assert info["dtypes"] == ["float32", "int8"]
+    # the fp32 embedding stays; experts, projections and the LM head shrink 4x
+    assert info["bytes"] < 0.7 * 4 * model.num_parameters()
+    assert (output / "tokenizer.json").is_file()
+    result = olmoe("generate", str(output), "Bitcoin is", "--max-new-tokens", "5")
+    assert result.returncode == 0 and result.stdout.strip(), result.stderr
+    assert_one_line_error(olmoe("quantize", str(directory), str(directory)), "OUTPUT")
+
+
 # ---------------------------------------------------------------------------- info
 def test_info_reports_counts_dtype_and_size(checkpoint):
     directory, model, _ = checkpoint

@@ -32,7 +32,9 @@ WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
 HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-_STACKED_EXPERTS = re.compile(r"(.*layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)")
+_STACKED_EXPERTS = re.compile(
+    r"(.*layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)(_scale)?"  # int8: + scales
+)
 
 # A piece of a model parameter as stored on disk: the file key and the index into the parameter
 # it fills (an empty index means the whole parameter).
@@ -49,15 +51,16 @@ def hub_pieces(name: str, config: OlmoeConfig) -> list[Piece]:
     match = _STACKED_EXPERTS.fullmatch(name)
     if match is None:
         return [(name, ())]
-    prefix, stacked = match.groups()
+    prefix, stacked, scale = match.groups()
+    weight = "weight_scale" if scale else "weight"  # an int8 checkpoint's per-row scales
     inter = config.intermediate_size
     pieces: list[Piece] = []
     for e in range(config.num_experts):
         if stacked == "gate_up_proj":  # gate rows first, then up rows
-            pieces.append((f"{prefix}.{e}.gate_proj.weight", (e, slice(0, inter))))
-            pieces.append((f"{prefix}.{e}.up_proj.weight", (e, slice(inter, 2 * inter))))
+            pieces.append((f"{prefix}.{e}.gate_proj.{weight}", (e, slice(0, inter))))
+            pieces.append((f"{prefix}.{e}.up_proj.{weight}", (e, slice(inter, 2 * inter))))
         else:
-            pieces.append((f"{prefix}.{e}.down_proj.weight", (e,)))
+            pieces.append((f"{prefix}.{e}.down_proj.{weight}", (e,)))
     return pieces
 
 
@@ -113,7 +116,12 @@ class StoredTensor:
     nbytes: int
 
 
-_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+_SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "I8": torch.int8,  # int8-quantised checkpoints (olmoe.quantize)
+}
 
 
 def read_header(file: Path) -> dict[str, StoredTensor]:
@@ -134,7 +142,7 @@ def read_header(file: Path) -> dict[str, StoredTensor]:
         if entry["dtype"] not in _SAFETENSORS_DTYPES:
             raise CheckpointError(
                 f"tensor {key} in {file.name} is stored as {entry['dtype']}; olmoe reads "
-                f"floating-point weights ({', '.join(_SAFETENSORS_DTYPES)})"
+                f"{', '.join(_SAFETENSORS_DTYPES)} weights"
             )
         begin, end = entry["data_offsets"]
         stored = StoredTensor(
@@ -231,7 +239,7 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return dtype
 
 
-def load_pretrained(cls, path_or_repo_id, revision=None, dtype=None, device="cpu"):
+def load_pretrained(cls, path_or_repo_id, revision=None, dtype=None, device="cpu", quantize=None):
     """Build `cls` from a checkpoint with peak memory near the weights' size.
 
     The model is created on the meta device, given uninitialised storage of the final dtype on
@@ -250,6 +258,10 @@ def load_pretrained(cls, path_or_repo_id, revision=None, dtype=None, device="cpu
 
     with torch.device("meta"):
         model = cls(config)
+        if config.extra.get("quantization_config"):
+            from olmoe.quantize import quantize_model
+
+            quantize_model(model, _quantization_method(config))
     plan = _load_plan(model, config, stored)
     if dtype is None:  # keep what is stored: a bf16 checkpoint stays bf16
         dtype = stored[plan[0][1][0][0]].dtype
@@ -264,7 +276,23 @@ def load_pretrained(cls, path_or_repo_id, revision=None, dtype=None, device="cpu
                 _read_into(files[stored[key].file], stored[key], params[name][index])
     # The config describes the model in memory, as transformers' does after a dtype cast.
     config.extra["torch_dtype"] = config.extra["dtype"] = str(dtype).removeprefix("torch.")
+    if quantize is not None:
+        from olmoe.quantize import quantize_model
+
+        quantize_model(model, quantize)
     return model.eval()
+
+
+def _quantization_method(config: OlmoeConfig) -> str:
+    from olmoe.quantize import QUANT_METHOD
+
+    method = config.extra["quantization_config"].get("quant_method")
+    if method != QUANT_METHOD:
+        raise CheckpointError(
+            f"this checkpoint is quantised with {method!r}; olmoe reads its own {QUANT_METHOD!r} "
+            "checkpoints (olmoe quantize) and unquantised ones"
+        )
+    return "int8"
 
 
 def _read_into(fh, stored: StoredTensor, dest: torch.Tensor) -> None:

@@ -273,12 +273,17 @@ class OlmoePreTrainedModel(nn.Module):
         revision: str | None = None,
         dtype: torch.dtype | str | None = None,
         device: torch.device | str = "cpu",
+        quantize: str | None = None,
     ):
         """Load a hub-layout checkpoint: a local directory, or a hub repo id (with `revision`,
-        e.g. an intermediate `step10000-tokens41B` branch). `dtype=None` keeps the stored dtype."""
+        e.g. an intermediate `step10000-tokens41B` branch). `dtype=None` keeps the stored dtype.
+        `quantize="int8"` quantises the weights after loading (see olmoe.quantize; a checkpoint
+        written by `olmoe quantize` loads as int8 without it, and with less memory)."""
         from olmoe.checkpoint import load_pretrained
 
-        return load_pretrained(cls, path_or_repo_id, revision=revision, dtype=dtype, device=device)
+        return load_pretrained(
+            cls, path_or_repo_id, revision=revision, dtype=dtype, device=device, quantize=quantize
+        )
 
     def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB"):
         """Write config.json and safetensors weights in the hub layout (per-expert keys)."""

@@ -104,7 +104,11 @@ class OlmoeRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
-        return route(F.linear(x, self.weight), self.top_k, self.norm_topk_prob)
+        if kernels.applies(x, self.weight):  # decoding: oneDNN is slowest at this narrow shape
+            logits = kernels.linear(x, self.weight)
+        else:
+            logits = F.linear(x, self.weight)
+        return route(logits, self.top_k, self.norm_topk_prob)
 
 
 class OlmoeExperts(nn.Module):
@@ -128,17 +132,29 @@ class OlmoeExperts(nn.Module):
             return kernels.moe(
                 x, self.gate_up_proj, self.down_proj, routing.top_k_indices, routing.top_k_weights
             )
-        t, k = routing.top_k_indices.shape
-        expert_of_slot = routing.top_k_indices.reshape(-1)  # (S,)
-        # Sort the S routing slots by expert so that each expert's rows are contiguous.
-        slot_order = torch.argsort(expert_of_slot, stable=True)  # (S,)
-        counts = torch.bincount(expert_of_slot, minlength=self.num_experts)  # (E,)
-        x_sorted = x[slot_order // k]  # (S, H) slot s belongs to token s // K
-        gate, up = grouped_linear(x_sorted, self.gate_up_proj, counts).chunk(2, dim=-1)  # (S, I)
-        y_sorted = grouped_linear(self.act_fn(gate) * up, self.down_proj, counts)  # (S, H)
-        y = torch.empty_like(y_sorted).index_copy_(0, slot_order, y_sorted)  # (S, H) slot order
-        y = y.view(t, k, -1) * routing.top_k_weights.unsqueeze(-1)  # (T, K, H)
-        return y.sum(dim=1)  # (T, H)
+        return grouped_experts(x, routing, self.gate_up_proj, self.down_proj, self.act_fn)
+
+
+def grouped_experts(
+    x: torch.Tensor,
+    routing: RouterOutput,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    act_fn=F.silu,
+) -> torch.Tensor:
+    """The experts as two grouped GEMMs over the routing slots sorted by expert (the reference
+    path; prefill and training). x: (T, H), gate_up (E, 2I, H), down (E, H, I) -> (T, H)."""
+    t, k = routing.top_k_indices.shape
+    expert_of_slot = routing.top_k_indices.reshape(-1)  # (S,)
+    # Sort the S routing slots by expert so that each expert's rows are contiguous.
+    slot_order = torch.argsort(expert_of_slot, stable=True)  # (S,)
+    counts = torch.bincount(expert_of_slot, minlength=gate_up.shape[0])  # (E,)
+    x_sorted = x[slot_order // k]  # (S, H) slot s belongs to token s // K
+    gate, up = grouped_linear(x_sorted, gate_up, counts).chunk(2, dim=-1)  # (S, I)
+    y_sorted = grouped_linear(act_fn(gate) * up, down, counts)  # (S, H)
+    y = torch.empty_like(y_sorted).index_copy_(0, slot_order, y_sorted)  # (S, H) slot order
+    y = y.view(t, k, -1) * routing.top_k_weights.unsqueeze(-1)  # (T, K, H)
+    return y.sum(dim=1)  # (T, H)
 
 
 class OlmoeSparseMoeBlock(nn.Module):

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu.cpp")
-REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
-COMPILER_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
+REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni")
+COMPILER_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni"]
 # Up to this many tokens a call streams weights (the kernels); beyond it, it is a GEMM, which
 # oneDNN does well.
 MAX_TOKENS = 16
@@ -73,10 +73,11 @@ def native():
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `x @ weight.T`-shaped work should go to the kernels."""
+    """Whether `x @ weight.T`-shaped work should go to the kernels (bf16 activations; bf16 or
+    int8 weights)."""
     return (
         x.dtype == torch.bfloat16
-        and weight.dtype == torch.bfloat16
+        and weight.dtype in (torch.bfloat16, torch.int8)
         and x.device.type == "cpu"
         and x.numel() <= MAX_TOKENS * x.shape[-1]
         and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
@@ -84,10 +85,18 @@ def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
-    """`F.linear` for a few bf16 rows. x: (..., K); weight: (N, K)."""
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    row_sum: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`F.linear` for a few bf16 rows. x: (..., K); weight: (N, K) bf16, or int8 with its
+    per-row float32 `scale` and int32 `row_sum` (see olmoe.quantize)."""
     rows = x.reshape(-1, x.shape[-1]).contiguous()  # (T, K)
-    return native().linear(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
+    out = native().linear(rows, weight, bias, scale, row_sum)  # (T, N)
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 def moe(
@@ -96,10 +105,18 @@ def moe(
     down: torch.Tensor,
     indices: torch.Tensor,
     weights: torch.Tensor,
+    gate_up_scale: torch.Tensor | None = None,
+    gate_up_sum: torch.Tensor | None = None,
+    down_scale: torch.Tensor | None = None,
+    down_sum: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The MoE block's expert part for a few bf16 tokens: x (T, H), gate_up (E, 2I, H),
-    down (E, H, I), indices and weights (T, K) from the router; returns (T, H)."""
-    return native().moe(x.contiguous(), gate_up, down, indices, weights)
+    down (E, H, I) (bf16, or int8 with per-row scales and sums), indices and weights (T, K)
+    from the router; returns (T, H)."""
+    return native().moe(
+        x.contiguous(), gate_up, down, indices, weights,
+        gate_up_scale, gate_up_sum, down_scale, down_sum,
+    )  # fmt: skip
 
 
 def read_all(buffer: torch.Tensor) -> int:

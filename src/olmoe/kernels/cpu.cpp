@@ -1,15 +1,20 @@
-// Decode-time kernels for x86 CPUs with AVX-512 BF16: matrix-vector products that stream
-// weights from memory near the bandwidth limit, and the whole sparse-MoE block of a few tokens in
-// one call. Compiled on first use by olmoe/kernels/__init__.py; the PyTorch code in model.py and
-// moe.py is the reference and the fallback.
+// Decode-time kernels for x86 CPUs with AVX-512 BF16 and VNNI: matrix-vector products that
+// stream weights from memory near the bandwidth limit, and the whole sparse-MoE block of a few
+// tokens in one call, for bf16 weights and for int8 weights (symmetric, one scale per output
+// row). Compiled on first use by olmoe/kernels/__init__.py; the PyTorch code in model.py, moe.py
+// and quantize.py is the reference and the fallback.
 //
 // Why own these: with one to a few tokens per step, decoding reads every active weight once and
 // does two flops per weight, so its speed is the memory bandwidth. PyTorch's bf16 GEMV streams
 // well below it, and a MoE layer as a sequence of PyTorch ops pays per-op overhead per expert.
 //
-// Numerics: bf16 inputs, products and sums in float32 (vdpbf16ps), one rounding to bf16 at the
-// end of each product. The MoE keeps gate/up/SiLU in float32 and rounds the expert activation
-// to bf16 once, before the down projection.
+// Numerics. bf16 weights: bf16 activations, products and sums in float32 (vdpbf16ps), one
+// rounding to bf16 per result. int8 weights: each activation row is quantised to 15 bits
+// (q = round(x / s), |q| <= 16383, split into q = 128 a + b with a, b bytes) so that two
+// VNNI byte dot products (vpdpbusd) give the exact integer sum of w * q; the error is the
+// weights' rounding and 2^-15 of the row's largest activation, far below bf16's 2^-8.
+// The MoE keeps gate/up/SiLU in float32 and rounds (bf16) or quantises (int8) the expert
+// activation once before the down projection.
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -22,133 +27,246 @@
 namespace {
 
 using bf16 = uint16_t;
-constexpr int kMaxVectors = 8;  // vectors (tokens) multiplied per pass over a weight row
-constexpr int kLanes = 32;      // bf16 values per 512-bit register
+constexpr int kMaxVectors = 8;  // activation rows multiplied per pass over a weight row
 
+// ------------------------------------------------------------------------- activations
+// Activation rows in the form the weights' dot product wants.
+struct Bf16Activations {
+  std::vector<bf16> data;  // rows x K
+  int64_t K = 0;
+  void resize(int64_t rows, int64_t k) { K = k; data.resize(rows * k); }
+  void set_row(int64_t row, const float* x) {
+    for (int64_t k = 0; k < K; k++) data[row * K + k] = c10::BFloat16(x[k]).x;
+  }
+  void set_row(int64_t row, const bf16* x) { std::copy(x, x + K, data.begin() + row * K); }
+};
+
+struct Int8Activations {
+  std::vector<uint8_t> high, low;  // rows x Kp: a + 128 and b of q = 128 a + b
+  std::vector<float> scale;        // rows
+  int64_t K = 0, Kp = 0;           // Kp: K rounded up to 64, zero padded
+  void resize(int64_t rows, int64_t k) {
+    K = k;
+    Kp = (k + 63) / 64 * 64;
+    high.assign(rows * Kp, 128);
+    low.assign(rows * Kp, 0);
+    scale.resize(rows);
+  }
+  template <class T>
+  void set_row(int64_t row, const T* x) {
+    float peak = 0.0f;
+    for (int64_t k = 0; k < K; k++) peak = std::max(peak, std::fabs(value(x[k])));
+    const float s = peak > 0.0f ? peak / 16383.0f : 1.0f;
+    scale[row] = s;
+    for (int64_t k = 0; k < K; k++) {
+      const int q = (int)std::lrint(value(x[k]) / s);  // in [-16383, 16383]
+      const int a = q >= 0 ? q / 128 : -((-q + 127) / 128);  // floor(q / 128), in [-128, 127]
+      high[row * Kp + k] = (uint8_t)(a + 128);
+      low[row * Kp + k] = (uint8_t)(q - 128 * a);  // in [0, 127]
+    }
+  }
+  static float value(float v) { return v; }
+  static float value(bf16 v) { return (float)c10::BFloat16(v, c10::BFloat16::from_bits()); }
+};
+
+// ------------------------------------------------------------------------- weights
 inline __m512bh load_bf16(const bf16* p, int64_t remaining) {
-  if (remaining >= kLanes) return (__m512bh)_mm512_loadu_si512(p);
-  __mmask32 mask = (__mmask32)((1ull << remaining) - 1);
-  return (__m512bh)_mm512_maskz_loadu_epi16(mask, p);
+  if (remaining >= 32) return (__m512bh)_mm512_loadu_si512(p);
+  return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)((1ull << remaining) - 1), p);
 }
 
-// out[v * ldo + r] = dot(W[r, :K], X[v, :K]) for r in [row_begin, row_end), v < NV.
-// Rows go R at a time so that R independent weight streams are in flight; each weight register
-// is used NV times, so the weights are read from memory once for all the vectors.
-template <int R, int NV>
-void rows_dot(const bf16* W, int64_t ldw, int64_t row_begin, int64_t row_end, int64_t K,
-              const bf16* X, int64_t ldx, float* out, int64_t ldo) {
-  int64_t r = row_begin;
-  for (; r + R <= row_end; r += R) {
-    __m512 acc[R][NV];
-    for (int i = 0; i < R; i++)
-      for (int v = 0; v < NV; v++) acc[i][v] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += kLanes) {
-      __m512bh x[NV];
-      for (int v = 0; v < NV; v++) x[v] = load_bf16(X + v * ldx + k, K - k);
-      for (int i = 0; i < R; i++) {
-        __m512bh w = load_bf16(W + (r + i) * ldw + k, K - k);
-        for (int v = 0; v < NV; v++) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], w, x[v]);
+inline __m512i load_bytes(const void* p, int64_t remaining) {
+  if (remaining >= 64) return _mm512_loadu_si512(p);
+  return _mm512_maskz_loadu_epi8((__mmask64)((1ull << remaining) - 1), p);
+}
+
+// A (rows, K) bf16 matrix; `ld` elements between rows.
+struct Bf16Matrix {
+  using Activations = Bf16Activations;
+  const bf16* data;
+  int64_t ld;
+
+  // out[v * ldo + r] = dot(row r, activation row v), r in [begin, end), v < NV. R rows at a
+  // time keep R weight streams in flight; each loaded weight register serves all NV rows.
+  template <int R, int NV>
+  void dot(int64_t begin, int64_t end, const Activations& x, int64_t v0, float* out,
+           int64_t ldo) const {
+    const int64_t K = x.K;
+    const bf16* X = x.data.data() + v0 * K;
+    int64_t r = begin;
+    for (; r + R <= end; r += R) {
+      __m512 acc[R][NV];
+      for (int i = 0; i < R; i++)
+        for (int v = 0; v < NV; v++) acc[i][v] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K; k += 32) {
+        __m512bh xv[NV];
+        for (int v = 0; v < NV; v++) xv[v] = load_bf16(X + v * K + k, K - k);
+        for (int i = 0; i < R; i++) {
+          const __m512bh w = load_bf16(data + (r + i) * ld + k, K - k);
+          for (int v = 0; v < NV; v++) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], w, xv[v]);
+        }
       }
+      for (int i = 0; i < R; i++)
+        for (int v = 0; v < NV; v++) out[v * ldo + r + i] = _mm512_reduce_add_ps(acc[i][v]);
     }
-    for (int i = 0; i < R; i++)
-      for (int v = 0; v < NV; v++) out[v * ldo + r + i] = _mm512_reduce_add_ps(acc[i][v]);
+    if (r < end) dot<1, NV>(r, end, x, v0, out, ldo);
   }
-  if (r < row_end) rows_dot<1, NV>(W, ldw, r, row_end, K, X, ldx, out, ldo);
+};
+
+// A (rows, K) int8 matrix with one float scale and the integer sum of each row.
+struct Int8Matrix {
+  using Activations = Int8Activations;
+  const int8_t* data;
+  int64_t ld;
+  const float* scale;
+  const int32_t* row_sum;
+
+  template <int R, int NV>
+  void dot(int64_t begin, int64_t end, const Activations& x, int64_t v0, float* out,
+           int64_t ldo) const {
+    const int64_t K = x.K, Kp = x.Kp;
+    const uint8_t* A = x.high.data() + v0 * Kp;
+    const uint8_t* B = x.low.data() + v0 * Kp;
+    int64_t r = begin;
+    for (; r + R <= end; r += R) {
+      __m512i hi[R][NV], lo[R][NV];
+      for (int i = 0; i < R; i++)
+        for (int v = 0; v < NV; v++) hi[i][v] = lo[i][v] = _mm512_setzero_si512();
+      for (int64_t k = 0; k < K; k += 64) {
+        for (int i = 0; i < R; i++) {
+          const __m512i w = load_bytes(data + (r + i) * ld + k, K - k);
+          for (int v = 0; v < NV; v++) {
+            hi[i][v] = _mm512_dpbusd_epi32(hi[i][v], _mm512_loadu_si512(A + v * Kp + k), w);
+            lo[i][v] = _mm512_dpbusd_epi32(lo[i][v], _mm512_loadu_si512(B + v * Kp + k), w);
+          }
+        }
+      }
+      for (int i = 0; i < R; i++)
+        for (int v = 0; v < NV; v++) {
+          // sum(w * a) = sum(w * (a + 128)) - 128 * sum(w); sum(w * q) = 128 sum(w a) + sum(w b)
+          const int64_t wa = (int64_t)_mm512_reduce_add_epi32(hi[i][v]) - 128 * row_sum[r + i];
+          const int64_t wq = 128 * wa + _mm512_reduce_add_epi32(lo[i][v]);
+          out[v * ldo + r + i] = (float)wq * scale[r + i] * x.scale[v0 + v];
+        }
+    }
+    if (r < end) dot<1, NV>(r, end, x, v0, out, ldo);
+  }
+};
+
+// Rows [begin, end) of W times activation rows [v0, v0 + nv): fewer rows per pass leave
+// registers for more weight rows in flight.
+template <class Matrix>
+void gemv(const Matrix& W, int64_t begin, int64_t end, const typename Matrix::Activations& x,
+          int64_t v0, int64_t nv, float* out, int64_t ldo) {
+  for (int64_t v = 0; v < nv; v += kMaxVectors) {
+    float* o = out + v * ldo;
+    switch (std::min<int64_t>(nv - v, kMaxVectors)) {
+      case 1: W.template dot<4, 1>(begin, end, x, v0 + v, o, ldo); break;
+      case 2: W.template dot<4, 2>(begin, end, x, v0 + v, o, ldo); break;
+      case 3: W.template dot<2, 3>(begin, end, x, v0 + v, o, ldo); break;
+      case 4: W.template dot<2, 4>(begin, end, x, v0 + v, o, ldo); break;
+      case 5: W.template dot<1, 5>(begin, end, x, v0 + v, o, ldo); break;
+      case 6: W.template dot<1, 6>(begin, end, x, v0 + v, o, ldo); break;
+      case 7: W.template dot<1, 7>(begin, end, x, v0 + v, o, ldo); break;
+      default: W.template dot<1, 8>(begin, end, x, v0 + v, o, ldo); break;
+    }
+  }
 }
 
-// Picks the template for `nv` vectors: fewer vectors leave registers for more rows in flight.
-void gemv(const bf16* W, int64_t ldw, int64_t row_begin, int64_t row_end, int64_t K,
-          const bf16* X, int64_t ldx, int nv, float* out, int64_t ldo) {
-  for (int v0 = 0; v0 < nv; v0 += kMaxVectors) {
-    const bf16* x = X + v0 * ldx;
-    float* o = out + v0 * ldo;
-    switch (std::min(nv - v0, kMaxVectors)) {
-      case 1: rows_dot<4, 1>(W, ldw, row_begin, row_end, K, x, ldx, o, ldo); break;
-      case 2: rows_dot<4, 2>(W, ldw, row_begin, row_end, K, x, ldx, o, ldo); break;
-      case 3: rows_dot<4, 3>(W, ldw, row_begin, row_end, K, x, ldx, o, ldo); break;
-      case 4: rows_dot<4, 4>(W, ldw, row_begin, row_end, K, x, ldx, o, ldo); break;
-      case 5: rows_dot<2, 5>(W, ldw, row_begin, row_end, K, x, ldx, o, ldo); break;
-      case 6: rows_dot<2, 6>(W, ldw, row_begin, row_end, K, x, ldx, o, ldo); break;
-      case 7: rows_dot<2, 7>(W, ldw, row_begin, row_end, K, x, ldx, o, ldo); break;
-      default: rows_dot<2, 8>(W, ldw, row_begin, row_end, K, x, ldx, o, ldo); break;
-    }
-  }
+// Row blocks small enough to balance the threads, large enough to amortise the reductions.
+int64_t row_block(int64_t rows) {
+  return std::max<int64_t>(16, rows / (8 * at::get_num_threads()));
 }
 
-inline bf16 to_bf16(float f) { return c10::BFloat16(f).x; }
-
-void check_bf16_matrix(const torch::Tensor& t, const char* name, int dim) {
+void check(const torch::Tensor& t, const char* name, int dim, torch::ScalarType type) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
-  TORCH_CHECK(t.scalar_type() == torch::kBFloat16, name, " must be bfloat16");
-  TORCH_CHECK(t.dim() == dim && t.is_contiguous(), name, " must be a contiguous ", dim, "-d tensor");
+  TORCH_CHECK(t.scalar_type() == type, name, " must be ", c10::toString(type));
+  TORCH_CHECK(t.dim() == dim && t.is_contiguous(), name, " must be a contiguous ", dim,
+              "-d tensor");
 }
 
-// Row blocks small enough to balance two threads, large enough to amortise the reductions.
-int64_t row_block(int64_t rows) { return std::max<int64_t>(16, rows / (8 * at::get_num_threads())); }
+// A weight matrix (or a stack of them) as either kind, from the Python-side tensors.
+struct Weights {
+  torch::Tensor data, scale, row_sum;  // scale/row_sum undefined for bf16
+  bool is_int8() const { return data.scalar_type() == torch::kChar; }
+};
 
-}  // namespace
+Weights weights_from(const torch::Tensor& data, const c10::optional<torch::Tensor>& scale,
+                     const c10::optional<torch::Tensor>& row_sum, int dim, const char* name) {
+  Weights w{data, {}, {}};
+  if (data.scalar_type() == torch::kChar) {
+    TORCH_CHECK(scale.has_value() && row_sum.has_value(), name, ": int8 needs scale and row_sum");
+    check(data, name, dim, torch::kChar);
+    check(*scale, "scale", dim - 1, torch::kFloat32);
+    check(*row_sum, "row_sum", dim - 1, torch::kInt32);
+    w.scale = *scale;
+    w.row_sum = *row_sum;
+  } else {
+    check(data, name, dim, torch::kBFloat16);
+  }
+  return w;
+}
 
-// y (T, N) = x (T, K) @ weight (N, K)^T [+ bias], bf16, for a handful of rows T.
-torch::Tensor linear(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
-  check_bf16_matrix(x, "x", 2);
-  check_bf16_matrix(weight, "weight", 2);
-  const int64_t T = x.size(0), K = x.size(1), N = weight.size(0);
-  TORCH_CHECK(weight.size(1) == K, "x has ", K, " features but weight expects ", weight.size(1));
-  auto acc = torch::empty({T, N}, x.options().dtype(torch::kFloat32));
-  const bf16* W = reinterpret_cast<const bf16*>(weight.data_ptr());
+Bf16Matrix bf16_matrix(const Weights& w, int64_t index, int64_t rows, int64_t cols) {
+  return {reinterpret_cast<const bf16*>(w.data.data_ptr()) + index * rows * cols, cols};
+}
+
+Int8Matrix int8_matrix(const Weights& w, int64_t index, int64_t rows, int64_t cols) {
+  return {w.data.data_ptr<int8_t>() + index * rows * cols, cols,
+          w.scale.data_ptr<float>() + index * rows, w.row_sum.data_ptr<int32_t>() + index * rows};
+}
+
+// ------------------------------------------------------------------------- linear
+template <class Matrix>
+torch::Tensor linear_impl(const torch::Tensor& x, const Matrix& W, int64_t N) {
+  const int64_t T = x.size(0), K = x.size(1);
+  typename Matrix::Activations act;
+  act.resize(T, K);
   const bf16* X = reinterpret_cast<const bf16*>(x.data_ptr());
-  float* A = acc.data_ptr<float>();
+  for (int64_t t = 0; t < T; t++) act.set_row(t, X + t * K);
+  auto acc = torch::empty({T, N}, x.options().dtype(torch::kFloat32));
+  float* out = acc.data_ptr<float>();
   at::parallel_for(0, N, row_block(N), [&](int64_t begin, int64_t end) {
-    gemv(W, K, begin, end, K, X, K, (int)T, A, N);
+    gemv(W, begin, end, act, 0, T, out, N);
   });
-  if (bias.has_value()) acc.add_(bias->to(torch::kFloat32));
-  return acc.to(torch::kBFloat16);
+  return acc;
 }
 
-// The sparse-MoE block for a few tokens: out[t] = sum_k w[t,k] * down_e(silu(gate_e(x_t)) * up_e(x_t))
-// with e = idx[t,k]. gate_up (E, 2I, H) holds each expert's gate rows then its up rows; down
-// (E, H, I). Only the experts some token chose are read, each once for all its tokens.
-torch::Tensor moe(torch::Tensor x, torch::Tensor gate_up, torch::Tensor down, torch::Tensor idx,
-                  torch::Tensor weights) {
-  check_bf16_matrix(x, "x", 2);
-  check_bf16_matrix(gate_up, "gate_up", 3);
-  check_bf16_matrix(down, "down", 3);
-  const int64_t T = x.size(0), H = x.size(1), E = gate_up.size(0), I = gate_up.size(1) / 2;
-  const int64_t K = idx.size(1);
-  TORCH_CHECK(gate_up.size(2) == H && down.size(0) == E && down.size(1) == H && down.size(2) == I,
-              "expert weights do not match x");
+// ------------------------------------------------------------------------- MoE
+template <class Matrix, class GateUpOf, class DownOf>
+torch::Tensor moe_impl(const torch::Tensor& x, int64_t E, int64_t I, const GateUpOf& gate_up_of,
+                       const DownOf& down_of, const torch::Tensor& idx,
+                       const torch::Tensor& weights) {
+  const int64_t T = x.size(0), H = x.size(1), K = idx.size(1), S = T * K;
   auto idx64 = idx.to(torch::kInt64).contiguous();
-  auto w32 = weights.to(torch::kFloat32).contiguous();
+  auto mix32 = weights.to(torch::kFloat32).contiguous();
   const int64_t* chosen = idx64.data_ptr<int64_t>();
-  const float* mix = w32.data_ptr<float>();
+  const float* mix = mix32.data_ptr<float>();
 
-  // Slots (t, k) grouped by expert: slot_of[s] is the flat index t * K + k.
-  std::vector<int64_t> count(E, 0), start(E + 1, 0), slot_of(T * K);
-  for (int64_t s = 0; s < T * K; s++) {
-    TORCH_CHECK(chosen[s] >= 0 && chosen[s] < E, "expert index out of range");
+  // Slots (t, k) grouped by expert: slot_of[j] is the flat index t * K + k of the j-th slot.
+  std::vector<int64_t> count(E, 0), start(E + 1, 0), slot_of(S), position(S);
+  for (int64_t s = 0; s < S; s++) {
+    TORCH_CHECK(chosen[s] >= 0 && chosen[s] < E, "expert index ", chosen[s], " out of range");
     count[chosen[s]]++;
   }
   for (int64_t e = 0; e < E; e++) start[e + 1] = start[e] + count[e];
   {
     std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (int64_t s = 0; s < T * K; s++) slot_of[fill[chosen[s]]++] = s;
+    for (int64_t s = 0; s < S; s++) slot_of[fill[chosen[s]]++] = s;
   }
+  for (int64_t j = 0; j < S; j++) position[slot_of[j]] = j;
   std::vector<int64_t> hit;
   for (int64_t e = 0; e < E; e++)
     if (count[e]) hit.push_back(e);
 
   // Each expert's tokens side by side, so one pass over its rows serves all of them.
-  const int64_t S = T * K;
-  auto xs = torch::empty({S, H}, x.options());
-  auto act = torch::empty({S, I}, x.options());
-  auto gu = torch::empty({S, 2 * I}, x.options().dtype(torch::kFloat32));
-  auto part = torch::empty({S, H}, x.options().dtype(torch::kFloat32));
+  typename Matrix::Activations xs, act;
+  xs.resize(S, H);
+  act.resize(S, I);
   const bf16* X = reinterpret_cast<const bf16*>(x.data_ptr());
-  bf16* XS = reinterpret_cast<bf16*>(xs.data_ptr());
-  for (int64_t j = 0; j < S; j++)
-    std::copy(X + (slot_of[j] / K) * H, X + (slot_of[j] / K + 1) * H, XS + j * H);
+  for (int64_t j = 0; j < S; j++) xs.set_row(j, X + (slot_of[j] / K) * H);
+  std::vector<float> gate_up(S * 2 * I), part(S * H);
 
-  // Work items: (expert, block of rows), for both products.
   struct Item { int64_t expert, begin, end; };
   auto items_for = [&](int64_t rows) {
     std::vector<Item> items;
@@ -158,61 +276,98 @@ torch::Tensor moe(torch::Tensor x, torch::Tensor gate_up, torch::Tensor down, to
     return items;
   };
 
-  // gate and up rows r and I + r: computed in one item, so SiLU(gate) * up happens right there.
-  const bf16* GU = reinterpret_cast<const bf16*>(gate_up.data_ptr());
-  float* G = gu.data_ptr<float>();
-  bf16* A = reinterpret_cast<bf16*>(act.data_ptr());
+  // Gate rows [b, e) and the matching up rows I + [b, e) in one item.
   auto up_items = items_for(I);
   at::parallel_for(0, (int64_t)up_items.size(), 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; i++) {
       const Item& it = up_items[i];
       const int64_t s0 = start[it.expert], n = count[it.expert];
-      const bf16* W = GU + it.expert * 2 * I * H;
-      gemv(W, H, it.begin, it.end, H, XS + s0 * H, H, (int)n, G + s0 * 2 * I, 2 * I);
-      gemv(W + I * H, H, it.begin, it.end, H, XS + s0 * H, H, (int)n, G + s0 * 2 * I + I, 2 * I);
-      for (int64_t j = s0; j < s0 + n; j++)
-        for (int64_t r = it.begin; r < it.end; r++) {
-          const float g = G[j * 2 * I + r], u = G[j * 2 * I + I + r];
-          A[j * I + r] = to_bf16(g / (1.0f + std::exp(-g)) * u);
-        }
+      const Matrix W = gate_up_of(it.expert);
+      float* G = gate_up.data() + s0 * 2 * I;
+      gemv(W, it.begin, it.end, xs, s0, n, G, 2 * I);
+      gemv(W, I + it.begin, I + it.end, xs, s0, n, G, 2 * I);
     }
   });
+  std::vector<float> silu(I);
+  for (int64_t j = 0; j < S; j++) {
+    const float* G = gate_up.data() + j * 2 * I;
+    for (int64_t r = 0; r < I; r++) silu[r] = G[r] / (1.0f + std::exp(-G[r])) * G[I + r];
+    act.set_row(j, silu.data());
+  }
 
-  const bf16* D = reinterpret_cast<const bf16*>(down.data_ptr());
-  float* P = part.data_ptr<float>();
   auto down_items = items_for(H);
   at::parallel_for(0, (int64_t)down_items.size(), 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; i++) {
       const Item& it = down_items[i];
-      const int64_t s0 = start[it.expert], n = count[it.expert];
-      gemv(D + it.expert * H * I, I, it.begin, it.end, I, A + s0 * I, I, (int)n, P + s0 * H, H);
+      const int64_t s0 = start[it.expert];
+      gemv(down_of(it.expert), it.begin, it.end, act, s0, count[it.expert],
+           part.data() + s0 * H, H);
     }
   });
 
-  // out[t] = sum over its k slots in top-k order of weight * expert output.
-  std::vector<int64_t> position(S);
-  for (int64_t j = 0; j < S; j++) position[slot_of[j]] = j;
-  auto out = torch::empty({T, H}, x.options());
-  bf16* O = reinterpret_cast<bf16*>(out.data_ptr());
-  at::parallel_for(0, T, 1, [&](int64_t b, int64_t e) {
-    std::vector<float> sum(H);
-    for (int64_t t = b; t < e; t++) {
-      std::fill(sum.begin(), sum.end(), 0.0f);
-      for (int64_t k = 0; k < K; k++) {
-        const float m = mix[t * K + k];
-        const float* p = P + position[t * K + k] * H;
-        for (int64_t h = 0; h < H; h++) sum[h] += m * p[h];
-      }
-      for (int64_t h = 0; h < H; h++) O[t * H + h] = to_bf16(sum[h]);
+  // out[t] = sum over its K slots, in top-k order, of weight * expert output.
+  auto out = torch::zeros({T, H}, x.options().dtype(torch::kFloat32));
+  float* O = out.data_ptr<float>();
+  for (int64_t t = 0; t < T; t++)
+    for (int64_t k = 0; k < K; k++) {
+      const float m = mix[t * K + k];
+      const float* p = part.data() + position[t * K + k] * H;
+      for (int64_t h = 0; h < H; h++) O[t * H + h] += m * p[h];
     }
-  });
   return out;
 }
 
-// Reads `buffer` once with 512-bit loads on all threads; returns a checksum so the reads
+}  // namespace
+
+// y (T, N) = x (T, K) @ W (N, K)^T [+ bias] for a handful of bf16 rows x; W bf16, or int8 with
+// per-row `scale` and `row_sum`.
+torch::Tensor linear(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias,
+                     c10::optional<torch::Tensor> scale, c10::optional<torch::Tensor> row_sum) {
+  check(x, "x", 2, torch::kBFloat16);
+  const Weights w = weights_from(weight, scale, row_sum, 2, "weight");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " features but the weight expects ", K);
+  auto acc = w.is_int8() ? linear_impl(x, int8_matrix(w, 0, N, K), N)
+                         : linear_impl(x, bf16_matrix(w, 0, N, K), N);
+  if (bias.has_value()) acc.add_(bias->to(torch::kFloat32));
+  return acc.to(torch::kBFloat16);
+}
+
+// The MoE block's experts for a few bf16 tokens: out[t] = sum_k w[t,k] * down_e(silu(gate_e(x_t))
+// * up_e(x_t)), e = idx[t,k]. gate_up (E, 2I, H) holds each expert's gate rows then its up rows;
+// down (E, H, I). Only chosen experts are read, each once for all of its tokens.
+torch::Tensor moe(torch::Tensor x, torch::Tensor gate_up, torch::Tensor down, torch::Tensor idx,
+                  torch::Tensor weights, c10::optional<torch::Tensor> gate_up_scale,
+                  c10::optional<torch::Tensor> gate_up_sum, c10::optional<torch::Tensor> down_scale,
+                  c10::optional<torch::Tensor> down_sum) {
+  check(x, "x", 2, torch::kBFloat16);
+  const Weights gu = weights_from(gate_up, gate_up_scale, gate_up_sum, 3, "gate_up");
+  const Weights dn = weights_from(down, down_scale, down_sum, 3, "down");
+  const int64_t H = x.size(1), E = gate_up.size(0), I = gate_up.size(1) / 2;
+  TORCH_CHECK(gate_up.size(2) == H && down.size(0) == E && down.size(1) == H &&
+                  down.size(2) == I && gu.is_int8() == dn.is_int8(),
+              "expert weights do not match x or each other");
+  TORCH_CHECK(idx.dim() == 2 && idx.size(0) == x.size(0) && weights.sizes() == idx.sizes(),
+              "indices and weights must both be (tokens, top_k)");
+  torch::Tensor out;
+  if (gu.is_int8()) {
+    out = moe_impl<Int8Matrix>(
+        x, E, I, [&](int64_t e) { return int8_matrix(gu, e, 2 * I, H); },
+        [&](int64_t e) { return int8_matrix(dn, e, H, I); }, idx, weights);
+  } else {
+    out = moe_impl<Bf16Matrix>(
+        x, E, I, [&](int64_t e) { return bf16_matrix(gu, e, 2 * I, H); },
+        [&](int64_t e) { return bf16_matrix(dn, e, H, I); }, idx, weights);
+  }
+  return out.to(torch::kBFloat16);
+}
+
+// Reads `buffer` once with 512-bit loads on all threads; returns a checksum so that the reads
 // cannot be optimised away. The benchmark times it to measure the memory read bandwidth.
 int64_t read_all(torch::Tensor buffer) {
-  TORCH_CHECK(buffer.is_contiguous() && buffer.nbytes() % 64 == 0, "buffer: contiguous, 64-byte multiple");
+  TORCH_CHECK(buffer.is_contiguous() && buffer.nbytes() % 64 == 0 &&
+                  reinterpret_cast<uintptr_t>(buffer.data_ptr()) % 64 == 0,
+              "buffer: contiguous, 64-byte aligned, a multiple of 64 bytes");
   const __m512i* p = reinterpret_cast<const __m512i*>(buffer.data_ptr());
   const int64_t n = buffer.nbytes() / 64;
   std::vector<int64_t> sums(at::get_num_threads(), 0);
@@ -226,7 +381,7 @@ int64_t read_all(torch::Tensor buffer) {
       a3 = _mm512_xor_si512(a3, _mm512_load_si512(p + i + 3));
     }
     for (; i < e; i++) a0 = _mm512_xor_si512(a0, _mm512_load_si512(p + i));
-    __m512i a = _mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3));
+    const __m512i a = _mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3));
     sums[at::get_thread_num()] ^= _mm512_reduce_add_epi64(a);
   });
   int64_t total = 0;
@@ -235,7 +390,7 @@ int64_t read_all(torch::Tensor buffer) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear", &linear, "x @ weight.T (+ bias) for a few bf16 rows");
-  m.def("moe", &moe, "sparse MoE block for a few bf16 tokens");
+  m.def("linear", &linear, "x @ weight.T (+ bias) for a few bf16 rows; bf16 or int8 weight");
+  m.def("moe", &moe, "sparse MoE experts for a few bf16 tokens; bf16 or int8 experts");
   m.def("read_all", &read_all, "read a buffer once (memory bandwidth probe)");
 }
