@@ -269,11 +269,19 @@ def load_pretrained(cls, path_or_repo_id, revision=None, dtype=None, device="cpu
     _retie_embeddings(model)
     params = dict(model.named_parameters())
 
-    with contextlib.ExitStack() as stack, torch.no_grad():
+    # Every read in file order: a disk (or the page cache's readahead) streams a checkpoint
+    # read front to back, while the model's parameter order jumps around inside the shards.
+    reads = sorted(
+        ((stored[key], name, index) for name, pieces in plan for key, index in pieces),
+        key=lambda read: (str(read[0].file), read[0].offset),
+    )
+    total = sum(t.nbytes for t, _, _ in reads)
+    progress = tqdm(total=total, desc="Loading weights", unit="B", unit_scale=True, disable=None)
+    with contextlib.ExitStack() as stack, torch.no_grad(), progress:
         files = {f: stack.enter_context(open(f, "rb")) for f in {t.file for t in stored.values()}}
-        for name, pieces in tqdm(plan, desc="Loading weights", unit="tensor", disable=None):
-            for key, index in pieces:
-                _read_into(files[stored[key].file], stored[key], params[name][index])
+        for tensor, name, index in reads:
+            _read_into(files[tensor.file], tensor, params[name][index])
+            progress.update(tensor.nbytes)
     # The config describes the model in memory, as transformers' does after a dtype cast.
     config.extra["torch_dtype"] = config.extra["dtype"] = str(dtype).removeprefix("torch.")
     if quantize is not None:
