@@ -16,9 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from engines import write_checkpoint  # bench/engines.py: bench/ is on sys.path for a script
 
-from olmoe import OlmoeConfig, OlmoeForCausalLM
+from olmoe import OlmoeConfig
 
 MEASURE = r"""
 import re, sys, time
@@ -38,21 +38,6 @@ print(peak() - base, seconds, model.dtype)
 """
 
 
-def write_checkpoint(directory: Path) -> None:
-    config = OlmoeConfig.olmoe_1b_7b()
-    with torch.device("meta"):
-        model = OlmoeForCausalLM(config)
-    model.to(torch.bfloat16).to_empty(device="cpu")
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, config.initializer_range, generator=generator)
-    model.save_pretrained(directory, max_shard_size="5GB")
-
-
 def read_seconds(directory: Path) -> float:
     start = time.perf_counter()
     for file in sorted(directory.glob("*.safetensors")):
@@ -68,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.dir / "config.json").is_file():
         print(f"writing a random bf16 checkpoint of the released shape to {args.dir} ...")
-        write_checkpoint(args.dir)
+        write_checkpoint(args.dir, OlmoeConfig.olmoe_1b_7b(), tokenizer=False)
     weights = OlmoeConfig.olmoe_1b_7b().num_parameters() * 2
     read = read_seconds(args.dir)
     out = subprocess.run(

@@ -23,7 +23,12 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu.cpp")
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni")
-COMPILER_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni"]
+# -fopenmp makes at::parallel_for use threads (without it the kernels run on one core); no
+# -fopenmp at link time, so that the OpenMP runtime is torch's own, not a second one whose
+# threads would fight torch's.
+COMPILER_FLAGS = [
+    "-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni",
+]  # fmt: skip
 # Up to this many tokens a call streams weights (the kernels); beyond it, it is a GEMM, which
 # oneDNN does well.
 MAX_TOKENS = 16
