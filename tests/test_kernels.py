@@ -167,3 +167,41 @@ def test_read_all_touches_every_byte():
     empty = kernels.read_all(buffer)
     buffer[12345] = 7  # a change anywhere changes the checksum
     assert kernels.read_all(buffer) != empty
+
+
+def test_rms_norm_rounds_like_the_pytorch_module(monkeypatch):
+    from olmoe.model import OlmoeRMSNorm
+
+    norm = OlmoeRMSNorm(96).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(bf16(96, seed=11) + 1)
+    x = bf16(2, 3, 96, scale=3.0, seed=12)
+    with torch.no_grad():
+        fast = norm(x)
+        monkeypatch.setattr(kernels, "small_bf16", lambda *args: False)
+        reference = norm(x)
+    # the same two roundings; float32 sums in another order may move a value by one bf16 step
+    assert_close(fast, reference, rtol=2**-7, atol=0)
+    assert (fast == reference).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("heads, kv_heads, masked", [(4, 4, False), (8, 2, True), (4, 1, True)])
+def test_decode_attention_matches_float64(heads, kv_heads, masked):
+    batch, dim, cached, capacity = 2, 16, 9, 32
+    q = bf16(batch, heads, 1, dim, seed=13)
+    k_cache = bf16(batch, kv_heads, capacity, dim, seed=14)
+    v_cache = bf16(batch, kv_heads, capacity, dim, seed=15)
+    k, v = k_cache[:, :, :cached], v_cache[:, :, :cached]  # strided views, as the cache gives
+    mask = None
+    if masked:  # the first sequence is left-padded by three positions
+        mask = torch.zeros(batch, 1, 1, cached, dtype=torch.bfloat16)
+        mask[0, ..., :3] = torch.finfo(torch.bfloat16).min
+    got = kernels.decode_attention(q, k, v, mask, dim**-0.5)
+    group = heads // kv_heads
+    kk = k.double().repeat_interleave(group, 1)
+    vv = v.double().repeat_interleave(group, 1)
+    scores = q.double() @ kk.transpose(-1, -2) * dim**-0.5  # (B, N, 1, P)
+    if masked:
+        scores[0, ..., :3] = -torch.inf
+    expected = scores.softmax(-1) @ vv
+    assert_close(got.double(), expected.bfloat16().double(), rtol=2**-7, atol=1e-3)

@@ -124,6 +124,30 @@ def moe(
     )  # fmt: skip
 
 
+def small_bf16(x: torch.Tensor) -> bool:
+    """Whether an activation-only op (norm, decode attention) on `x` should use the kernels."""
+    return (
+        x.dtype == torch.bfloat16
+        and x.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and native() is not None
+    )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension of a few bf16 rows (see OlmoeRMSNorm)."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    return native().rms_norm(rows, weight, eps).view(x.shape)
+
+
+def decode_attention(q, k, v, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v for one query per sequence: q (B, N, 1, D); k, v
+    (B, G, P, D), views of the cache; mask (B, 1, 1, P) additive or None -> (B, N, 1, D)."""
+    b, n, _, d = q.shape
+    flat_mask = None if mask is None else mask.reshape(b, -1)
+    return native().decode_attention(q.reshape(b, n, d), k, v, flat_mask, scale).view(b, n, 1, d)
+
+
 def read_all(buffer: torch.Tensor) -> int:
     """Read every byte of `buffer` once on all threads (a memory read bandwidth probe)."""
     return native().read_all(buffer)

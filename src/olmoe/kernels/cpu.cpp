@@ -362,6 +362,79 @@ torch::Tensor moe(torch::Tensor x, torch::Tensor gate_up, torch::Tensor down, to
   return out.to(torch::kBFloat16);
 }
 
+// RMSNorm of a few bf16 rows, rounding where the PyTorch module does: the normalised row is
+// rounded to bf16, then multiplied by the weight and rounded again.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  check(x, "x", 2, torch::kBFloat16);
+  check(weight, "weight", 1, torch::kBFloat16);
+  const int64_t T = x.size(0), H = x.size(1);
+  TORCH_CHECK(weight.size(0) == H, "weight has ", weight.size(0), " entries for rows of ", H);
+  auto out = torch::empty_like(x);
+  const c10::BFloat16* X = x.data_ptr<c10::BFloat16>();
+  const c10::BFloat16* W = weight.data_ptr<c10::BFloat16>();
+  c10::BFloat16* O = out.data_ptr<c10::BFloat16>();
+  for (int64_t t = 0; t < T; t++) {
+    float sum = 0.0f;
+    for (int64_t h = 0; h < H; h++) sum += (float)X[t * H + h] * (float)X[t * H + h];
+    const float inv = 1.0f / std::sqrt(sum / (float)H + (float)eps);
+    for (int64_t h = 0; h < H; h++)
+      O[t * H + h] = c10::BFloat16((float)W[h] * (float)c10::BFloat16((float)X[t * H + h] * inv));
+  }
+  return out;
+}
+
+// Attention of one new query per sequence over the cached keys: q (B, N, D); k, v (B, G, P, D)
+// with any strides but the last (views of the cache); mask (B, P) additive float32 or empty.
+// Scores, softmax and the weighted sum in float32; heads share key/value heads in groups.
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                               c10::optional<torch::Tensor> mask, double scale) {
+  check(q, "q", 3, torch::kBFloat16);
+  TORCH_CHECK(k.scalar_type() == torch::kBFloat16 && v.scalar_type() == torch::kBFloat16 &&
+                  k.dim() == 4 && v.sizes() == k.sizes() && k.stride(3) == 1 && v.stride(3) == 1,
+              "k and v must be bf16 (B, G, P, D) with contiguous rows");
+  const int64_t B = q.size(0), N = q.size(1), D = q.size(2), G = k.size(1), P = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D && N % G == 0, "q, k and v do not match");
+  const float* M = nullptr;
+  torch::Tensor mask32;
+  if (mask.has_value()) {
+    mask32 = mask->to(torch::kFloat32).contiguous();
+    TORCH_CHECK(mask32.numel() == B * P, "mask must be (B, P)");
+    M = mask32.data_ptr<float>();
+  }
+  auto out = torch::empty_like(q);
+  const c10::BFloat16* Q = q.data_ptr<c10::BFloat16>();
+  const c10::BFloat16* Kp = k.data_ptr<c10::BFloat16>();
+  const c10::BFloat16* Vp = v.data_ptr<c10::BFloat16>();
+  c10::BFloat16* O = out.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, B * N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> score(P), acc(D), query(D);
+    for (int64_t bn = begin; bn < end; bn++) {
+      const int64_t b = bn / N, g = (bn % N) / (N / G);
+      const c10::BFloat16* K0 = Kp + b * k.stride(0) + g * k.stride(1);
+      const c10::BFloat16* V0 = Vp + b * v.stride(0) + g * v.stride(1);
+      for (int64_t d = 0; d < D; d++) query[d] = (float)Q[bn * D + d];
+      float peak = -INFINITY;
+      for (int64_t p = 0; p < P; p++) {
+        const c10::BFloat16* key = K0 + p * k.stride(2);
+        float s = 0.0f;
+        for (int64_t d = 0; d < D; d++) s += query[d] * (float)key[d];
+        score[p] = s * (float)scale + (M ? M[b * P + p] : 0.0f);
+        peak = std::max(peak, score[p]);
+      }
+      float total = 0.0f;
+      for (int64_t p = 0; p < P; p++) total += (score[p] = std::exp(score[p] - peak));
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t p = 0; p < P; p++) {
+        const c10::BFloat16* value = V0 + p * v.stride(2);
+        const float w = score[p] / total;
+        for (int64_t d = 0; d < D; d++) acc[d] += w * (float)value[d];
+      }
+      for (int64_t d = 0; d < D; d++) O[bn * D + d] = c10::BFloat16(acc[d]);
+    }
+  });
+  return out;
+}
+
 // Reads `buffer` once with 512-bit loads on all threads; returns a checksum so that the reads
 // cannot be optimised away. The benchmark times it to measure the memory read bandwidth.
 int64_t read_all(torch::Tensor buffer) {
@@ -392,5 +465,7 @@ int64_t read_all(torch::Tensor buffer) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "x @ weight.T (+ bias) for a few bf16 rows; bf16 or int8 weight");
   m.def("moe", &moe, "sparse MoE experts for a few bf16 tokens; bf16 or int8 experts");
+  m.def("rms_norm", &rms_norm, "RMSNorm of a few bf16 rows");
+  m.def("decode_attention", &decode_attention, "one query per sequence over the KV cache");
   m.def("read_all", &read_all, "read a buffer once (memory bandwidth probe)");
 }
