@@ -21,6 +21,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -83,6 +84,11 @@ inline __m512i load_bytes(const void* p, int64_t remaining) {
 // A (rows, K) bf16 matrix; `ld` elements between rows.
 struct Bf16Matrix {
   using Activations = Bf16Activations;
+  // Rows per pass with 5-8 activation rows: 2 x 8 accumulators + 8 activations fit in the 32
+  // vector registers, and each activation load then serves two weight rows.
+  static constexpr int kWideRows = 2;
+  // Rows per pass with one activation row: more independent weight streams in flight.
+  static constexpr int kNarrowRows = 8;
   const bf16* data;
   int64_t ld;
 
@@ -116,6 +122,8 @@ struct Bf16Matrix {
 // A (rows, K) int8 matrix with one float scale and the integer sum of each row.
 struct Int8Matrix {
   using Activations = Int8Activations;
+  static constexpr int kWideRows = 1;  // two accumulators per row and activation row
+  static constexpr int kNarrowRows = 4;
   const int8_t* data;
   int64_t ld;
   const float* scale;
@@ -161,22 +169,31 @@ void gemv(const Matrix& W, int64_t begin, int64_t end, const typename Matrix::Ac
   for (int64_t v = 0; v < nv; v += kMaxVectors) {
     float* o = out + v * ldo;
     switch (std::min<int64_t>(nv - v, kMaxVectors)) {
-      case 1: W.template dot<4, 1>(begin, end, x, v0 + v, o, ldo); break;
+      case 1: W.template dot<Matrix::kNarrowRows, 1>(begin, end, x, v0 + v, o, ldo); break;
       case 2: W.template dot<4, 2>(begin, end, x, v0 + v, o, ldo); break;
       case 3: W.template dot<2, 3>(begin, end, x, v0 + v, o, ldo); break;
       case 4: W.template dot<2, 4>(begin, end, x, v0 + v, o, ldo); break;
-      case 5: W.template dot<1, 5>(begin, end, x, v0 + v, o, ldo); break;
-      case 6: W.template dot<1, 6>(begin, end, x, v0 + v, o, ldo); break;
-      case 7: W.template dot<1, 7>(begin, end, x, v0 + v, o, ldo); break;
-      default: W.template dot<1, 8>(begin, end, x, v0 + v, o, ldo); break;
+      case 5: W.template dot<Matrix::kWideRows, 5>(begin, end, x, v0 + v, o, ldo); break;
+      case 6: W.template dot<Matrix::kWideRows, 6>(begin, end, x, v0 + v, o, ldo); break;
+      case 7: W.template dot<Matrix::kWideRows, 7>(begin, end, x, v0 + v, o, ldo); break;
+      default: W.template dot<Matrix::kWideRows, 8>(begin, end, x, v0 + v, o, ldo); break;
     }
   }
 }
 
-// Row blocks small enough to balance the threads, large enough to amortise the reductions.
-int64_t row_block(int64_t rows) {
-  return std::max<int64_t>(16, rows / (8 * at::get_num_threads()));
+// Runs f(i) for i in [0, n) on all threads, each taking the next item when it is free: a thread
+// that starts late (waking up) or runs slow does not hold the others at the end.
+template <class F>
+void parallel_items(int64_t n, const F& f) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) f(i);
+  });
 }
+
+// Rows per work item: small enough for the threads to share the work evenly, large enough to
+// amortise the per-item reductions.
+constexpr int64_t kRowsPerItem = 32;
 
 void check(const torch::Tensor& t, const char* name, int dim, torch::ScalarType type) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
@@ -226,8 +243,8 @@ torch::Tensor linear_impl(const torch::Tensor& x, const Matrix& W, int64_t N) {
   for (int64_t t = 0; t < T; t++) act.set_row(t, X + t * K);
   auto acc = torch::empty({T, N}, x.options().dtype(torch::kFloat32));
   float* out = acc.data_ptr<float>();
-  at::parallel_for(0, N, row_block(N), [&](int64_t begin, int64_t end) {
-    gemv(W, begin, end, act, 0, T, out, N);
+  parallel_items((N + kRowsPerItem - 1) / kRowsPerItem, [&](int64_t i) {
+    gemv(W, i * kRowsPerItem, std::min(N, (i + 1) * kRowsPerItem), act, 0, T, out, N);
   });
   return acc;
 }
@@ -270,39 +287,37 @@ torch::Tensor moe_impl(const torch::Tensor& x, int64_t E, int64_t I, const GateU
   struct Item { int64_t expert, begin, end; };
   auto items_for = [&](int64_t rows) {
     std::vector<Item> items;
-    const int64_t block = row_block(rows);
     for (int64_t e : hit)
-      for (int64_t b = 0; b < rows; b += block) items.push_back({e, b, std::min(rows, b + block)});
+      for (int64_t b = 0; b < rows; b += kRowsPerItem)
+        items.push_back({e, b, std::min(rows, b + kRowsPerItem)});
     return items;
   };
 
   // Gate rows [b, e) and the matching up rows I + [b, e) in one item.
   auto up_items = items_for(I);
-  at::parallel_for(0, (int64_t)up_items.size(), 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; i++) {
-      const Item& it = up_items[i];
-      const int64_t s0 = start[it.expert], n = count[it.expert];
-      const Matrix W = gate_up_of(it.expert);
-      float* G = gate_up.data() + s0 * 2 * I;
-      gemv(W, it.begin, it.end, xs, s0, n, G, 2 * I);
-      gemv(W, I + it.begin, I + it.end, xs, s0, n, G, 2 * I);
+  parallel_items((int64_t)up_items.size(), [&](int64_t i) {
+    const Item& it = up_items[i];
+    const int64_t s0 = start[it.expert], n = count[it.expert];
+    const Matrix W = gate_up_of(it.expert);
+    float* G = gate_up.data() + s0 * 2 * I;
+    gemv(W, it.begin, it.end, xs, s0, n, G, 2 * I);
+    gemv(W, I + it.begin, I + it.end, xs, s0, n, G, 2 * I);
+  });
+  at::parallel_for(0, S, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> silu(I);
+    for (int64_t j = b; j < e; j++) {
+      const float* G = gate_up.data() + j * 2 * I;
+      for (int64_t r = 0; r < I; r++) silu[r] = G[r] / (1.0f + std::exp(-G[r])) * G[I + r];
+      act.set_row(j, silu.data());
     }
   });
-  std::vector<float> silu(I);
-  for (int64_t j = 0; j < S; j++) {
-    const float* G = gate_up.data() + j * 2 * I;
-    for (int64_t r = 0; r < I; r++) silu[r] = G[r] / (1.0f + std::exp(-G[r])) * G[I + r];
-    act.set_row(j, silu.data());
-  }
 
   auto down_items = items_for(H);
-  at::parallel_for(0, (int64_t)down_items.size(), 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; i++) {
-      const Item& it = down_items[i];
-      const int64_t s0 = start[it.expert];
-      gemv(down_of(it.expert), it.begin, it.end, act, s0, count[it.expert],
-           part.data() + s0 * H, H);
-    }
+  parallel_items((int64_t)down_items.size(), [&](int64_t i) {
+    const Item& it = down_items[i];
+    const int64_t s0 = start[it.expert];
+    gemv(down_of(it.expert), it.begin, it.end, act, s0, count[it.expert], part.data() + s0 * H,
+         H);
   });
 
   // out[t] = sum over its K slots, in top-k order, of weight * expert output.
