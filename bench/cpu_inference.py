@@ -216,7 +216,7 @@ def worker(engine: str, directory: Path, threads: int) -> int:
 
 def needed_gb(config: OlmoeConfig, engine: str) -> float:
     """Free memory a worker needs: its weights once (never a float32 copy) plus some slack."""
-    fmt = "q8_0" if engine == "llamacpp-q8" else "bf16"  # olmoe-int8 loads bf16, then quantises
+    fmt = "q8_0" if engine in ("llamacpp-q8", "olmoe-int8") else "bf16"  # about one byte each
     need = config.num_parameters() * BYTES_PER_WEIGHT[fmt] * 1.05 + 0.5e9
     if engine == "transformers-batched_mm":
         # one bf16 copy of an expert's weights per (token, expert) pair of the prefill
@@ -493,6 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     if engines.ensure_checkpoint(args.dir, args.shape):
         print(f"wrote a random bf16 {args.shape}-shape checkpoint to {args.dir}")
     errors = prepare_gguf(names, args)
+    if "olmoe-int8" in names and not engines.quantized_path(args.dir, "int8").is_dir():
+        print("writing the int8 checkpoint (once, as `olmoe quantize` does) ...", flush=True)
+        engines.ensure_quantized(args.dir, "int8")
     errors.update({n: "not installed" for n in names if not engines.available(n)})
 
     print(

@@ -197,17 +197,27 @@ def measure(load, prefill, decode, batches=DECODE_BATCHES, prepare=None) -> dict
 
 
 # ---------------------------------------------------------------------------- olmoe
+def quantized_path(checkpoint: Path, method: str) -> Path:
+    return checkpoint / method
+
+
+def ensure_quantized(checkpoint: Path, method: str) -> Path:
+    """Write the checkpoint's quantised copy once, as `olmoe quantize` does (the worker then
+    loads int8 straight from disk, as a user would)."""
+    target = quantized_path(checkpoint, method)
+    if not (target / "config.json").is_file():
+        model = OlmoeForCausalLM.from_pretrained(checkpoint, quantize=method)
+        model.save_pretrained(target)  # staged and moved into place by save_pretrained
+    return target
+
+
 def run_olmoe(directory: Path, quantize: str | None = None, **_) -> dict:
     from olmoe import KVCache, generation
 
+    source = quantized_path(directory, quantize) if quantize else directory
+
     def load():
-        kwargs = {"quantize": quantize} if quantize else {}
-        try:
-            return OlmoeForCausalLM.from_pretrained(directory, dtype=torch.bfloat16, **kwargs)
-        except TypeError as error:
-            if quantize and "quantize" in str(error):
-                raise RuntimeError(f"this olmoe has no quantize={quantize!r} yet") from error
-            raise
+        return OlmoeForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
 
     @torch.inference_mode()
     def prefill(model, ids):
