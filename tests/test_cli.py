@@ -247,3 +247,9 @@ def test_bad_device_is_one_line(checkpoint):
 
 def test_missing_arguments_are_one_line():
     assert_one_line_error(olmoe("generate"), "MODEL", status=2)
+
+
+def test_bench_hands_its_options_to_the_benchmark_script():
+    result = olmoe("bench", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "--shape" in result.stdout and "cpu_inference.py" in result.stdout

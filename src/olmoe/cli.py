@@ -3,6 +3,7 @@
     olmoe generate MODEL "prompt"   stream a continuation to stdout
     olmoe chat MODEL                interactive chat (a terminal, or turns as lines on stdin)
     olmoe quantize MODEL OUTPUT     write an int8 copy of a checkpoint
+    olmoe bench [--shape small]     olmoe against transformers and llama.cpp on this CPU
     olmoe info MODEL                config, parameter counts, dtype and size of a checkpoint
 
 MODEL is a checkpoint directory or a hub repo id (`--revision` picks a branch). User mistakes end
@@ -137,6 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight-only int8, one scale per output channel (the default)",
     )
     quantize.add_argument("--max-shard-size", default="5GB", help="(default: %(default)s)")
+
+    bench = commands.add_parser(
+        "bench", help="compare olmoe with transformers and llama.cpp on this CPU", add_help=False
+    )
+    bench.add_argument(
+        "bench_args",
+        nargs=argparse.REMAINDER,
+        help="bench/cpu_inference.py's options (--shape small, --json FILE, ...)",
+    )
 
     info = commands.add_parser("info", help="describe a checkpoint without loading its weights")
     _add_model_arguments(info)
@@ -314,6 +324,20 @@ def run_quantize(args) -> int:
     return 0
 
 
+def run_bench(bench_args: list[str]) -> int:
+    """The benchmark lives beside the package in a source checkout (it drives peers that are no
+    dependency of olmoe); run it in this interpreter with the arguments as given."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "cpu_inference.py"
+    if not script.is_file():
+        raise UsageError(
+            "olmoe bench runs bench/cpu_inference.py from a source checkout, which this "
+            "installation lacks: clone the repository and pip install -e '.[bench]' there"
+        )
+    return subprocess.call([sys.executable, str(script), *bench_args])
+
+
 def run_info(args) -> int:
     from olmoe.checkpoint import summarize_checkpoint
 
@@ -359,13 +383,20 @@ def _size(nbytes: int) -> str:
     return f"{nbytes:.2f} {unit}"
 
 
-COMMANDS = {"generate": run_generate, "chat": run_chat, "quantize": run_quantize, "info": run_info}
+COMMANDS = {
+    "generate": run_generate,
+    "chat": run_chat,
+    "quantize": run_quantize,
+    "info": run_info,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    bench = argv[:1] == ["bench"]  # its options, --help included, belong to the bench script
+    args = build_parser().parse_args(argv[:1] if bench else argv)
     try:
-        return COMMANDS[args.command](args)
+        return run_bench(argv[1:]) if bench else COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
