@@ -49,8 +49,9 @@ from olmoe import OlmoeConfig
 
 METRICS = ("load_s", "peak_rss_gb", "prefill_tok_s", "decode_b1_tok_s", "decode_b8_tok_s")
 HEADERS = ("load s", "peak RSS GB", "prefill-512 tok/s", "decode b1 tok/s", "decode b8 tok/s")
-# Bytes per weight of each storage format (Q8_0: 32 int8 weights + one fp16 scale per block).
-BYTES_PER_WEIGHT = {"bf16": 2.0, "int8": 1.0, "q8_0": 34 / 32}
+# Bytes per weight of each storage format, as (attention, router and norms; experts and lm_head):
+# olmoe's int8 keeps attention in bf16; Q8_0 stores 32 int8 weights + one fp16 scale per block.
+BYTES_PER_WEIGHT = {"bf16": (2.0, 2.0), "int8": (2.0, 1.0), "q8_0": (34 / 32, 34 / 32)}
 NOISY_SPREAD = 1.25
 BANDWIDTH_BUFFER_BYTES = 2 << 30  # far beyond the 32 MB L3: every read comes from DRAM
 MATMUL_SHAPE = (512, 2048, 2048)  # (M, K, N): a prefill-sized bf16 GEMM of the released width
@@ -155,14 +156,18 @@ def expected_distinct_experts(config: OlmoeConfig, batch: int) -> float:
     return e * (1 - ((e - k) / e) ** batch)
 
 
-def decode_bytes_per_token(config: OlmoeConfig, batch: int, bytes_per_weight: float) -> float:
+def decode_bytes_per_token(
+    config: OlmoeConfig, batch: int, bytes_per_weight: tuple[float, float]
+) -> float:
     """Weight bytes one decode step reads (each weight once, however many tokens use it),
     shared by its `batch` tokens. KV-cache reads (under 1% at these lengths) are not counted."""
+    dense, quantised = bytes_per_weight
     w = weight_counts(config)
     experts = expected_distinct_experts(config, batch)
-    layer = w["attention"] + w["router"] + w["norms"] + experts * w["expert"]
-    step = config.num_hidden_layers * layer + w["lm_head"] + w["final_norm"]
-    return step * bytes_per_weight / batch
+    layers = config.num_hidden_layers
+    step = dense * (layers * (w["attention"] + w["router"] + w["norms"]) + w["final_norm"])
+    step += quantised * (layers * experts * w["expert"] + w["lm_head"])
+    return step / batch
 
 
 def prefill_flops_per_token(config: OlmoeConfig, tokens: int) -> float:
@@ -217,7 +222,7 @@ def worker(engine: str, directory: Path, threads: int) -> int:
 def needed_gb(config: OlmoeConfig, engine: str) -> float:
     """Free memory a worker needs: its weights once (never a float32 copy) plus some slack."""
     fmt = "q8_0" if engine in ("llamacpp-q8", "olmoe-int8") else "bf16"  # about one byte each
-    need = config.num_parameters() * BYTES_PER_WEIGHT[fmt] * 1.05 + 0.5e9
+    need = config.num_parameters() * max(BYTES_PER_WEIGHT[fmt]) * 1.05 + 0.5e9
     if engine == "transformers-batched_mm":
         # one bf16 copy of an expert's weights per (token, expert) pair of the prefill
         pairs = engines.PREFILL_TOKENS * config.num_experts_per_tok
