@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import huggingface_hub
 import pytest
 import torch
 import transformers
@@ -28,6 +29,17 @@ def tiny_model(seed: int = 0, **overrides) -> OlmoeForCausalLM:
 def reference_config(**overrides) -> transformers.OlmoeConfig:
     """transformers' config for `OlmoeConfig.tiny(**overrides)`."""
     return transformers.OlmoeConfig.from_dict(OlmoeConfig.tiny(**overrides).to_dict())
+
+
+def use_offline_hub(monkeypatch, home, cache) -> None:
+    """Make huggingface_hub read only the local cache `cache` (with `home` as HF_HOME)."""
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the environment once, at import.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(home))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 @pytest.fixture(autouse=True)

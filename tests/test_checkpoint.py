@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 import olmoe.checkpoint
 from olmoe import CheckpointError, OlmoeConfig, OlmoeForCausalLM
 from olmoe.checkpoint import WEIGHTS_INDEX_NAME, WEIGHTS_NAME
-from tests.conftest import randomize, reference_config, tiny_model
+from tests.conftest import randomize, reference_config, tiny_model, use_offline_hub
 
 SMALL_SHARD = 20_000  # bytes: splits a tiny float32 model (~160 kB) into several shards
 
@@ -450,8 +450,6 @@ STEP_BRANCH = "step10000-tokens41B"
 @pytest.fixture
 def fake_hub(tmp_path, monkeypatch):
     """A Hugging Face cache holding two revisions of REPO, with the hub unreachable."""
-    import huggingface_hub.constants
-
     cache = tmp_path / "hf" / "hub"
     repo = cache / ("models--" + REPO.replace("/", "--"))
     models = {}
@@ -461,13 +459,7 @@ def fake_hub(tmp_path, monkeypatch):
         (repo / "refs").mkdir(parents=True, exist_ok=True)
         (repo / "refs" / branch).write_text(commit)
 
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    # huggingface_hub reads the environment once, at import.
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    use_offline_hub(monkeypatch, tmp_path / "hf", cache)
     return models
 
 

@@ -166,7 +166,10 @@ def test_top_k_filter_on_crafted_logits():
 def test_top_p_filter_on_crafted_logits():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     logits = probs.log()
-    kept = lambda p: torch.isfinite(top_p_filter(logits, p))[0].tolist()
+
+    def kept(p):
+        return torch.isfinite(top_p_filter(logits, p))[0].tolist()
+
     assert kept(0.5) == [True, False, False, False]
     assert kept(0.7) == [True, True, False, False]  # 0.5 + 0.3 reaches 0.7
     assert kept(0.81) == [True, True, True, False]

@@ -19,6 +19,7 @@ from olmoe.tokenizer import (
     BatchEncoding,
     Tokenizer,
 )
+from tests.conftest import use_offline_hub
 
 EOS, PAD = "<|endoftext|>", "<|padding|>"
 TEXTS = [
@@ -514,8 +515,6 @@ STEP_BRANCH = "step1000-tokens4B"
 def fake_hub(tmp_path, monkeypatch):
     """A Hugging Face cache holding REPO (main: a tokenizer with a custom template; a branch:
     weights only), with the hub unreachable."""
-    import huggingface_hub.constants
-
     cache = tmp_path / "hf" / "hub"
     repo = cache / ("models--" + REPO.replace("/", "--"))
     main = repo / "snapshots" / MAIN_COMMIT
@@ -528,13 +527,7 @@ def fake_hub(tmp_path, monkeypatch):
     (repo / "refs" / "main").write_text(MAIN_COMMIT)
     (repo / "refs" / STEP_BRANCH).write_text(STEP_COMMIT)
 
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    # huggingface_hub reads the environment once, at import.
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    use_offline_hub(monkeypatch, tmp_path / "hf", cache)
 
 
 def test_hub_repo_id_loads_its_tokenizer(fake_hub):

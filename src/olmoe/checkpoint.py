@@ -190,6 +190,13 @@ def stored_tensors(directory: Path) -> dict[str, StoredTensor]:
     return table
 
 
+def _read_config(directory: Path) -> OlmoeConfig:
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise CheckpointError(f"no {CONFIG_NAME} in {directory}: is this an OLMoE checkpoint?")
+    return OlmoeConfig.from_json_file(config_path)
+
+
 @dataclass(frozen=True)
 class CheckpointSummary:
     """What `olmoe info` shows: read from config.json and the safetensors headers, no weights."""
@@ -207,10 +214,7 @@ def summarize_checkpoint(
     """Describe a checkpoint without loading it. A hub repo is described from its JSON files
     (config and shard index) alone, so nothing large is downloaded."""
     directory = resolve_checkpoint_dir(path_or_repo_id, revision=revision, weights=False)
-    config_path = directory / CONFIG_NAME
-    if not config_path.is_file():
-        raise CheckpointError(f"no {CONFIG_NAME} in {directory}: is this an OLMoE checkpoint?")
-    config = OlmoeConfig.from_json_file(config_path)
+    config = _read_config(directory)
     index_path = directory / WEIGHTS_INDEX_NAME
     if not any(directory.glob("*.safetensors")) and index_path.is_file():  # hub: JSON only
         index = json.loads(index_path.read_text())
@@ -249,10 +253,7 @@ def load_pretrained(cls, path_or_repo_id, revision=None, dtype=None, device="cpu
     open, which would show a 13.8 GB load as 27 GB.
     """
     directory = resolve_checkpoint_dir(path_or_repo_id, revision=revision)
-    config_path = directory / CONFIG_NAME
-    if not config_path.is_file():
-        raise CheckpointError(f"no {CONFIG_NAME} in {directory}: is this an OLMoE checkpoint?")
-    config = OlmoeConfig.from_json_file(config_path)
+    config = _read_config(directory)
     stored = stored_tensors(directory)
     dtype = resolve_dtype(dtype)
 

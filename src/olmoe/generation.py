@@ -209,9 +209,11 @@ def plan_new_tokens(
     context_window: int,
     max_length: int | None = None,
     max_new_tokens: int | None = None,
+    warn: bool = True,
 ) -> int:
     """How many tokens to generate: `max_new_tokens` wins over `max_length` (prompt included),
-    as in transformers; generation never runs past the model's context window."""
+    as in transformers; generation never runs past the model's context window (with a warning
+    when that cuts what was asked for, unless `warn=False`)."""
     if prompt_length >= context_window:
         raise ValueError(
             f"the prompt has {prompt_length} tokens but the model's context window is "
@@ -230,7 +232,7 @@ def plan_new_tokens(
             )
         wanted = max_length - prompt_length
     room = context_window - prompt_length
-    if wanted > room:
+    if wanted > room and warn:
         warnings.warn(
             f"generation stops after {room} new tokens, at the model's context window "
             f"({context_window} tokens), not the {wanted} asked for",

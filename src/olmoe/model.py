@@ -27,9 +27,9 @@ class OlmoeRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() <= kernels.MAX_TOKENS * x.shape[-1] and kernels.small_bf16(x):
-            if self.weight.dtype == torch.bfloat16:  # decoding: one call instead of eight
-                return kernels.rms_norm(x, self.weight, self.eps)
+        bf16_weight = self.weight.dtype == torch.bfloat16
+        if bf16_weight and kernels.decode_sized(x) and kernels.small_bf16(x):
+            return kernels.rms_norm(x, self.weight, self.eps)  # decoding: one call, not eight
         # Statistics in float32 whatever the activations' dtype; the weight multiplies after the
         # cast back, as the reference does, so bf16 results round the same way.
         dtype = x.dtype
@@ -43,9 +43,7 @@ class OlmoeLinear(nn.Linear):
     kernels; same parameters, same checkpoint keys."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.applies(x, self.weight):
-            return kernels.linear(x, self.weight, self.bias)
-        return super().forward(x)
+        return kernels.linear_or_torch(x, self.weight, self.bias)
 
 
 class OlmoeRotaryEmbedding(nn.Module):

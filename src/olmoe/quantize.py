@@ -51,6 +51,10 @@ class _Int8Module(nn.Module):
     """Keeps scales in float32 through `.to(dtype)` casts (which would round them to bf16),
     and the integer row sums the kernels need, computed once from the weights."""
 
+    def __init__(self):
+        super().__init__()
+        self._row_sums: dict[str, torch.Tensor] = {}  # derived from the weights, never saved
+
     def _apply(self, fn, recurse=True):
         scales = {n: p.data for n, p in self.named_parameters(recurse=False) if n.endswith("scale")}
         super()._apply(fn, recurse)
@@ -62,10 +66,9 @@ class _Int8Module(nn.Module):
         return self
 
     def row_sum(self, name: str) -> torch.Tensor:
-        sums = self.__dict__.setdefault("_row_sums", {})
-        if name not in sums:
-            sums[name] = getattr(self, name).sum(dim=-1, dtype=torch.int32)
-        return sums[name]
+        if name not in self._row_sums:
+            self._row_sums[name] = getattr(self, name).sum(dim=-1, dtype=torch.int32)
+        return self._row_sums[name]
 
 
 class Int8Linear(_Int8Module):

@@ -123,9 +123,9 @@ class TextStreamer:
 class TextStream:
     """One prompt's continuation as an iterator of text pieces.
 
-    Ends at eos, at a stop string (left out of the text) or after `max_new_tokens` (default: up
-    to the context window, where it always stops). Afterwards `finish_reason` is "stop" (eos or a stop string) or
-    "length", and `new_tokens` counts the tokens generated.
+    Ends at eos, at a stop string (left out of the text), after `max_new_tokens` (default: no
+    limit), or at the context window, whichever comes first. Afterwards `finish_reason` is
+    "stop" (eos or a stop string) or "length", and `new_tokens` counts the tokens generated.
     """
 
     def __init__(
@@ -144,9 +144,10 @@ class TextStream:
         self.input_ids = ids.to(model.device)
         # Stops quietly at the context window: a chat or a server cannot know the room left.
         context = model.config.max_position_embeddings
-        room = context - ids.shape[1]
-        wanted = room if max_new_tokens is None else min(max_new_tokens, max(room, 1))
-        self.max_new_tokens = plan_new_tokens(ids.shape[1], context, max_new_tokens=wanted)
+        wanted = context if max_new_tokens is None else max_new_tokens
+        self.max_new_tokens = plan_new_tokens(
+            ids.shape[1], context, max_new_tokens=wanted, warn=False
+        )
         self.model = model
         self.params = params or SamplingParams()
         self.stops = StopStrings(tokenizer, stop_strings) if stop_strings else None

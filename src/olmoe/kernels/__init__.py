@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("cpu.cpp")
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni")
@@ -77,6 +78,11 @@ def native():
         return None
 
 
+def decode_sized(x: torch.Tensor) -> bool:
+    """At most `MAX_TOKENS` rows of the last dimension: a decode step, not a prefill."""
+    return x.numel() <= MAX_TOKENS * x.shape[-1]
+
+
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `x @ weight.T`-shaped work should go to the kernels (bf16 activations; bf16 or
     int8 weights)."""
@@ -84,10 +90,19 @@ def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         x.dtype == torch.bfloat16
         and weight.dtype in (torch.bfloat16, torch.int8)
         and x.device.type == "cpu"
-        and x.numel() <= MAX_TOKENS * x.shape[-1]
+        and decode_sized(x)
         and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
         and native() is not None
     )
+
+
+def linear_or_torch(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`F.linear`, through the decode kernel when it applies (bf16 weights)."""
+    if applies(x, weight):
+        return linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def linear(
