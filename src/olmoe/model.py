@@ -133,7 +133,8 @@ class OlmoeAttention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v, cache_position)  # (B, G, P, D)
         dropout = self.dropout if self.training else 0.0
         causal = mask is None and length > 1
-        if length == 1 and not output_attentions and kernels.small_bf16(q):  # decoding
+        decoding = length == 1 and not output_attentions and dropout == 0.0
+        if decoding and kernels.small_bf16(q):  # the kernel has no attention dropout
             out = kernels.decode_attention(q, k, v, mask, 1 / math.sqrt(self.head_dim))
             return self.o_proj(out.transpose(1, 2).reshape(b, length, -1)), None
         if output_attentions:
