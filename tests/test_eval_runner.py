@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from olmoe.eval import evaluate
-from olmoe.eval.runner import encode_requests, score_requests
+from olmoe.eval.runner import _Row, _rows, _shared_prefix_groups, encode_requests, score_requests
 from olmoe.eval.tasks import Request, load_task
 from olmoe.tokenizer import Tokenizer
 from tests.conftest import tiny_model
@@ -88,6 +88,74 @@ def test_bad_requests_are_clear_errors(model, tokenizer):
         score_requests(model, tokenizer, [Request("Q:", " a b c d e f")], max_length=3)
 
 
+def test_duplicate_requests_are_scored_once_and_counted(model, tokenizer):
+    requests = REQUESTS + REQUESTS[3:5]
+    done = []
+    got = score_requests(model, tokenizer, requests, 4, progress=done.append)
+    assert got[-2:] == got[3:5]
+    assert sum(done) == len(requests)
+
+
+# ---------------------------------------------------------------------------- shared prefixes
+def real_requests(tokenizer, questions_per_task=6):
+    """The first questions of real tasks in both formats (ARC-Challenge's cloze with its
+    unconditional lines, WinoGrande's partial scoring, two MMLU subjects), and a window that cuts
+    the longest of their contexts from the left."""
+    requests = []
+    for name in ("arc_challenge", "winogrande", "mmlu:anatomy+virology"):
+        for fmt in load_task(name).formats:
+            taken = {}
+            for q in fmt.questions:
+                if taken.get(q.group, 0) < questions_per_task:
+                    taken[q.group] = taken.get(q.group, 0) + 1
+                    requests += [*q.choices, *(q.unconditional or ())]
+    lengths = sorted(
+        len(e.context) + len(e.continuation) for e in encode_requests(tokenizer, requests)
+    )
+    return requests, lengths[int(0.9 * len(lengths))]  # a tenth of the requests get cut
+
+
+def test_shared_prefix_groups_on_real_records(tokenizer):
+    requests, max_length = real_requests(tokenizer)
+    encoded = encode_requests(tokenizer, requests, max_length)
+    groups = _shared_prefix_groups(_rows(encoded, "packed"))
+    shared = [(n, rows) for n, rows in groups if n]
+    # One group per format of each task and MMLU subject (the fixed shots), minus those whose
+    # every context was cut.
+    assert len(shared) >= 6
+    for n, rows in shared:
+        assert len(rows) >= 2 and all(n < len(r.context) for r in rows)
+        assert len({r.context[:n] for r in rows}) == 1
+    alone = [r for n, rows in groups if not n for r in rows]
+    cut = {e.context for e in encoded if len(e.context) + len(e.continuation) == max_length + 1}
+    assert cut and cut <= {r.context for r in alone}  # cut mid-shot: they share no prefix
+    assert sum(len(rows) for _, rows in groups) == len(_rows(encoded, "packed"))
+
+
+def test_shared_prefix_groups_keep_the_long_prefix():
+    base = tuple(range(1000, 1200))
+    rows = [_Row(base + (i, 5, 6), [(i, (7,))]) for i in range(4)]
+    # Sharing only 70 of the group's 200 tokens, sorted before and after the group; sharing
+    # nothing.
+    rows += [_Row(base[:70] + (1,) * 50, [(9, (7,))]), _Row(base[:70] + (2000,), [(9, (7,))])]
+    rows.append(_Row((3,) * 100, [(8, (7,))]))
+    groups = {len(members): n for n, members in _shared_prefix_groups(rows)}
+    assert groups == {4: 200, 3: 0}
+
+
+@pytest.mark.parametrize("batch_size", [3, 8])
+def test_shared_prefix_matches_flat_on_real_records(model, tokenizer, batch_size):
+    requests, max_length = real_requests(tokenizer, questions_per_task=3)
+    flat = score_requests(model, tokenizer, requests, batch_size, max_length, "flat")
+    packed = score_requests(model, tokenizer, requests, batch_size, max_length, "packed")
+    assert [n for _, n in packed] == [n for _, n in flat]
+    torch.testing.assert_close(
+        torch.tensor([lp for lp, _ in packed], dtype=torch.float64),
+        torch.tensor([lp for lp, _ in flat], dtype=torch.float64),
+        rtol=1e-5, atol=1e-4,
+    )  # fmt: skip
+
+
 # ---------------------------------------------------------------------------- oracle
 class _Base(torch.nn.Module):
     """Hidden state at a position = the sum, over the positions it may attend to, of a random
@@ -101,16 +169,18 @@ class _Base(torch.nn.Module):
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache=False, cache_position=None):  # fmt: skip
         b, length = input_ids.shape
-        if position_ids is None:
-            position_ids = torch.arange(length).expand(b, length)
-        contrib = self.embed[input_ids] * self.rope[position_ids]  # (B, L, D)
-        keys, offset = contrib, 0
+        offset = 0
         if past_key_values is not None:
             offset = (
                 past_key_values.get_seq_length()
                 if cache_position is None
                 else int(cache_position[0])
             )
+        if position_ids is None:  # as the model: positions follow the cache
+            position_ids = (offset + torch.arange(length)).expand(b, length)
+        contrib = self.embed[input_ids] * self.rope[position_ids]  # (B, L, D)
+        keys = contrib
+        if past_key_values is not None:
             keys = past_key_values.update(0, contrib[:, None], contrib[:, None], cache_position)[0][
                 :, 0
             ]
