@@ -232,16 +232,42 @@ def test_sliding_window_nll_matches_direct_computation(model):
     )
 
 
-def test_text_bits_per_byte(model, tokenizer):
+def test_text_bits_per_byte(model, tokenizer, tmp_path):
     text = "Bits per byte: the négative log-likelihood in bits over UTF-8 bytes."
-    result = text_perplexity(model, tokenizer, [text], max_length=16, stride=8)
+    (tmp_path / "text.txt").write_text(text, encoding="utf-8")
+    result = text_perplexity(model, tokenizer, tmp_path / "text.txt", max_length=16, stride=8)
     tokens = tokenizer.encode(text, add_special_tokens=False)
-    assert result.tokens == len(tokens)  # every token scored, the first after end-of-text
+    # Every token scored (the first after end-of-text), and the end-of-text after the document.
+    assert result.tokens == len(tokens) + 1 and result.documents == 1
     assert result.bytes == len(text.encode("utf-8")) == len(text) + 1
     assert result.bits_per_byte == pytest.approx(result.nll / math.log(2) / result.bytes)
     assert result.perplexity == pytest.approx(math.exp(result.nll / result.tokens))
     # A random model is near uniform over the 50,304 ids.
     assert abs(math.log(result.perplexity) - math.log(50304)) < 1.0
+
+
+def test_text_and_its_prepared_tokens_give_the_same_perplexity(checkpoint, tmp_path, capsys):
+    from olmoe.data import prepare
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    # A special token spelled in the text is ordinary text to `prepare`; a .jsonl file holds
+    # one document per line; a byte-order mark is not text.
+    (corpus / "a.txt").write_text("Tokenisers end documents with <|endoftext|>, here as text.\n")
+    (corpus / "b.jsonl").write_text('{"text": "Première ligne."}\n{"text": "Second line."}\n')
+    (corpus / "c.txt").write_bytes(b"\xef\xbb\xbfWith a BOM.\n")
+    prepare([str(corpus)], tmp_path / "tokens", valid_fraction=0.0, progress=False)
+    out = tmp_path / "ppl.json"
+    code = cli.main([
+        "eval", str(checkpoint), "--text", str(corpus), "--tokens", str(tmp_path / "tokens"),
+        "--split", "train", "--max-length", "12", "--stride", "5", "--dtype", "fp32",
+        "--output", str(out), "--no-progress",
+    ])  # fmt: skip
+    assert code == 0
+    text, tokens = json.loads(out.read_text())["perplexity"].values()
+    assert text["documents"] == tokens["documents"] == 4
+    assert text["bytes"] == tokens["bytes"] and text["tokens"] == tokens["tokens"]
+    assert text["perplexity"] == pytest.approx(tokens["perplexity"], rel=1e-12)
 
 
 def test_prepared_tokens_perplexity(model, tmp_path):

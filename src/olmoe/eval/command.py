@@ -29,7 +29,11 @@ def add_commands(commands) -> None:
         "(.yaml/.json), or the groups 'paper' (the model card's six) and 'all'",
     )
     parser.add_argument(
-        "--text", nargs="+", metavar="FILE", help="perplexity and bits per byte of text files"
+        "--text",
+        nargs="+",
+        metavar="FILE",
+        help="perplexity and bits per byte of text files or folders, each read and tokenised as "
+        "`olmoe data prepare` does (a .jsonl file: one document per line)",
     )
     parser.add_argument(
         "--tokens",
@@ -109,8 +113,8 @@ def run_eval(args) -> int:
         raise UsageError("nothing to do: pass --tasks, --text FILES or --tokens DIR")
     tasks = expand_tasks(args.tasks) if args.tasks else []
     for path in args.text or []:
-        if not Path(path).is_file():
-            raise UsageError(f"--text: no file at {path}")
+        if not Path(path).exists():
+            raise UsageError(f"--text: no file or folder at {path}")
     if args.stride is not None and args.stride >= args.max_length:
         raise UsageError(
             f"--stride must be below --max-length ({args.max_length}) so that each window keeps "
@@ -172,8 +176,7 @@ def _perplexity(args, model, tokenizer, progress: bool) -> dict:
     with tqdm(unit="tok", desc="perplexity", disable=not progress) as bar:
         options["progress"] = bar.update
         for path in args.text or []:
-            text = Path(path).read_text(encoding="utf-8")
-            out[str(path)] = text_perplexity(model, tokenizer, [text], **options).to_dict()
+            out[str(path)] = text_perplexity(model, tokenizer, path, **options).to_dict()
         if args.tokens:
             key = f"{args.tokens} ({args.split})"
             out[key] = token_perplexity(model, args.tokens, args.split, **options).to_dict()

@@ -3,17 +3,24 @@
 Every token is scored exactly once, with as much left context as the window allows: windows of
 `max_length` tokens end every `stride` tokens, and each window scores only the tokens the
 previous one did not (transformers' perplexity guide). A smaller stride gives each token more
-context at more cost (stride must stay below max_length, so every window keeps some context). Each document is preceded by
-the end-of-text token, so its first token is scored too and the bytes of the whole text count.
+context at more cost (stride must stay below max_length, so every window keeps some context).
 
-bits per byte = summed negative log-likelihood (nats) / ln 2 / UTF-8 bytes of the text; it
-compares models with different tokenizers, which perplexity per token does not.
+A corpus is scored as the token stream `olmoe data prepare` writes for it: each document's
+tokens followed by the end-of-text token, all documents in one stream, after one more
+end-of-text token so that the first document's first token is scored too. Text sources are
+encoded by `olmoe.data`'s own encoder, so text and the token directory prepared from it give
+the same numbers.
+
+bits per byte = summed negative log-likelihood (nats) / ln 2 / UTF-8 bytes of the text (the
+end-of-text tokens are scored but have no bytes); it compares models with different
+tokenizers, which perplexity per token does not.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -116,51 +123,49 @@ def sequence_nll(
 
 def corpus_perplexity(
     model,
-    documents: Sequence[np.ndarray | Sequence[int]],
+    tokens: np.ndarray | Sequence[int],
     separator: int,
     num_bytes: int | None,
+    documents: int,
     max_length: int = 2048,
     stride: int | None = None,
     batch_size: int = 4,
     progress: Callable[[int], None] | None = None,
 ) -> PerplexityResult:
-    """Score each document after one `separator` (end-of-text) token; `num_bytes` is the UTF-8
-    size of the text the documents encode."""
-    nll, count = 0.0, 0
-    for document in documents:
-        sequence = np.concatenate([[separator], np.asarray(document, dtype=np.int64)])
-        nll += sequence_nll(model, sequence, max_length, stride, batch_size, progress)
-        count += len(sequence) - 1
-    if count == 0:
-        raise ValueError("no tokens to score: the text is empty")
-    return PerplexityResult(count, num_bytes, nll, len(documents))
+    """Score a stream of `documents` documents, each followed by the `separator`
+    (end-of-text) token, after one more separator; `num_bytes` is the UTF-8 size of their
+    text."""
+    if len(tokens) == 0:
+        raise ValueError("no tokens to score: the text or split is empty")
+    sequence = np.concatenate([[separator], np.asarray(tokens, dtype=np.int64)])
+    nll = sequence_nll(model, sequence, max_length, stride, batch_size, progress)
+    return PerplexityResult(len(tokens), num_bytes, nll, documents)
 
 
-def text_perplexity(model, tokenizer, texts: Sequence[str], **kwargs) -> PerplexityResult:
-    """Perplexity and bits per byte of raw texts, each its own document."""
-    separator = _separator(tokenizer)
-    documents = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
-    num_bytes = sum(len(text.encode("utf-8")) for text in texts)
-    return corpus_perplexity(model, documents, separator, num_bytes, **kwargs)
+def text_perplexity(model, tokenizer, source: str | os.PathLike, **kwargs) -> PerplexityResult:
+    """Perplexity and bits per byte of a text source: a file or folder (or a built-in source)
+    read and encoded exactly as `olmoe data prepare` does, with `tokenizer`."""
+    from olmoe.data.encode import DocumentEncoder
+
+    encoder = DocumentEncoder(tokenizer)
+    documents, num_bytes = [], 0
+    for tokens, document in encoder.encode(str(source)):
+        documents.append(tokens)
+        num_bytes += document.nbytes
+    if not documents:
+        raise ValueError(f"{source} holds no text to score (empty, binary or not UTF-8)")
+    return corpus_perplexity(
+        model, np.concatenate(documents), encoder.eos, num_bytes, len(documents), **kwargs
+    )
 
 
 def token_perplexity(model, directory: str, split: str = "valid", **kwargs) -> PerplexityResult:
-    """Perplexity and bits per byte of a split of a directory `olmoe data prepare` wrote. Its
-    documents are already joined by end-of-text tokens, so the stream is scored as one sequence
-    (after one more end-of-text token); those separators are scored too, with no bytes of
-    their own."""
+    """Perplexity and bits per byte of a split of a directory `olmoe data prepare` wrote."""
     from olmoe.data import load_tokens, read_metadata
 
     metadata = read_metadata(directory)
     tokens = load_tokens(directory, split)
     num_bytes = metadata.get("bytes", {}).get(split)
     separator = int(metadata["eos_token_id"])
-    result = corpus_perplexity(model, [tokens], separator, num_bytes, **kwargs)
-    documents = metadata.get("splits", {}).get(split, {}).get("documents", result.documents)
-    return dataclasses.replace(result, documents=documents)
-
-
-def _separator(tokenizer) -> int:
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no end-of-text token to start documents with")
-    return tokenizer.eos_token_id
+    documents = metadata.get("splits", {}).get(split, {}).get("documents", 0)
+    return corpus_perplexity(model, tokens, separator, num_bytes, documents, **kwargs)
