@@ -30,7 +30,8 @@ def bf16(*shape, scale=1.0, seed=0):
 
 @pytest.mark.parametrize(
     "tokens, out_features, in_features",
-    [(1, 64, 2048), (1, 100, 48), (3, 33, 16), (8, 256, 1024), (16, 130, 96), (5, 7, 40)],
+    [(1, 64, 2048), (1, 100, 48), (2, 50, 200), (3, 33, 16), (4, 40, 300), (8, 256, 1024),
+     (16, 130, 96), (5, 7, 40)],  # fmt: skip
 )
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_matches_float64(tokens, out_features, in_features, bias):

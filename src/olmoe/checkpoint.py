@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from olmoe.config import CONFIG_NAME, OlmoeConfig
+from olmoe.hugepages import advise_huge_pages
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -268,6 +269,7 @@ def load_pretrained(cls, path_or_repo_id, revision=None, dtype=None, device="cpu
         dtype = stored[plan[0][1][0][0]].dtype
     model.to(dtype=dtype).to_empty(device=device)  # replaces the parameter objects
     _retie_embeddings(model)
+    advise_huge_pages(model.parameters())  # before the first touch, or the advice is too late
     params = dict(model.named_parameters())
 
     # Every read in file order: a disk (or the page cache's readahead) streams a checkpoint
