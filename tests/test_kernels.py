@@ -206,3 +206,31 @@ def test_decode_attention_matches_float64(heads, kv_heads, masked):
         scores[0, ..., :3] = -torch.inf
     expected = scores.softmax(-1) @ vv
     assert_close(got.double(), expected.bfloat16().double(), rtol=2**-7, atol=1e-3)
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 5, 1, 0, 7], [0, 0, 16, 0, 0, 0], [0] * 6])
+def test_grouped_linear_equals_one_product_per_group(counts):
+    """Prefill's experts side by side: each group exactly its own product, empty ones too."""
+    counts = torch.tensor(counts)
+    x = bf16(int(counts.sum()), 40, seed=11)
+    weight = bf16(6, 24, 40, scale=0.1, seed=12)
+    expected = [chunk @ weight[e].T for e, chunk in enumerate(torch.split(x, counts.tolist()))]
+    got = kernels.grouped_linear(x, weight, counts)
+    assert got.shape == (x.shape[0], 24)
+    assert torch.equal(got, torch.cat(expected))
+
+
+def test_prefill_experts_run_side_by_side_only_for_bf16_inference():
+    weight = bf16(4, 8, 16).requires_grad_()
+    x = bf16(5, 16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert not kernels.grouped_applies(x, weight)  # training needs the autograd path
+        with torch.no_grad():
+            assert kernels.grouped_applies(x, weight)
+            assert not kernels.grouped_applies(x.float(), weight.float())
+            torch.set_num_threads(1)  # one thread: nothing to run side by side
+            assert not kernels.grouped_applies(x, weight)
+    finally:
+        torch.set_num_threads(threads)

@@ -139,6 +139,25 @@ def moe(
     )  # fmt: skip
 
 
+def grouped_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a grouped product (prefill experts) should run its groups side by side on the
+    threads (bf16, CPU, inference, more than one thread)."""
+    return (
+        x.dtype == torch.bfloat16
+        and weight.dtype == torch.bfloat16
+        and x.device.type == "cpu"
+        and torch.get_num_threads() > 1
+        and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
+        and native() is not None
+    )
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """`x @ weight[e].T` for consecutive row groups of x (group e: counts[e] rows), each group
+    a whole GEMM on one thread. x (S, K), weight (E, N, K), counts (E,) -> (S, N)."""
+    return native().grouped_linear(x.contiguous(), weight, counts)
+
+
 def small_bf16(x: torch.Tensor) -> bool:
     """Whether an activation-only op (norm, decode attention) on `x` should use the kernels."""
     return (
