@@ -1,23 +1,32 @@
-"""Packed (shared context) against flat (one sequence per choice) scoring in `olmoe eval`.
+"""Scoring strategies of `olmoe eval`, timed on the same questions: packed (shared prefixes and
+contexts, the default), flat (one sequence per choice), and optionally the runner as it was at
+an earlier commit (a before/after measurement).
 
     .venv/bin/python bench/eval_strategies.py --shape tiny
+    .venv/bin/python bench/eval_strategies.py --shape tiny --tasks paper --limit 20 --against a5c4196^
     .venv/bin/python bench/eval_strategies.py --shape mid --limit 16
 
-Random weights with OLMoE's vocabulary; the OLMo tokenizer; the same questions for both
-strategies, alternated (A B A B) so that a busy machine hurts both alike. Prints seconds per
-strategy, the flat/packed ratio, and whether both gave the same scores.
+Random weights with OLMoE's vocabulary; the OLMo tokenizer; the same questions for every
+strategy, alternated (A B C A B C) so that a busy machine hurts all alike. Prints seconds per
+strategy, each one's ratio to packed, and whether all gave the same scores.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from olmoe import OlmoeConfig, OlmoeForCausalLM, Tokenizer
-from olmoe.eval import evaluate
+from olmoe.eval import evaluation, load_task, runner
+from olmoe.eval.command import expand_tasks
 
 SHAPES = {
     # OlmoeConfig.tiny with the real vocabulary: the model of the tests.
@@ -28,19 +37,40 @@ SHAPES = {
     "mid": {"hidden_size": 1024, "intermediate_size": 512, "num_hidden_layers": 4,
             "num_attention_heads": 16, "num_experts": 64, "num_experts_per_tok": 8},
 }  # fmt: skip
+REPO = Path(__file__).resolve().parent.parent
+
+
+def runner_at(revision: str):
+    """`score_requests` of src/olmoe/eval/runner.py as it was at a git revision."""
+    source = subprocess.run(
+        ["git", "show", f"{revision}:src/olmoe/eval/runner.py"],
+        cwd=REPO, check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    path = Path(tempfile.mkdtemp()) / "runner_before.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("runner_before", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being built
+    spec.loader.exec_module(module)
+    return module.score_requests
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
-    parser.add_argument("--tasks", default="hellaswag,arc_challenge")
-    parser.add_argument("--limit", type=int, default=40)
+    parser.add_argument("--tasks", default="hellaswag,arc_challenge", help="as olmoe eval --tasks")
+    parser.add_argument("--limit", type=int, default=40, help="questions per task (MMLU subject)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--no-flat", action="store_true", help="skip the flat strategy")
+    parser.add_argument("--against", metavar="REV", help="also time the runner at git REV")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = OlmoeConfig(
         vocab_size=50304, eos_token_id=50279, pad_token_id=1, max_position_embeddings=4096,
         **SHAPES[args.shape],
@@ -48,35 +78,44 @@ def main() -> None:
     torch.manual_seed(0)
     model = OlmoeForCausalLM(config).to(getattr(torch, args.dtype)).to(args.device).eval()
     tokenizer = Tokenizer.olmo()
-    tasks = args.tasks.split(",")
+    tasks = [load_task(name) for name in expand_tasks(args.tasks)]
+    # name -> (strategy, score_requests)
+    contenders = {"packed": ("packed", runner.score_requests)}
+    if not args.no_flat:
+        contenders["flat"] = ("flat", runner.score_requests)
+    if args.against:
+        contenders[f"packed@{args.against}"] = ("packed", runner_at(args.against))
     print(
         f"shape {args.shape}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-        f"{args.dtype}, {args.device}, {torch.get_num_threads()} threads; tasks {tasks}, "
-        f"limit {args.limit}, batch size {args.batch_size}"
+        f"{args.dtype}, {args.device}, {torch.get_num_threads()} threads; tasks "
+        f"{[t.name for t in tasks]}, limit {args.limit}, batch size {args.batch_size}"
     )
-    times: dict[str, list[float]] = {"packed": [], "flat": []}
+    times: dict[str, list[float]] = {name: [] for name in contenders}
     scores = {}
-    evaluate(model, tokenizer, tasks, limit=2, progress=False)  # warm-up: files, kernels
+    evaluation.evaluate(model, tokenizer, tasks, limit=1, progress=False)  # warm-up
     for _ in range(args.repeats):
-        for strategy, seconds in times.items():
+        for name, (strategy, score_requests) in contenders.items():
+            evaluation.score_requests = score_requests  # what evaluate() calls
             started = time.perf_counter()
-            result = evaluate(
+            result = evaluation.evaluate(
                 model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size,
                 strategy=strategy, progress=False,
             )  # fmt: skip
-            seconds.append(time.perf_counter() - started)
-            scores[strategy] = {
+            times[name].append(time.perf_counter() - started)
+            scores[name] = {
                 (t, f): r["metrics"]
                 for t, task in result["tasks"].items()
                 for f, r in task["formats"].items()
             }
-    packed, flat = (statistics.median(times[s]) for s in ("packed", "flat"))
-    print(
-        f"packed {packed:.2f} s, flat {flat:.2f} s (median of {args.repeats}); "
-        f"flat / packed = {flat / packed:.2f}"
-    )
-    same = scores["packed"] == scores["flat"]
-    print("same scores from both strategies" if same else f"scores differ: {scores}")
+    evaluation.score_requests = runner.score_requests
+    packed = statistics.median(times["packed"])
+    for name, seconds in times.items():
+        median = statistics.median(seconds)
+        print(
+            f"{name:>24}: {median:8.2f} s (median of {args.repeats}), {median / packed:5.2f}x packed"
+        )
+    same = all(s == scores["packed"] for s in scores.values())
+    print("same scores from all" if same else f"scores differ: {scores}")
 
 
 if __name__ == "__main__":

@@ -101,14 +101,17 @@ def _spec(directory, variant, split, rc_metric, dataset, license):
 # hold exactly the 1,000-item OLMES sample of their validation split (tests/test_eval_tasks.py
 # checks it against the full val_* files); ARC-Easy's test split (2,376 items) ships whole, so
 # the sample is drawn here. SciQ is not in OLMES v0.1; it uses the files' own "olmo3" settings.
+# The wheel records no dataset licences (its dataset_info.json "license" fields are empty); the
+# licences here are the datasets' own, from their cards and repositories (README: "Where the
+# data comes from").
 BUILTIN_REQUEST_TASKS: dict[str, RequestFileSpec] = {
     "arc_challenge": _spec("arc_challenge", "test_", "test", "acc_uncond", "allenai/ai2_arc ARC-Challenge", "CC-BY-SA-4.0"),
     "arc_easy": _spec("arc_easy", "test_", "test", "acc_per_char", "allenai/ai2_arc ARC-Easy", "CC-BY-SA-4.0"),
     "boolq": _spec("boolq", "", "validation", "acc_raw", "google/boolq", "CC-BY-SA-3.0"),
     "csqa": _spec("csqa", "", "validation", "acc_uncond", "tau/commonsense_qa", "MIT"),
     "hellaswag": _spec("hellaswag", "", "validation", "acc_per_char", "Rowan/hellaswag", "MIT"),
-    "openbookqa": _spec("openbookqa", "test_", "test", "acc_uncond", "allenai/openbookqa", "Apache-2.0"),
-    "piqa": _spec("piqa", "", "validation", "acc_per_char", "ybisk/piqa", "AFL-3.0"),
+    "openbookqa": _spec("openbookqa", "test_", "test", "acc_uncond", "allenai/openbookqa", "unknown (dataset card)"),
+    "piqa": _spec("piqa", "", "validation", "acc_per_char", "ybisk/piqa", "unknown (dataset card)"),
     "sciq": _spec("sciq", "", "validation", "acc_per_char", "allenai/sciq", "CC-BY-NC-3.0"),
     "socialiqa": _spec("socialiqa", "", "validation", "acc_per_char", "allenai/social_i_qa", "not stated by the dataset card"),
     # WinoGrande's cloze file does partial scoring: each choice fills the blank inside the
