@@ -122,6 +122,28 @@ def test_gradients_match_float64_autograd():
         assert_close(p.grad.double(), p64.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_experts_run_in_bfloat16_under_autocast_with_float32_gradients():
+    """Autocast has no rule for grouped_mm, so the experts cast themselves, as F.linear is cast:
+    bf16 products, float32 gradients for the float32 weights, the float64 result within bf16."""
+    block = make_block()
+    x = torch.randn(7, block.gate.weight.shape[1])
+    seen = []
+    original = F.grouped_mm
+
+    def spy(a, b, **kwargs):
+        seen.append((a.dtype, b.dtype))
+        return original(a, b, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch, torch.autocast("cpu", dtype=torch.bfloat16):
+        patch.setattr(F, "grouped_mm", spy)
+        y, _ = block(x[None])
+    assert seen and all(dtypes == (torch.bfloat16, torch.bfloat16) for dtypes in seen)
+    y.float().sum().backward()
+    assert block.experts.gate_up_proj.grad.dtype == torch.float32
+    expected = moe_reference_float64(block, x, False)
+    assert_close(y[0].double(), expected, atol=2e-2, rtol=2e-2)
+
+
 def test_load_balancing_loss_matches_reference_and_formula():
     logits = tuple(torch.randn(12, 8) for _ in range(3))
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])

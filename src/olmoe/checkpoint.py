@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from olmoe.config import CONFIG_NAME, OlmoeConfig
-from olmoe.hugepages import advise_huge_pages
+from olmoe.memory import advise_huge_pages
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"

@@ -426,6 +426,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if bench:
             return run_bench(argv[1:])
+        from olmoe.memory import retain_freed_memory
+
+        retain_freed_memory()  # one job per process: reuse freed blocks, no page faults anew
         return args.run(args) if "run" in args else COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print(file=sys.stderr)

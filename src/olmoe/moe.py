@@ -151,6 +151,12 @@ def grouped_experts(
 ) -> torch.Tensor:
     """The experts as two grouped GEMMs over the routing slots sorted by expert (the reference
     path; prefill and training). x: (T, H), gate_up (E, 2I, H), down (E, H, I) -> (T, H)."""
+    if torch.is_autocast_enabled(x.device.type):
+        # Autocast runs matrix products in its lower precision but has no rule for grouped_mm
+        # (on the CPU), which would leave the experts, most of the FLOPs, in float32: cast as
+        # it casts F.linear.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, gate_up, down = x.to(dtype), gate_up.to(dtype), down.to(dtype)
     t, k = routing.top_k_indices.shape
     expert_of_slot = routing.top_k_indices.reshape(-1)  # (S,)
     # Sort the S routing slots by expert so that each expert's rows are contiguous.
