@@ -186,6 +186,33 @@ def test_cli_mistakes_are_one_line(checkpoint, capsys, args, message):
     assert err.count("\n") == 1 and err.startswith("olmoe eval: error:") and message in err
 
 
+class _Exec(Exception):
+    pass
+
+
+def test_cli_reexecutes_with_passive_openmp_waiting(checkpoint, monkeypatch):
+    calls = []
+
+    def execve(path, argv, environment):
+        calls.append((argv, environment))
+        raise _Exec
+
+    monkeypatch.setattr("os.execve", execve)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    args = ["eval", str(checkpoint), "--tasks", "arc_easy", "--limit", "1"]
+    monkeypatch.setattr("sys.argv", ["olmoe", *args])
+    with pytest.raises(_Exec):
+        cli.main(args)
+    ((argv, environment),) = calls
+    assert argv[1:] == ["-m", "olmoe", *args] and environment["OMP_WAIT_POLICY"] == "PASSIVE"
+    # A policy the user chose is kept: no re-execution, the model loads.
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    monkeypatch.setattr("olmoe.cli.load_model", lambda args: (_ for _ in ()).throw(_Exec()))
+    with pytest.raises(_Exec):
+        cli.main(args)
+    assert len(calls) == 1
+
+
 def test_ctrl_c_leaves_no_results_file(checkpoint, tmp_path, monkeypatch, capsys):
     from olmoe.eval import evaluation
 
