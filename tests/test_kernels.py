@@ -209,28 +209,34 @@ def test_decode_attention_matches_float64(heads, kv_heads, masked):
 
 
 @pytest.mark.parametrize("counts", [[3, 0, 5, 1, 0, 7], [0, 0, 16, 0, 0, 0], [0] * 6])
-def test_grouped_linear_equals_one_product_per_group(counts):
-    """Prefill's experts side by side: each group exactly its own product, empty ones too."""
+def test_grouped_linear_equals_one_product_per_group_forward_and_backward(counts):
+    """The experts side by side (prefill and training): each group exactly its own product,
+    and the gradients exactly those of the per-group products; empty groups get zero."""
     counts = torch.tensor(counts)
-    x = bf16(int(counts.sum()), 40, seed=11)
-    weight = bf16(6, 24, 40, scale=0.1, seed=12)
-    expected = [chunk @ weight[e].T for e, chunk in enumerate(torch.split(x, counts.tolist()))]
-    got = kernels.grouped_linear(x, weight, counts)
+    x = bf16(int(counts.sum()), 40, seed=11).requires_grad_()
+    weight = bf16(6, 24, 40, scale=0.1, seed=12).requires_grad_()
+    grad = bf16(x.shape[0], 24, seed=13)
+    got = kernels.GroupedLinear.apply(x, weight, counts)
+    got.backward(grad)
+    x_ref, weight_ref = x.detach().requires_grad_(), weight.detach().requires_grad_()
+    chunks = torch.split(x_ref, counts.tolist())
+    expected = torch.cat([chunk @ weight_ref[e].T for e, chunk in enumerate(chunks)])
+    expected.backward(grad)
     assert got.shape == (x.shape[0], 24)
-    assert torch.equal(got, torch.cat(expected))
+    assert torch.equal(got, expected)
+    assert torch.equal(x.grad, x_ref.grad)
+    assert_close(weight.grad, weight_ref.grad, rtol=0, atol=0)
 
 
-def test_prefill_experts_run_side_by_side_only_for_bf16_inference():
-    weight = bf16(4, 8, 16).requires_grad_()
+def test_experts_run_side_by_side_only_for_bf16_with_threads():
+    weight = bf16(4, 8, 16)
     x = bf16(5, 16)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        assert not kernels.grouped_applies(x, weight)  # training needs the autograd path
-        with torch.no_grad():
-            assert kernels.grouped_applies(x, weight)
-            assert not kernels.grouped_applies(x.float(), weight.float())
-            torch.set_num_threads(1)  # one thread: nothing to run side by side
-            assert not kernels.grouped_applies(x, weight)
+        assert kernels.grouped_applies(x, weight)
+        assert not kernels.grouped_applies(x.float(), weight.float())
+        torch.set_num_threads(1)  # one thread: nothing to run side by side
+        assert not kernels.grouped_applies(x, weight)
     finally:
         torch.set_num_threads(threads)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
 
+import olmoe.moe
 from olmoe import OlmoeConfig, OlmoeForCausalLM, load_balancing_loss, route
 from olmoe.moe import OlmoeSparseMoeBlock, grouped_linear
 from tests.conftest import randomize
@@ -128,14 +129,13 @@ def test_experts_run_in_bfloat16_under_autocast_with_float32_gradients():
     block = make_block()
     x = torch.randn(7, block.gate.weight.shape[1])
     seen = []
-    original = F.grouped_mm
 
-    def spy(a, b, **kwargs):
+    def spy(a, b, counts):
         seen.append((a.dtype, b.dtype))
-        return original(a, b, **kwargs)
+        return grouped_linear(a, b, counts)
 
     with pytest.MonkeyPatch.context() as patch, torch.autocast("cpu", dtype=torch.bfloat16):
-        patch.setattr(F, "grouped_mm", spy)
+        patch.setattr(olmoe.moe, "grouped_linear", spy)
         y, _ = block(x[None])
     assert seen and all(dtypes == (torch.bfloat16, torch.bfloat16) for dtypes in seen)
     y.float().sum().backward()

@@ -92,8 +92,8 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) 
 
     x: (S, in) rows sorted by expert; weight: (E, out, in); counts: (E,) -> (S, out).
     """
-    if kernels.grouped_applies(x, weight):  # bf16 inference on the CPU (prefill)
-        return kernels.grouped_linear(x, weight, counts)
+    if kernels.grouped_applies(x, weight):  # bf16 on the CPU: the groups side by side
+        return kernels.GroupedLinear.apply(x, weight, counts)
     if _grouped_mm_applies(x, weight):
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # (E,) end row of each group
         out = F.grouped_mm(x, weight.transpose(1, 2), offs=offsets)

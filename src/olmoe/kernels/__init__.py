@@ -140,22 +140,37 @@ def moe(
 
 
 def grouped_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a grouped product (prefill experts) should run its groups side by side on the
-    threads (bf16, CPU, inference, more than one thread)."""
+    """Whether a grouped product (the experts of a prefill or a training step) should run its
+    groups side by side on the threads: bf16 on the CPU with more than one thread."""
     return (
         x.dtype == torch.bfloat16
         and weight.dtype == torch.bfloat16
         and x.device.type == "cpu"
         and torch.get_num_threads() > 1
-        and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
         and native() is not None
     )
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+class GroupedLinear(torch.autograd.Function):
     """`x @ weight[e].T` for consecutive row groups of x (group e: counts[e] rows), each group
-    a whole GEMM on one thread. x (S, K), weight (E, N, K), counts (E,) -> (S, N)."""
-    return native().grouped_linear(x.contiguous(), weight, counts)
+    a whole GEMM on one thread, forward and backward. x (S, K), weight (E, N, K), counts (E,)
+    -> (S, N)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, counts):
+        ctx.save_for_backward(x, weight, counts)
+        return native().grouped_linear(x.contiguous(), weight, counts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, counts = ctx.saved_tensors
+        grad = grad.contiguous()  # a .sum() loss hands down an expanded gradient
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:  # group e: grad_e @ weight[e]
+            grad_x = native().grouped_linear(grad, weight.transpose(1, 2), counts)
+        if ctx.needs_input_grad[1]:
+            grad_weight = native().grouped_weight_grad(grad, x.contiguous(), counts)
+        return grad_x, grad_weight, None
 
 
 def small_bf16(x: torch.Tensor) -> bool:

@@ -446,36 +446,58 @@ torch::Tensor moe(torch::Tensor x, torch::Tensor gate_up, torch::Tensor down, to
   return out.to(torch::kBFloat16);
 }
 
-// out (S, N): the rows of x (S, K) in consecutive groups, group e (counts[e] rows) times
-// weight[e] (E, N, K) transposed. For prefill: the groups run side by side, each a whole oneDNN
-// GEMM on one thread (nested in this parallel region, it runs single-threaded), largest first.
-// With ~64 rows per expert that beats splitting each small GEMM over the threads, which pays a
-// synchronisation per expert and shares out too little work.
-torch::Tensor grouped_linear(torch::Tensor x, torch::Tensor weight, torch::Tensor counts) {
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 3 && x.size(1) == weight.size(2) &&
-                  x.scalar_type() == weight.scalar_type(),
-              "x (S, K) and weight (E, N, K) must match in K and dtype");
-  TORCH_CHECK(counts.dim() == 1 && counts.size(0) == weight.size(0),
-              "counts must hold one row count per expert");
+// Grouped products for prefill and training: out (S, N) holds the rows of x (S, K) in
+// consecutive groups, group e (counts[e] rows) times weight[e] (E, N, K) transposed. The groups
+// run side by side, each a whole oneDNN GEMM on one thread (nested in this parallel region, it
+// runs single-threaded), largest first. With ~64-128 rows per expert that beats splitting each
+// small GEMM over the threads, which pays a synchronisation per expert and shares out too
+// little work.
+// Runs f(e, first row, rows) for every group that has rows, largest first, side by side.
+template <class F>
+void for_each_group(const torch::Tensor& counts, int64_t rows, const F& f) {
+  TORCH_CHECK(counts.dim() == 1, "counts must be 1-d");
   auto count64 = counts.to(torch::kInt64).contiguous();
   const int64_t* count = count64.data_ptr<int64_t>();
-  const int64_t E = weight.size(0);
+  const int64_t E = counts.size(0);
   std::vector<int64_t> start(E + 1, 0), order;
   for (int64_t e = 0; e < E; e++) {
     start[e + 1] = start[e] + count[e];
     if (count[e]) order.push_back(e);
   }
-  TORCH_CHECK(start[E] == x.size(0), "counts sum to ", start[E], " but x has ", x.size(0), " rows");
+  TORCH_CHECK(start[E] == rows, "counts sum to ", start[E], " but there are ", rows, " rows");
   std::stable_sort(order.begin(), order.end(),
                    [&](int64_t a, int64_t b) { return count[a] > count[b]; });
-  auto out = torch::empty({x.size(0), weight.size(1)}, x.options());
   parallel_items((int64_t)order.size(), [&](int64_t i) {
-    // Inference only (the caller checks): below autograd, which refuses out= with a weight
-    // that requires grad even when no graph is recorded. Per item: the guard is thread-local.
+    // Below autograd, which refuses out= arguments that require grad even when no graph is
+    // recorded (the Python side owns the gradients). The guard is thread-local: per item.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const int64_t e = order[i];
-    auto rows = out.narrow(0, start[e], count[e]);
-    at::mm_out(rows, x.narrow(0, start[e], count[e]), weight[e].t());
+    f(e, start[e], count[e]);
+  });
+}
+
+torch::Tensor grouped_linear(torch::Tensor x, torch::Tensor weight, torch::Tensor counts) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 3 && x.size(1) == weight.size(2) &&
+                  x.scalar_type() == weight.scalar_type() && counts.size(0) == weight.size(0),
+              "x (S, K), weight (E, N, K) and counts (E,) must match");
+  auto out = torch::empty({x.size(0), weight.size(1)}, x.options());
+  for_each_group(counts, x.size(0), [&](int64_t e, int64_t first, int64_t n) {
+    auto rows = out.narrow(0, first, n);
+    at::mm_out(rows, x.narrow(0, first, n), weight[e].t());
+  });
+  return out;
+}
+
+// The weight gradient of grouped_linear: (E, N, K), group e's grad (n, N) transposed times its
+// x rows (n, K); zero for groups without rows.
+torch::Tensor grouped_weight_grad(torch::Tensor grad, torch::Tensor x, torch::Tensor counts) {
+  TORCH_CHECK(grad.dim() == 2 && x.dim() == 2 && grad.size(0) == x.size(0) &&
+                  grad.scalar_type() == x.scalar_type(),
+              "grad (S, N) and x (S, K) must match in rows and dtype");
+  auto out = torch::zeros({counts.size(0), grad.size(1), x.size(1)}, x.options());
+  for_each_group(counts, x.size(0), [&](int64_t e, int64_t first, int64_t n) {
+    auto slice = out[e];
+    at::mm_out(slice, grad.narrow(0, first, n).t(), x.narrow(0, first, n));
   });
   return out;
 }
@@ -584,6 +606,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "x @ weight.T (+ bias) for a few bf16 rows; bf16 or int8 weight");
   m.def("moe", &moe, "sparse MoE experts for a few bf16 tokens; bf16 or int8 experts");
   m.def("grouped_linear", &grouped_linear, "per-group x @ weight[e].T, the groups side by side");
+  m.def("grouped_weight_grad", &grouped_weight_grad, "per-group grad.T @ x, side by side");
   m.def("rms_norm", &rms_norm, "RMSNorm of a few bf16 rows");
   m.def("decode_attention", &decode_attention, "one query per sequence over the KV cache");
   m.def("read_all", &read_all, "read a buffer once (memory bandwidth probe)");
