@@ -2,9 +2,11 @@
 
 One training step = forward, backward and an AdamW step under bf16 autocast over fp32 weights.
 Both models get the same random weights (olmoe's, saved and read back by transformers) and the
-same token batch; each is built, warmed up and timed on its own (one model's weights, gradients
-and AdamW state at a time keep the peak memory to one of them), in A B A B order so that a
-change in the machine's load hits both. Reports the median step time per engine and the ratio.
+same token batch; each is built, warmed up and timed in a fresh process of its own (one model's
+weights, gradients and AdamW state at a time; olmoe's process set up as `olmoe train` sets it
+up, glibc keeping freed memory, and transformers' left as a user's script leaves it), in
+A B A B order so that a change in the machine's load hits both. Reports the median step time
+per engine and the ratio.
 
     .venv/bin/python bench/train_speed.py              # the mid-size shape of reference.md
     .venv/bin/python bench/train_speed.py --shape small --steps 3
@@ -17,8 +19,10 @@ and PyTorch's default AdamW.
 from __future__ import annotations
 
 import argparse
-import gc
+import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -102,6 +106,10 @@ def build(engine: str, directory: str):
 
 
 def measure(engine, directory, ids, steps, warmup):
+    if engine == "olmoe":
+        from olmoe.memory import retain_freed_memory
+
+        retain_freed_memory()  # what the olmoe command does before it runs a job
     model, optimizer, step = build(engine, directory)
     for _ in range(warmup):
         step(model, optimizer, ids)
@@ -110,9 +118,19 @@ def measure(engine, directory, ids, steps, warmup):
         started = time.perf_counter()
         step(model, optimizer, ids)
         times.append(time.perf_counter() - started)
-    del model, optimizer
-    gc.collect()
     return times
+
+
+def measure_in_process(engine, directory, ids_file, args) -> list[float]:
+    """One engine's step times, from a fresh Python process (its allocator state its own)."""
+    command = [
+        sys.executable, __file__, "--worker", engine, "--dir", directory, "--ids", ids_file,
+        "--steps", str(args.steps), "--warmup", str(args.warmup), "--shape", args.shape,
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{engine} worker failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -123,7 +141,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2, help="A B rounds")
+    parser.add_argument("--worker", choices=("olmoe", "transformers"), help=argparse.SUPPRESS)
+    parser.add_argument("--dir", help=argparse.SUPPRESS)
+    parser.add_argument("--ids", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:  # one engine, in this fresh process: print its step times as JSON
+        ids = torch.load(args.ids)
+        print(json.dumps(measure(args.worker, args.dir, ids, args.steps, args.warmup)))
+        return
 
     torch.manual_seed(0)
     config = OlmoeConfig(**SHAPES[args.shape], max_position_embeddings=max(4096, args.seq))
@@ -136,9 +161,11 @@ def main() -> None:
     times = {"olmoe": [], "transformers": []}
     with tempfile.TemporaryDirectory() as directory:
         OlmoeForCausalLM(config).save_pretrained(directory)
+        ids_file = f"{directory}/ids.pt"
+        torch.save(ids, ids_file)
         for round_ in range(args.rounds):
             for engine in times:
-                new = measure(engine, directory, ids, args.steps, args.warmup)
+                new = measure_in_process(engine, directory, ids_file, args)
                 times[engine] += new
                 print(
                     f"round {round_ + 1} {engine:<12} " + " ".join(f"{t:.2f}s" for t in new),
