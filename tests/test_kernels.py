@@ -94,6 +94,20 @@ def test_moe_matches_float64(tokens, experts, top_k, hidden, inter, only):
     assert_close(got.double(), expected.bfloat16().double(), rtol=2**-6, atol=1e-4)
 
 
+def test_moe_silu_holds_for_large_and_tiny_gate_values():
+    """The kernel's own vectorised exp inside SiLU, over gates from about -400 to 400 (beyond
+    float32's exp range in both directions) and near zero."""
+    x = bf16(2, 32, seed=14)
+    gate_up = bf16(4, 32, 32, scale=1.0, seed=15)
+    gate_up[:, :16] *= torch.logspace(-3, 2, 16).bfloat16()[:, None]  # gate rows, many scales
+    down = bf16(4, 32, 16, scale=0.1, seed=16)
+    routing = random_routing(2, 4, 2, seed=17)
+    got = kernels.moe(x, gate_up, down, routing.top_k_indices, routing.top_k_weights)
+    expected = moe_formula(x, gate_up, down, routing.top_k_indices, routing.top_k_weights)
+    assert torch.isfinite(got).all()
+    assert_close(got.double(), expected.bfloat16().double(), rtol=2**-6, atol=1e-3)
+
+
 def test_moe_matches_the_pytorch_experts(monkeypatch):
     """The same layer through the grouped-GEMM path (kernels off) and the kernel."""
     model = tiny_model().to(torch.bfloat16)

@@ -30,14 +30,41 @@ namespace {
 using bf16 = uint16_t;
 constexpr int kMaxVectors = 8;  // activation rows multiplied per pass over a weight row
 
+// ------------------------------------------------------------------------- vector helpers
+inline __mmask16 first(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+
+// Up to 16 values as floats (zero beyond n), from float or bf16 memory.
+inline __m512 load_floats(const float* x, int64_t n) { return _mm512_maskz_loadu_ps(first(n), x); }
+inline __m512 load_floats(const bf16* x, int64_t n) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(first(n), x));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));  // bf16 is a float's top half
+}
+
+// e^x, about 1e-7 relative: x = n ln2 + r (|r| <= ln2 / 2, ln2 in two parts so that r is
+// exact), e^r by its Taylor polynomial to degree 6, times 2^n.
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+  for (float c : {1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
 // ------------------------------------------------------------------------- activations
 // Activation rows in the form the weights' dot product wants.
 struct Bf16Activations {
   std::vector<bf16> data;  // rows x K
   int64_t K = 0;
   void resize(int64_t rows, int64_t k) { K = k; data.resize(rows * k); }
-  void set_row(int64_t row, const float* x) {
-    for (int64_t k = 0; k < K; k++) data[row * K + k] = c10::BFloat16(x[k]).x;
+  void set_row(int64_t row, const float* x) {  // rounded to nearest even, as PyTorch rounds
+    bf16* out = data.data() + row * K;
+    for (int64_t k = 0; k < K; k += 16)
+      _mm256_mask_storeu_epi16(out + k, first(K - k),
+                               (__m256i)_mm512_cvtneps_pbh(load_floats(x + k, K - k)));
   }
   void set_row(int64_t row, const bf16* x) { std::copy(x, x + K, data.begin() + row * K); }
 };
@@ -55,19 +82,23 @@ struct Int8Activations {
   }
   template <class T>
   void set_row(int64_t row, const T* x) {
-    float peak = 0.0f;
-    for (int64_t k = 0; k < K; k++) peak = std::max(peak, std::fabs(value(x[k])));
-    const float s = peak > 0.0f ? peak / 16383.0f : 1.0f;
+    __m512 peak = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) peak = _mm512_max_ps(peak, _mm512_abs_ps(load_floats(x + k, K - k)));
+    const float top = _mm512_reduce_max_ps(peak);
+    const float s = top > 0.0f ? top / 16383.0f : 1.0f;
     scale[row] = s;
-    for (int64_t k = 0; k < K; k++) {
-      const int q = (int)std::lrint(value(x[k]) / s);  // in [-16383, 16383]
-      const int a = q >= 0 ? q / 128 : -((-q + 127) / 128);  // floor(q / 128), in [-128, 127]
-      high[row * Kp + k] = (uint8_t)(a + 128);
-      low[row * Kp + k] = (uint8_t)(q - 128 * a);  // in [0, 127]
+    uint8_t* hi = high.data() + row * Kp;
+    uint8_t* lo = low.data() + row * Kp;
+    for (int64_t k = 0; k < K; k += 16) {
+      // q = round(x / s) in [-16383, 16383] (nearest even, as lrint); a = floor(q / 128) is
+      // an arithmetic shift, in [-128, 127]; b = q - 128 a, in [0, 127], its low 7 bits.
+      const __m512i q = _mm512_cvtps_epi32(_mm512_div_ps(load_floats(x + k, K - k), _mm512_set1_ps(s)));
+      const __m512i a = _mm512_srai_epi32(q, 7);
+      const __m512i b = _mm512_and_si512(q, _mm512_set1_epi32(127));
+      _mm_mask_storeu_epi8(hi + k, first(K - k), _mm512_cvtepi32_epi8(_mm512_add_epi32(a, _mm512_set1_epi32(128))));
+      _mm_mask_storeu_epi8(lo + k, first(K - k), _mm512_cvtepi32_epi8(b));
     }
   }
-  static float value(float v) { return v; }
-  static float value(bf16 v) { return (float)c10::BFloat16(v, c10::BFloat16::from_bits()); }
 };
 
 // ------------------------------------------------------------------------- weights
@@ -374,9 +405,15 @@ torch::Tensor moe_impl(const torch::Tensor& x, int64_t E, int64_t I, const GateU
   });
   at::parallel_for(0, S, 1, [&](int64_t b, int64_t e) {
     std::vector<float> silu(I);
+    const __m512 one = _mm512_set1_ps(1.0f);
     for (int64_t j = b; j < e; j++) {
-      const float* G = gate_up.data() + j * 2 * I;
-      for (int64_t r = 0; r < I; r++) silu[r] = G[r] / (1.0f + std::exp(-G[r])) * G[I + r];
+      const float* G = gate_up.data() + j * 2 * I;  // gate then up
+      for (int64_t r = 0; r < I; r += 16) {  // silu(gate) * up = gate * up / (1 + e^-gate)
+        const __m512 gate = load_floats(G + r, I - r), up = load_floats(G + I + r, I - r);
+        const __m512 denominator = _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gate)));
+        _mm512_mask_storeu_ps(silu.data() + r, first(I - r),
+                              _mm512_div_ps(_mm512_mul_ps(gate, up), denominator));
+      }
       act.set_row(j, silu.data());
     }
   });
