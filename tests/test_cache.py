@@ -158,3 +158,17 @@ def test_use_cache_false_returns_no_cache():
     model = tiny_model()
     out = model(torch.randint(0, 128, (1, 4)), use_cache=False)
     assert out.past_key_values is None
+
+
+def test_update_writes_exactly_the_given_positions_consecutive_or_not():
+    cache = KVCache(1, capacity=8)
+    keys = torch.arange(2 * 4 * 3, dtype=torch.float32).view(1, 2, 4, 3)
+    cache.update(0, keys, -keys, torch.arange(4))  # consecutive: a plain copy
+    new = torch.full((1, 2, 3, 3), 100.0)
+    new[:, :, 1] = 200.0
+    cache.update(0, new, -new, torch.tensor([5, 1, 6]))  # scattered: each where it is told
+    got, got_values = cache.layer(0)
+    assert cache.get_seq_length() == 7 and got.shape == (1, 2, 7, 3)
+    assert torch.equal(got[:, :, [0, 2, 3]], keys[:, :, [0, 2, 3]])
+    assert (got[:, :, 5] == 100).all() and (got[:, :, 1] == 200).all()
+    assert (got[:, :, 6] == 100).all() and torch.equal(got_values, -got)
