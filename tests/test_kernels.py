@@ -122,10 +122,22 @@ def test_moe_matches_the_pytorch_experts(monkeypatch):
     assert relative < 1e-2
 
 
-def test_decoding_uses_the_kernels_and_matches_pytorch(monkeypatch):
-    model = tiny_model(seed=2).to(torch.bfloat16)
-    calls = {"linear": 0, "moe": 0}
-    for name in calls:
+def logits_per_step(model, prompt, steps=6):
+    """Greedy decoding by hand: the prompt's last logits, then each new token's."""
+    out = []
+    with torch.inference_mode():
+        cache, ids = None, prompt
+        for _ in range(steps):
+            result = model(ids, past_key_values=cache, use_cache=True)
+            cache = result.past_key_values
+            out.append(result.logits[:, -1].float())
+            ids = result.logits[:, -1:].argmax(-1)
+    return torch.cat(out)
+
+
+def count_calls(monkeypatch, names):
+    calls = dict.fromkeys(names, 0)
+    for name in names:
         original = getattr(kernels, name)
 
         def counted(*args, _name=name, _original=original):
@@ -133,30 +145,65 @@ def test_decoding_uses_the_kernels_and_matches_pytorch(monkeypatch):
             return _original(*args)
 
         monkeypatch.setattr(kernels, name, counted)
+    return calls
 
+
+def test_decoding_uses_the_kernels_and_matches_pytorch(monkeypatch):
+    model = tiny_model(seed=2).to(torch.bfloat16)
+    calls = count_calls(monkeypatch, ["linear", "moe", "decode_layer"])
     prompt = torch.tensor([[5, 17, 42, 7, 99, 3]])
-
-    def logits_per_step():
-        out = []
-        with torch.inference_mode():
-            cache = None
-            ids = prompt
-            for _ in range(6):
-                result = model(ids, past_key_values=cache, use_cache=True)
-                cache = result.past_key_values
-                out.append(result.logits[:, -1].float())
-                ids = result.logits[:, -1:].argmax(-1)
-        return torch.cat(out)
-
-    fast = logits_per_step()
+    fast = logits_per_step(model, prompt)
     layers = model.config.num_hidden_layers
-    # prompt of 6 tokens and 5 single tokens: all within MAX_TOKENS, so every projection
-    # (q, k, v, o, the router) and the LM head
-    assert calls["moe"] == 6 * layers and calls["linear"] == 6 * (5 * layers + 1)
+    # the 6-token prompt through the per-operation kernels (q, k, v, o, the router; the
+    # experts), each of the 5 new tokens through one fused call per layer; the LM head 6 times
+    assert calls["moe"] == layers and calls["linear"] == 5 * layers + 6
+    assert calls["decode_layer"] == 5 * layers
     monkeypatch.setattr(kernels, "applies", lambda *args: False)
-    reference = logits_per_step()
+    monkeypatch.setattr(kernels, "small_bf16", lambda *args: False)
+    reference = logits_per_step(model, prompt)
     relative = (fast - reference).norm() / reference.norm()
     assert relative < 2e-2
+
+
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_fused_decode_layer_equals_the_per_operation_kernels_exactly(monkeypatch, int8, padded):
+    """Same operations, same roundings: the fused layer must reproduce the per-operation path
+    bit for bit, with bf16 or int8 experts, with and without a padding mask."""
+    from olmoe.model import OlmoeDecoderLayer
+    from olmoe.quantize import quantize_model
+
+    model = tiny_model(seed=3, num_key_value_heads=2).to(torch.bfloat16)
+    if int8:
+        quantize_model(model)
+    prompt = torch.tensor([[5, 17, 42, 7, 99, 3], [1, 1, 8, 9, 10, 11]])
+
+    def run():
+        if not padded:
+            return logits_per_step(model, prompt)
+        mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
+        with torch.inference_mode():
+            return torch.stack([logits.float() for logits in _steps(model, prompt, mask)])
+
+    fused = run()
+    monkeypatch.setattr(OlmoeDecoderLayer, "_fused", lambda self: False)
+    assert torch.equal(fused, run())
+
+
+def _steps(model, prompt, mask, steps=5):
+    """Logits (B, V) of a left-padded batch: the prompt's last, then each greedy step's."""
+    from olmoe import KVCache
+    from olmoe.generation import decode_step, prefill
+
+    cache = KVCache(model.config.num_hidden_layers, capacity=prompt.shape[1] + steps)
+    logits = prefill(model, prompt, cache, mask)
+    yield logits
+    for _ in range(steps - 1):
+        tokens = logits.argmax(-1)  # (B,)
+        positions = mask.sum(dim=1)  # each sequence's count of real tokens so far
+        mask = torch.cat([mask, torch.ones_like(tokens[:, None])], dim=1)
+        logits = decode_step(model, tokens, positions, cache, mask)
+        yield logits
 
 
 def test_kernels_stay_out_of_training_and_float32():

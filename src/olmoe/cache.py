@@ -75,6 +75,20 @@ class KVCache:
         self.lengths[layer] = end
         return self.layer(layer)
 
+    def slot(
+        self, layer: int, position: int, like: tuple[int, int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Make `position` the last cached position of `layer` and return the whole key and
+        value buffers, for a decoding kernel that writes it in place. like: (B, kv_heads,
+        head_dim) of the buffers if they have to be created (in the model's dtype: bf16)."""
+        b, heads, dim = like
+        template = torch.empty(b, heads, 0, dim, dtype=torch.bfloat16)
+        if self.keys[layer] is not None:
+            template = self.keys[layer][:, :, :0]
+        self._reserve(layer, template, template, position + 1)
+        self.lengths[layer] = position + 1
+        return self.keys[layer], self.values[layer]
+
     def _reserve(self, layer: int, key: torch.Tensor, value: torch.Tensor, length: int) -> None:
         buffer = self.keys[layer]
         if buffer is not None and buffer.shape[2] >= length:

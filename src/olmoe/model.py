@@ -16,7 +16,13 @@ from torch import nn
 from olmoe import kernels
 from olmoe.cache import KVCache
 from olmoe.config import OlmoeConfig
-from olmoe.moe import OlmoeExperts, OlmoeRouter, OlmoeSparseMoeBlock, load_balancing_loss
+from olmoe.moe import (
+    OlmoeExperts,
+    OlmoeRouter,
+    OlmoeSparseMoeBlock,
+    RouterOutput,
+    load_balancing_loss,
+)
 from olmoe.outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
 
@@ -224,12 +230,55 @@ class OlmoeDecoderLayer(nn.Module):
         self.post_attention_layernorm = OlmoeRMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, rotary, mask, cache, cache_position, output_attentions):
+        # KVCache only: a cache that writes each row at its own position (the server's) goes
+        # through the per-operation path, which asks it where to write
+        decoding = isinstance(cache, KVCache) and x.shape[1] == 1 and not output_attentions
+        if decoding and self._fused():
+            return self._decode_fused(x, rotary, mask, cache, cache_position)
         attn_out, attn_weights = self.self_attn(
             self.input_layernorm(x), rotary, mask, cache, cache_position, output_attentions
         )
         h = x + attn_out
         moe_out, routing = self.mlp(self.post_attention_layernorm(h))
         return h + moe_out, attn_weights, routing
+
+    def _fused(self) -> bool:
+        """Whether this layer's decode step can run as one native call (kernels.decode_layer):
+        bf16 weights (int8 experts allowed), no attention bias, SiLU experts, inference."""
+        attn, experts = self.self_attn, self.mlp.experts
+        weights = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, self.mlp.gate)
+        return (
+            not self.training
+            and kernels.small_bf16(self.input_layernorm.weight)
+            and all(w.weight.dtype == torch.bfloat16 for w in weights)
+            and attn.q_proj.bias is None
+            and experts.act_fn is F.silu
+            and experts.gate_up_proj.dtype in (torch.bfloat16, torch.int8)
+        )
+
+    def _decode_fused(self, x, rotary, mask, cache, cache_position):
+        """The decode step of `forward` in one native call, same numerics (tests compare)."""
+        attn, experts = self.self_attn, self.mlp.experts
+        b = x.shape[0]
+        position = int(cache_position[0])
+        like = (b, attn.num_kv_heads, attn.head_dim)
+        keys, values = cache.slot(attn.layer_idx, position, like=like)
+        int8 = experts.gate_up_proj.dtype == torch.int8
+        cos, sin = (t.reshape(-1, t.shape[-1]).expand(b, -1).contiguous() for t in rotary)
+        out, logits, indices, weights = kernels.decode_layer(
+            x.view(b, -1), self.input_layernorm.weight, attn.q_proj.weight, attn.k_proj.weight,
+            attn.v_proj.weight, attn.o_proj.weight, attn.q_norm.weight, attn.k_norm.weight,
+            self.post_attention_layernorm.weight, self.mlp.gate.weight,
+            experts.gate_up_proj, experts.down_proj,
+            experts.gate_up_proj_scale if int8 else None,
+            experts.row_sum("gate_up_proj") if int8 else None,
+            experts.down_proj_scale if int8 else None,
+            experts.row_sum("down_proj") if int8 else None,
+            cos, sin, keys, values, position,
+            None if mask is None else mask.reshape(b, -1), self.input_layernorm.eps,
+            attn.clip_qkv or 0.0, self.mlp.gate.top_k, self.mlp.gate.norm_topk_prob,
+        )  # fmt: skip
+        return out.view(b, 1, -1), None, RouterOutput(logits, indices, weights)
 
 
 class OlmoePreTrainedModel(nn.Module):

@@ -197,6 +197,12 @@ def decode_attention(q, k, v, mask: torch.Tensor | None, scale: float) -> torch.
     return native().decode_attention(q.reshape(b, n, d), k, v, flat_mask, scale).view(b, n, 1, d)
 
 
+def decode_layer(x: torch.Tensor, *weights_and_state):
+    """One decoder layer for one new token per sequence, in one native call (see
+    OlmoeDecoderLayer._decode_fused for the arguments): (out, router logits, indices, weights)."""
+    return native().decode_layer(x.contiguous(), *weights_and_state)
+
+
 def read_all(buffer: torch.Tensor) -> int:
     """Read every byte of `buffer` once on all threads (a memory read bandwidth probe)."""
     return native().read_all(buffer)

@@ -612,6 +612,100 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   return out;
 }
 
+// ------------------------------------------------------------------------- decoder layer
+// a + b for bf16 tensors of one shape, rounded once (PyTorch's bf16 add).
+torch::Tensor add_bf16(const torch::Tensor& a, const torch::Tensor& b) {
+  auto out = torch::empty_like(a);
+  const bf16* A = reinterpret_cast<const bf16*>(a.data_ptr());
+  const bf16* B = reinterpret_cast<const bf16*>(b.data_ptr());
+  bf16* O = reinterpret_cast<bf16*>(out.data_ptr());
+  const int64_t n = a.numel();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512 sum = _mm512_add_ps(load_floats(A + i, n - i), load_floats(B + i, n - i));
+    _mm256_mask_storeu_epi16(O + i, first(n - i), (__m256i)_mm512_cvtneps_pbh(sum));
+  }
+  return out;
+}
+
+// Rotary embedding of x (B, heads * D) in place, rounding as PyTorch's bf16 ops do in
+// `x * cos + rotate_half(x) * sin`: each product once, then the sum.
+void rotate_in_place(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                     int64_t D) {
+  const int64_t B = x.size(0), heads = x.size(1) / D, half = D / 2;
+  auto* X = x.data_ptr<c10::BFloat16>();
+  const auto* C = cos.data_ptr<c10::BFloat16>();
+  const auto* S = sin.data_ptr<c10::BFloat16>();
+  std::vector<float> row(D);
+  for (int64_t b = 0; b < B; b++)
+    for (int64_t h = 0; h < heads; h++) {
+      c10::BFloat16* v = X + (b * heads + h) * D;
+      for (int64_t d = 0; d < D; d++) row[d] = (float)v[d];
+      for (int64_t d = 0; d < D; d++) {
+        const float rotated = d < half ? -row[d + half] : row[d - half];
+        const float a = (float)c10::BFloat16(row[d] * (float)C[b * D + d]);
+        const float c = (float)c10::BFloat16(rotated * (float)S[b * D + d]);
+        v[d] = c10::BFloat16(a + c);
+      }
+    }
+}
+
+// One OLMoE decoder layer for one new token per sequence (decoding), in one call: the same
+// operations, in the same order and with the same bf16 roundings, as OlmoeDecoderLayer's
+// PyTorch path, without a Python round trip per operation. x (B, H) bf16; attention weights
+// bf16 without bias; experts bf16 or int8 (with scales and row sums). The new key and value
+// are written at `position` of the (B, G, C, D) caches, attention runs over [0, position].
+// Returns the layer's output (B, H) and the router's logits (B, E), indices and weights (B, K).
+std::vector<torch::Tensor> decode_layer(
+    torch::Tensor x, torch::Tensor input_norm, torch::Tensor q_weight, torch::Tensor k_weight,
+    torch::Tensor v_weight, torch::Tensor o_weight, torch::Tensor q_norm, torch::Tensor k_norm,
+    torch::Tensor post_norm, torch::Tensor router, torch::Tensor gate_up, torch::Tensor down,
+    c10::optional<torch::Tensor> gate_up_scale, c10::optional<torch::Tensor> gate_up_sum,
+    c10::optional<torch::Tensor> down_scale, c10::optional<torch::Tensor> down_sum,
+    torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache, torch::Tensor v_cache,
+    int64_t position, c10::optional<torch::Tensor> mask, double eps, double clip_qkv,
+    int64_t top_k, bool norm_topk_prob) {
+  check(x, "x", 2, torch::kBFloat16);
+  check(k_cache, "k_cache", 4, torch::kBFloat16);
+  check(v_cache, "v_cache", 4, torch::kBFloat16);
+  check(cos, "cos", 2, torch::kBFloat16);
+  check(sin, "sin", 2, torch::kBFloat16);
+  const int64_t B = x.size(0), G = k_cache.size(1), D = k_cache.size(3);
+  TORCH_CHECK(k_cache.size(0) == B && position < k_cache.size(2) && cos.size(1) == D,
+              "caches, position and rotary tables do not match x");
+  const c10::optional<torch::Tensor> none;
+
+  // attention: h = x + o(attend(rope(norm(q(n))), rope(norm(k(n))), v(n))), n = norm(x)
+  const auto n = rms_norm(x, input_norm, eps);
+  auto q = rms_norm(linear(n, q_weight, none, none, none), q_norm, eps);  // (B, N*D)
+  auto k = rms_norm(linear(n, k_weight, none, none, none), k_norm, eps);  // (B, G*D)
+  auto v = linear(n, v_weight, none, none, none);
+  if (clip_qkv > 0) {
+    q.clamp_(-clip_qkv, clip_qkv);
+    k.clamp_(-clip_qkv, clip_qkv);
+    v.clamp_(-clip_qkv, clip_qkv);
+  }
+  rotate_in_place(q, cos, sin, D);
+  rotate_in_place(k, cos, sin, D);
+  k_cache.select(2, position).copy_(k.view({B, G, D}));
+  v_cache.select(2, position).copy_(v.view({B, G, D}));
+  const int64_t P = position + 1;
+  const auto attended = decode_attention(q.view({B, -1, D}), k_cache.narrow(2, 0, P),
+                                         v_cache.narrow(2, 0, P), mask, 1.0 / std::sqrt((double)D));
+  const auto h = add_bf16(x, linear(attended.view({B, -1}), o_weight, none, none, none));
+
+  // experts: out = h + moe(m), m = norm(h), routed by softmax(router(m)) over all experts
+  const auto m = rms_norm(h, post_norm, eps);
+  const auto logits = linear(m, router, none, none, none);  // (B, E)
+  auto chosen = at::topk(at::softmax(logits, -1, torch::kFloat32), top_k);
+  auto weights = std::get<0>(chosen);
+  if (norm_topk_prob) weights = weights / weights.sum(-1, true);
+  weights = weights.to(torch::kBFloat16);
+  const auto indices = std::get<1>(chosen);
+  const auto out = add_bf16(h, moe(m, gate_up, down, indices, weights, gate_up_scale,
+                                   gate_up_sum, down_scale, down_sum));
+  return {out, logits, indices, weights};
+}
+
 // Reads `buffer` once with 512-bit loads on all threads; returns a checksum so that the reads
 // cannot be optimised away. The benchmark times it to measure the memory read bandwidth.
 int64_t read_all(torch::Tensor buffer) {
@@ -646,5 +740,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_weight_grad", &grouped_weight_grad, "per-group grad.T @ x, side by side");
   m.def("rms_norm", &rms_norm, "RMSNorm of a few bf16 rows");
   m.def("decode_attention", &decode_attention, "one query per sequence over the KV cache");
+  m.def("decode_layer", &decode_layer, "one decoder layer for one new token per sequence");
   m.def("read_all", &read_all, "read a buffer once (memory bandwidth probe)");
 }
