@@ -171,4 +171,7 @@ def test_update_writes_exactly_the_given_positions_consecutive_or_not():
     assert cache.get_seq_length() == 7 and got.shape == (1, 2, 7, 3)
     assert torch.equal(got[:, :, [0, 2, 3]], keys[:, :, [0, 2, 3]])
     assert (got[:, :, 5] == 100).all() and (got[:, :, 1] == 200).all()
-    assert (got[:, :, 6] == 100).all() and torch.equal(got_values, -got)
+    written = [0, 1, 2, 3, 5, 6]  # position 4 was never written
+    assert (got[:, :, 6] == 100).all() and torch.equal(
+        got_values[:, :, written], -got[:, :, written]
+    )

@@ -75,19 +75,22 @@ class KVCache:
         self.lengths[layer] = end
         return self.layer(layer)
 
-    def slot(
-        self, layer: int, position: int, like: tuple[int, int, int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Make `position` the last cached position of `layer` and return the whole key and
-        value buffers, for a decoding kernel that writes it in place. like: (B, kv_heads,
-        head_dim) of the buffers if they have to be created (in the model's dtype: bf16)."""
+    def decode_slot(
+        self, layer: int, cache_position: torch.Tensor, like: tuple[int, int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """For a decoding kernel that writes the step's key and value in place: the whole key
+        and value buffers of `layer`, each row's write position (B,) and the key length to
+        attend over. The step's one position becomes the last cached one. like: (B, kv_heads,
+        head_dim) of the buffers if they have to be created (bf16, the kernels' dtype)."""
         b, heads, dim = like
+        position = int(cache_position[0])
         template = torch.empty(b, heads, 0, dim, dtype=torch.bfloat16)
         if self.keys[layer] is not None:
             template = self.keys[layer][:, :, :0]
         self._reserve(layer, template, template, position + 1)
         self.lengths[layer] = position + 1
-        return self.keys[layer], self.values[layer]
+        positions = torch.full((b,), position, dtype=torch.int64)
+        return self.keys[layer], self.values[layer], positions, position + 1
 
     def _reserve(self, layer: int, key: torch.Tensor, value: torch.Tensor, length: int) -> None:
         buffer = self.keys[layer]

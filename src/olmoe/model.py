@@ -230,9 +230,7 @@ class OlmoeDecoderLayer(nn.Module):
         self.post_attention_layernorm = OlmoeRMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, rotary, mask, cache, cache_position, output_attentions):
-        # KVCache only: a cache that writes each row at its own position (the server's) goes
-        # through the per-operation path, which asks it where to write
-        decoding = isinstance(cache, KVCache) and x.shape[1] == 1 and not output_attentions
+        decoding = hasattr(cache, "decode_slot") and x.shape[1] == 1 and not output_attentions
         if decoding and self._fused():
             return self._decode_fused(x, rotary, mask, cache, cache_position)
         attn_out, attn_weights = self.self_attn(
@@ -260,9 +258,8 @@ class OlmoeDecoderLayer(nn.Module):
         """The decode step of `forward` in one native call, same numerics (tests compare)."""
         attn, experts = self.self_attn, self.mlp.experts
         b = x.shape[0]
-        position = int(cache_position[0])
         like = (b, attn.num_kv_heads, attn.head_dim)
-        keys, values = cache.slot(attn.layer_idx, position, like=like)
+        keys, values, positions, kv_length = cache.decode_slot(attn.layer_idx, cache_position, like)
         int8 = experts.gate_up_proj.dtype == torch.int8
         cos, sin = (t.reshape(-1, t.shape[-1]).expand(b, -1).contiguous() for t in rotary)
         out, logits, indices, weights = kernels.decode_layer(
@@ -274,7 +271,7 @@ class OlmoeDecoderLayer(nn.Module):
             experts.row_sum("gate_up_proj") if int8 else None,
             experts.down_proj_scale if int8 else None,
             experts.row_sum("down_proj") if int8 else None,
-            cos, sin, keys, values, position,
+            cos, sin, keys, values, positions, kv_length,
             None if mask is None else mask.reshape(b, -1), self.input_layernorm.eps,
             attn.clip_qkv or 0.0, self.mlp.gate.top_k, self.mlp.gate.norm_topk_prob,
         )  # fmt: skip

@@ -653,7 +653,8 @@ void rotate_in_place(torch::Tensor& x, const torch::Tensor& cos, const torch::Te
 // operations, in the same order and with the same bf16 roundings, as OlmoeDecoderLayer's
 // PyTorch path, without a Python round trip per operation. x (B, H) bf16; attention weights
 // bf16 without bias; experts bf16 or int8 (with scales and row sums). The new key and value
-// are written at `position` of the (B, G, C, D) caches, attention runs over [0, position].
+// are written at each row's own position (B,) of the (B, G, C, D) caches, and attention runs
+// over the first kv_length positions (a mask hides what a row has not written).
 // Returns the layer's output (B, H) and the router's logits (B, E), indices and weights (B, K).
 std::vector<torch::Tensor> decode_layer(
     torch::Tensor x, torch::Tensor input_norm, torch::Tensor q_weight, torch::Tensor k_weight,
@@ -662,16 +663,21 @@ std::vector<torch::Tensor> decode_layer(
     c10::optional<torch::Tensor> gate_up_scale, c10::optional<torch::Tensor> gate_up_sum,
     c10::optional<torch::Tensor> down_scale, c10::optional<torch::Tensor> down_sum,
     torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache, torch::Tensor v_cache,
-    int64_t position, c10::optional<torch::Tensor> mask, double eps, double clip_qkv,
-    int64_t top_k, bool norm_topk_prob) {
+    torch::Tensor positions, int64_t kv_length, c10::optional<torch::Tensor> mask, double eps,
+    double clip_qkv, int64_t top_k, bool norm_topk_prob) {
   check(x, "x", 2, torch::kBFloat16);
   check(k_cache, "k_cache", 4, torch::kBFloat16);
   check(v_cache, "v_cache", 4, torch::kBFloat16);
   check(cos, "cos", 2, torch::kBFloat16);
   check(sin, "sin", 2, torch::kBFloat16);
-  const int64_t B = x.size(0), G = k_cache.size(1), D = k_cache.size(3);
-  TORCH_CHECK(k_cache.size(0) == B && position < k_cache.size(2) && cos.size(1) == D,
-              "caches, position and rotary tables do not match x");
+  check(positions, "positions", 1, torch::kInt64);
+  const int64_t B = x.size(0), G = k_cache.size(1), C = k_cache.size(2), D = k_cache.size(3);
+  TORCH_CHECK(k_cache.size(0) == B && positions.size(0) == B && cos.size(1) == D &&
+                  kv_length <= C,
+              "caches, positions and rotary tables do not match x");
+  const int64_t* position = positions.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; b++)
+    TORCH_CHECK(position[b] >= 0 && position[b] < kv_length, "position out of the cache");
   const c10::optional<torch::Tensor> none;
 
   // attention: h = x + o(attend(rope(norm(q(n))), rope(norm(k(n))), v(n))), n = norm(x)
@@ -686,11 +692,13 @@ std::vector<torch::Tensor> decode_layer(
   }
   rotate_in_place(q, cos, sin, D);
   rotate_in_place(k, cos, sin, D);
-  k_cache.select(2, position).copy_(k.view({B, G, D}));
-  v_cache.select(2, position).copy_(v.view({B, G, D}));
-  const int64_t P = position + 1;
-  const auto attended = decode_attention(q.view({B, -1, D}), k_cache.narrow(2, 0, P),
-                                         v_cache.narrow(2, 0, P), mask, 1.0 / std::sqrt((double)D));
+  for (int64_t b = 0; b < B; b++) {
+    k_cache[b].select(1, position[b]).copy_(k[b].view({G, D}));
+    v_cache[b].select(1, position[b]).copy_(v[b].view({G, D}));
+  }
+  const auto attended =
+      decode_attention(q.view({B, -1, D}), k_cache.narrow(2, 0, kv_length),
+                       v_cache.narrow(2, 0, kv_length), mask, 1.0 / std::sqrt((double)D));
   const auto h = add_bf16(x, linear(attended.view({B, -1}), o_weight, none, none, none));
 
   // experts: out = h + moe(m), m = norm(h), routed by softmax(router(m)) over all experts

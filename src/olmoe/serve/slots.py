@@ -79,6 +79,12 @@ class SlotCache:
         """Cached positions before the step (the model reads it only without cache_position)."""
         return self._kv_length - 1
 
+    def decode_slot(self, layer: int, cache_position, like):
+        """For the fused decoding kernel (see KVCache.decode_slot): the active rows' buffers,
+        each row's write column and the step's key length."""
+        n = self._active
+        return self.keys[layer][:n], self.values[layer][:n], self._write_at, self._kv_length
+
     def update(self, layer: int, key: torch.Tensor, value: torch.Tensor, cache_position=None):
         """Store one new (n, G, 1, D) key/value per row at that row's own column; return the
         step's views (n, G, kv_length, D)."""
