@@ -419,6 +419,19 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
+
+
+def wait_passively(command: str) -> None:
+    """Re-execute `olmoe COMMAND ...` with OpenMP's passive wait policy, unless the user chose a
+    policy or this process is not that command. Workers that spin while they wait fight whatever
+    else runs on the machine for its cores (the server's HTTP thread, another job); libgomp reads
+    the policy once, when torch loads it, hence a new process rather than a setting."""
+    if WAIT_POLICY_ENV not in os.environ and sys.argv[1:2] == [command]:
+        environment = {**os.environ, WAIT_POLICY_ENV: "PASSIVE"}
+        os.execve(sys.executable, [sys.executable, "-m", "olmoe", *sys.argv[1:]], environment)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     bench = argv[:1] == ["bench"]  # its options, --help included, belong to the bench script

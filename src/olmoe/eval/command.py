@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
-from olmoe.cli import UsageError, add_load_arguments, add_model_arguments, number
+from olmoe.cli import (
+    UsageError,
+    add_load_arguments,
+    add_model_arguments,
+    number,
+    wait_passively,
+)
 from olmoe.eval.tasks import BUILTIN_TASKS, MMLU, MMLU_SUBJECTS, PAPER_TASKS, is_task_file
 
 # OpenMP workers that spin while they wait fight whatever else runs on the machine for its cores:
@@ -16,8 +21,7 @@ from olmoe.eval.tasks import BUILTIN_TASKS, MMLU, MMLU_SUBJECTS, PAPER_TASKS, is
 # (bench/eval_strategies.py --tasks paper --limit 10 --no-flat --threads 2 --dtype float32, with
 # and without OMP_WAIT_POLICY=PASSIVE in the environment). libgomp reads the
 # policy once, when torch loads it, so the command re-executes itself with it set unless the
-# user has chosen one (as `olmoe serve` does).
-WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
+# user has chosen one (cli.wait_passively, as `olmoe serve` does).
 
 # The names --tasks takes besides single tasks.
 TASK_GROUPS = {"paper": PAPER_TASKS, "all": BUILTIN_TASKS}
@@ -130,9 +134,7 @@ def run_eval(args) -> int:
             f"--stride must be below --max-length ({args.max_length}) so that each window keeps "
             f"some context; got {args.stride}"
         )
-    if WAIT_POLICY_ENV not in os.environ and sys.argv[1:2] == ["eval"]:
-        environment = {**os.environ, WAIT_POLICY_ENV: "PASSIVE"}
-        os.execve(sys.executable, [sys.executable, "-m", "olmoe", *sys.argv[1:]], environment)
+    wait_passively("eval")
 
     from olmoe.cli import load_model
     from olmoe.eval.evaluation import describe_model, evaluate, results_table

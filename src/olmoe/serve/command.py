@@ -5,15 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import sys
 
 API_KEY_ENV = "OLMOE_API_KEY"
 # OpenMP workers that spin while they wait take the cores the HTTP thread needs: on this
 # project's 2-core machine `olmoe serve` decoded 64 tokens in 11 s with libgomp's default policy
 # and in 2 s with passive waiting (bench/serve_throughput.py; plain decoding gains nothing from
 # spinning either, see the README). libgomp reads the policy once, when torch loads it, so the
-# command re-executes itself with it set unless the user has chosen one.
-WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
+# command re-executes itself with it set unless the user has chosen one (cli.wait_passively).
 
 
 def add_commands(commands) -> None:
@@ -72,13 +70,11 @@ def add_commands(commands) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from olmoe.cli import UsageError, load_model
+    from olmoe.cli import UsageError, load_model, wait_passively
     from olmoe.serve.app import Server, create_app
     from olmoe.serve.engine import Engine
 
-    if WAIT_POLICY_ENV not in os.environ and sys.argv[1:2] == ["serve"]:
-        environment = {**os.environ, WAIT_POLICY_ENV: "PASSIVE"}
-        os.execve(sys.executable, [sys.executable, "-m", "olmoe", *sys.argv[1:]], environment)
+    wait_passively("serve")
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     # Listen before the (slow) load: a taken port fails at once, and clients that connect while
     # the model loads wait in the backlog instead of being refused.
