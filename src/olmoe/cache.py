@@ -84,9 +84,12 @@ class KVCache:
         head_dim) of the buffers if they have to be created (bf16, the kernels' dtype)."""
         b, heads, dim = like
         position = int(cache_position[0])
-        template = torch.empty(b, heads, 0, dim, dtype=torch.bfloat16)
-        if self.keys[layer] is not None:
-            template = self.keys[layer][:, :, :0]
+        buffer = self.keys[layer]
+        template = (
+            buffer[:, :, :0]
+            if buffer is not None
+            else torch.empty(b, heads, 0, dim, dtype=torch.bfloat16)
+        )
         self._reserve(layer, template, template, position + 1)
         self.lengths[layer] = position + 1
         positions = torch.full((b,), position, dtype=torch.int64)

@@ -213,14 +213,19 @@ struct Int8Matrix {
         }
       }
       for (int i = 0; i < R; i++)
-        for (int v = 0; v < NV; v++) {
-          // sum(w * a) = sum(w * (a + 128)) - 128 * sum(w); sum(w * q) = 128 sum(w a) + sum(w b)
-          const int64_t wa = (int64_t)_mm512_reduce_add_epi32(hi[i][v]) - 128 * row_sum[r + i];
-          const int64_t wq = 128 * wa + _mm512_reduce_add_epi32(lo[i][v]);
-          out[v * ldo + r + i] = (float)wq * scale[r + i] * x.scale[v0 + v];
-        }
+        for (int v = 0; v < NV; v++)
+          out[v * ldo + r + i] = result(hi[i][v], lo[i][v], r + i, x.scale[v0 + v]);
     }
     if (r < end) dot<1, NV>(r, end, x, v0, out, ldo);
+  }
+
+  // Row r's product with an activation row of scale `x_scale` from the two accumulators of
+  // w * (a + 128) and w * b: sum(w a) = sum(w (a + 128)) - 128 sum(w); sum(w q) = 128 sum(w a)
+  // + sum(w b).
+  float result(__m512i high, __m512i low, int64_t r, float x_scale) const {
+    const int64_t wa = (int64_t)_mm512_reduce_add_epi32(high) - 128 * row_sum[r];
+    const int64_t wq = 128 * wa + _mm512_reduce_add_epi32(low);
+    return (float)wq * scale[r] * x_scale;
   }
 
   // Row after row, as Bf16Matrix::rows (int8 rows are half as long, so this matters more).
@@ -251,9 +256,7 @@ struct Int8Matrix {
           h = _mm512_add_epi32(h, hi[u][v]);
           l = _mm512_add_epi32(l, lo[u][v]);
         }
-        const int64_t wa = (int64_t)_mm512_reduce_add_epi32(h) - 128 * row_sum[r];
-        const int64_t wq = 128 * wa + _mm512_reduce_add_epi32(l);
-        out[v * ldo + r] = (float)wq * scale[r] * x.scale[v0 + v];
+        out[v * ldo + r] = result(h, l, r, x.scale[v0 + v]);
       }
     }
   }
