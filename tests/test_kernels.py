@@ -150,14 +150,15 @@ def count_calls(monkeypatch, names):
 
 def test_decoding_uses_the_kernels_and_matches_pytorch(monkeypatch):
     model = tiny_model(seed=2).to(torch.bfloat16)
-    calls = count_calls(monkeypatch, ["linear", "moe", "decode_layer"])
+    calls = count_calls(monkeypatch, ["linear", "moe", "decode_layers"])
     prompt = torch.tensor([[5, 17, 42, 7, 99, 3]])
     fast = logits_per_step(model, prompt)
     layers = model.config.num_hidden_layers
     # the 6-token prompt through the per-operation kernels (q, k, v, o, the router; the
-    # experts), each of the 5 new tokens through one fused call per layer; the LM head 6 times
+    # experts), each of the 5 new tokens through one fused call for all layers; the LM head 6
+    # times
     assert calls["moe"] == layers and calls["linear"] == 5 * layers + 6
-    assert calls["decode_layer"] == 5 * layers
+    assert calls["decode_layers"] == 5
     monkeypatch.setattr(kernels, "applies", lambda *args: False)
     monkeypatch.setattr(kernels, "small_bf16", lambda *args: False)
     reference = logits_per_step(model, prompt)
@@ -186,7 +187,7 @@ def test_fused_decode_layer_equals_the_per_operation_kernels_exactly(monkeypatch
             return torch.stack([logits.float() for logits in _steps(model, prompt, mask)])
 
     fused = run()
-    monkeypatch.setattr(OlmoeDecoderLayer, "_fused", lambda self: False)
+    monkeypatch.setattr(OlmoeDecoderLayer, "decode_arguments", lambda self: None)
     assert torch.equal(fused, run())
 
 
@@ -247,9 +248,13 @@ def test_rms_norm_rounds_like_the_pytorch_module(monkeypatch):
     assert (fast == reference).float().mean() > 0.95
 
 
-@pytest.mark.parametrize("heads, kv_heads, masked", [(4, 4, False), (8, 2, True), (4, 1, True)])
-def test_decode_attention_matches_float64(heads, kv_heads, masked):
-    batch, dim, cached, capacity = 2, 16, 9, 32
+@pytest.mark.parametrize(
+    "heads, kv_heads, masked, dim, cached",
+    # the last: OLMoE's head size, a cache length that is no multiple of the 16-wide vectors
+    [(4, 4, False, 16, 9), (8, 2, True, 16, 9), (4, 1, True, 16, 9), (4, 4, True, 128, 77)],
+)
+def test_decode_attention_matches_float64(heads, kv_heads, masked, dim, cached):
+    batch, capacity = 2, 96
     q = bf16(batch, heads, 1, dim, seed=13)
     k_cache = bf16(batch, kv_heads, capacity, dim, seed=14)
     v_cache = bf16(batch, kv_heads, capacity, dim, seed=15)

@@ -20,7 +20,6 @@ from olmoe.moe import (
     OlmoeExperts,
     OlmoeRouter,
     OlmoeSparseMoeBlock,
-    RouterOutput,
     load_balancing_loss,
 )
 from olmoe.outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
@@ -230,9 +229,6 @@ class OlmoeDecoderLayer(nn.Module):
         self.post_attention_layernorm = OlmoeRMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, rotary, mask, cache, cache_position, output_attentions):
-        decoding = hasattr(cache, "decode_slot") and x.shape[1] == 1 and not output_attentions
-        if decoding and self._fused():
-            return self._decode_fused(x, rotary, mask, cache, cache_position)
         attn_out, attn_weights = self.self_attn(
             self.input_layernorm(x), rotary, mask, cache, cache_position, output_attentions
         )
@@ -240,42 +236,36 @@ class OlmoeDecoderLayer(nn.Module):
         moe_out, routing = self.mlp(self.post_attention_layernorm(h))
         return h + moe_out, attn_weights, routing
 
-    def _fused(self) -> bool:
-        """Whether this layer's decode step can run as one native call (kernels.decode_layer):
-        bf16 weights (int8 experts allowed), no attention bias, SiLU experts, inference."""
+    def decode_arguments(self) -> tuple[list[torch.Tensor | None], tuple] | None:
+        """This layer's tensors and settings (norm eps, q/k/v clip, top-k, renormalisation) for
+        the native decode step (kernels.decode_layers), or None where it cannot run there. It
+        needs bf16 weights (int8 experts allowed, with their scales and row sums), no attention
+        bias, SiLU experts, and inference."""
         attn, experts = self.self_attn, self.mlp.experts
-        weights = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, self.mlp.gate)
-        return (
-            not self.training
-            and kernels.small_bf16(self.input_layernorm.weight)
-            and all(w.weight.dtype == torch.bfloat16 for w in weights)
-            and attn.q_proj.bias is None
-            and experts.act_fn is F.silu
-            and experts.gate_up_proj.dtype in (torch.bfloat16, torch.int8)
-        )
-
-    def _decode_fused(self, x, rotary, mask, cache, cache_position):
-        """The decode step of `forward` in one native call, same numerics (tests compare)."""
-        attn, experts = self.self_attn, self.mlp.experts
-        b = x.shape[0]
-        like = (b, attn.num_kv_heads, attn.head_dim)
-        keys, values, positions, kv_length = cache.decode_slot(attn.layer_idx, cache_position, like)
+        norms = (self.input_layernorm.weight, attn.q_norm.weight, attn.k_norm.weight)
+        matrices = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, self.mlp.gate)
+        if (
+            self.training
+            or not kernels.small_bf16(norms[0])
+            or any(m.weight.dtype != torch.bfloat16 for m in matrices)
+            or attn.q_proj.bias is not None
+            or experts.act_fn is not F.silu
+            or experts.gate_up_proj.dtype not in (torch.bfloat16, torch.int8)
+        ):
+            return None
         int8 = experts.gate_up_proj.dtype == torch.int8
-        cos, sin = (t.reshape(-1, t.shape[-1]).expand(b, -1).contiguous() for t in rotary)
-        out, logits, indices, weights = kernels.decode_layer(
-            x.view(b, -1), self.input_layernorm.weight, attn.q_proj.weight, attn.k_proj.weight,
-            attn.v_proj.weight, attn.o_proj.weight, attn.q_norm.weight, attn.k_norm.weight,
-            self.post_attention_layernorm.weight, self.mlp.gate.weight,
-            experts.gate_up_proj, experts.down_proj,
+        gate = self.mlp.gate
+        settings = (self.input_layernorm.eps, attn.clip_qkv or 0.0, gate.top_k, gate.norm_topk_prob)
+        tensors = [
+            norms[0], attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
+            attn.o_proj.weight, norms[1], norms[2], self.post_attention_layernorm.weight,
+            self.mlp.gate.weight, experts.gate_up_proj, experts.down_proj,
             experts.gate_up_proj_scale if int8 else None,
             experts.row_sum("gate_up_proj") if int8 else None,
             experts.down_proj_scale if int8 else None,
             experts.row_sum("down_proj") if int8 else None,
-            cos, sin, keys, values, positions, kv_length,
-            None if mask is None else mask.reshape(b, -1), self.input_layernorm.eps,
-            attn.clip_qkv or 0.0, self.mlp.gate.top_k, self.mlp.gate.norm_topk_prob,
-        )  # fmt: skip
-        return out.view(b, 1, -1), None, RouterOutput(logits, indices, weights)
+        ]  # fmt: skip
+        return tensors, settings
 
 
 class OlmoePreTrainedModel(nn.Module):
@@ -398,7 +388,14 @@ class OlmoeModel(OlmoePreTrainedModel):
 
         hidden = inputs_embeds
         all_hidden, all_attentions, all_router_logits = [], [], []
-        for layer in self.layers:
+        fused = None
+        if length == 1 and hasattr(cache, "decode_slot") and not output_attentions:
+            fused = self._decode_arguments(output_hidden_states)
+        if fused is not None:
+            hidden, all_router_logits = self._decode_fused(
+                hidden, fused, rotary, mask, cache, cache_position
+            )
+        for layer in self.layers if fused is None else ():
             if output_hidden_states:
                 all_hidden.append(hidden)
             hidden, attn_weights, routing = layer(
@@ -418,6 +415,35 @@ class OlmoeModel(OlmoePreTrainedModel):
             router_logits=tuple(all_router_logits) if output_router_logits else None,
         )
         return out if return_dict else out.to_tuple()
+
+    def _decode_arguments(self, output_hidden_states: bool) -> tuple[list, tuple] | None:
+        """Every layer's decode tensors and their shared settings, or None unless all layers
+        can decode natively with the same settings (and no per-layer hidden states are asked
+        for)."""
+        if output_hidden_states:
+            return None
+        arguments = [layer.decode_arguments() for layer in self.layers]
+        if any(a is None for a in arguments) or len({a[1] for a in arguments}) != 1:
+            return None
+        return [a[0] for a in arguments], arguments[0][1]
+
+    def _decode_fused(self, x, arguments, rotary, mask, cache, cache_position):
+        """One decode step through every layer in one native call (kernels.decode_layers): the
+        same operations and roundings as the layers' PyTorch path (tests compare bit for bit).
+        Gathering the arguments for all layers before streaming any weights keeps this Python
+        in warm caches. Returns the last hidden state and each layer's router logits."""
+        b = x.shape[0]
+        attn = self.layers[0].self_attn
+        like = (b, attn.num_kv_heads, attn.head_dim)
+        slots = [cache.decode_slot(i, cache_position, like) for i in range(len(self.layers))]
+        positions, kv_length = slots[0][2], slots[0][3]
+        cos, sin = (t.reshape(-1, t.shape[-1]).expand(b, -1).contiguous() for t in rotary)
+        weights, settings = arguments
+        out, router_logits = kernels.decode_layers(
+            x.view(b, -1), weights, [s[0] for s in slots], [s[1] for s in slots], cos, sin,
+            positions, kv_length, None if mask is None else mask.reshape(b, -1), *settings,
+        )  # fmt: skip
+        return out.view(b, 1, -1), router_logits
 
     def _check_token_ids(self, input_ids: torch.Tensor) -> None:
         if input_ids.dim() != 2:

@@ -197,10 +197,14 @@ def decode_attention(q, k, v, mask: torch.Tensor | None, scale: float) -> torch.
     return native().decode_attention(q.reshape(b, n, d), k, v, flat_mask, scale).view(b, n, 1, d)
 
 
-def decode_layer(x: torch.Tensor, *weights_and_state):
-    """One decoder layer for one new token per sequence, in one native call (see
-    OlmoeDecoderLayer._decode_fused for the arguments): (out, router logits, indices, weights)."""
-    return native().decode_layer(x.contiguous(), *weights_and_state)
+def decode_layers(x: torch.Tensor, layer_weights, keys, values, *state):
+    """Every decoder layer for one new token per sequence, in one native call (see
+    OlmoeModel._decode_fused): the last layer's output and each layer's router logits.
+    layer_weights: per layer, the tensors of OlmoeDecoderLayer.decode_weights; keys, values:
+    per layer, the cache buffers."""
+    flat = [w for weights in layer_weights for w in weights]
+    out, *router_logits = native().decode_layers(x.contiguous(), flat, keys, values, *state)
+    return out, router_logits
 
 
 def read_all(buffer: torch.Tensor) -> int:
