@@ -35,7 +35,6 @@ import statistics
 import subprocess
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -46,7 +45,6 @@ else:  # run as a script: bench/ is on sys.path
     import engines
 
 from olmoe import OlmoeConfig
-from olmoe.memory import advise_huge_pages
 
 METRICS = ("load_s", "peak_rss_gb", "prefill_tok_s", "decode_b1_tok_s", "decode_b8_tok_s")
 HEADERS = ("load s", "peak RSS GB", "prefill-512 tok/s", "decode b1 tok/s", "decode b8 tok/s")
@@ -96,40 +94,17 @@ def best_seconds(fn, repeats: int) -> float:
     return min(times)
 
 
-def kernel_read_probe():
-    """olmoe's own AVX-512 read kernel (`read_all`, or `read_bandwidth` as first planned) when
-    the package has one; None otherwise."""
-    try:
-        from olmoe import kernels
-    except Exception:  # noqa: BLE001 -- no kernel package (yet), or it failed to import
-        return None
-    return getattr(kernels, "read_all", None) or getattr(kernels, "read_bandwidth", None)
-
-
 def read_bandwidth_gb_s(repeats: int = 5) -> dict:
-    """Best-of-`repeats` DRAM read bandwidth. torch.sum over float32 only reads its input and
-    keeps up with the memory on 2 cores; olmoe's read kernel is timed too when there is one
-    (its first, untimed call builds it). Each reads a buffer on 4 KB pages and one on 2 MB pages
-    (as olmoe's loader puts the weights): which reads faster has varied from run to run here, so
-    the fastest of the four is the limit."""
+    """Best-of-`repeats` DRAM read bandwidth, before the engines run, by every reader of
+    engines.readers on a buffer of 4 KB pages and one of 2 MB pages (as olmoe's loader puts the
+    weights): which reads faster has varied from run to run here, so the fastest is the limit."""
     found = {}
-    probe = kernel_read_probe()
     for pages in ("4k", "2m"):
-        buffer = torch.empty(BANDWIDTH_BUFFER_BYTES // 4, dtype=torch.float32)
-        if pages == "2m":
-            found["huge_page_gb"] = advise_huge_pages([buffer]) / 1e9  # before the first touch
-        buffer.fill_(1.0)  # written: real pages
-        seconds = best_seconds(buffer.sum, repeats)
-        found[f"torch_sum_f32_{pages}"] = BANDWIDTH_BUFFER_BYTES / seconds / 1e9
-        if probe is not None:
-            try:
-                seconds = best_seconds(partial(probe, buffer), repeats)
-                found[f"olmoe_kernels_{pages}"] = BANDWIDTH_BUFFER_BYTES / seconds / 1e9
-            except Exception as error:  # noqa: BLE001 -- a broken kernel must not stop the benchmark
-                found["olmoe_kernels_error"] = f"{type(error).__name__}: {error}"
+        buffer = engines.probe_buffer(BANDWIDTH_BUFFER_BYTES, huge_pages=pages == "2m")
+        for name, read in engines.readers().items():
+            found[f"{name}_{pages}"] = engines.read_gb_s(buffer, read, repeats)
         del buffer
-    rates = [v for k, v in found.items() if isinstance(v, float) and k != "huge_page_gb"]
-    return {"gb_s": max(rates), "buffer_gb": BANDWIDTH_BUFFER_BYTES / 1e9, **found}
+    return {"gb_s": max(found.values()), "buffer_gb": BANDWIDTH_BUFFER_BYTES / 1e9, **found}
 
 
 def matmul_gflop_s(repeats: int = 10) -> dict:
@@ -310,6 +285,12 @@ def medians(runs: list[dict], names: list[str], errors: dict[str, str]) -> dict[
             row[metric] = statistics.median(values) if values else None
             if values:
                 row["spread"][metric] = max(values) / min(values)
+        for batch in engines.DECODE_BATCHES:
+            rate, read = f"decode_b{batch}_tok_s", f"decode_b{batch}_read_gb_s"
+            paired = [(r[rate], r[read]) for r in good if r.get(rate) and r.get(read)]
+            if paired:  # tok/s per GB/s of the bandwidth read beside it, run by run
+                row[read] = statistics.median(b for _, b in paired)
+                row[f"decode_b{batch}_tok_per_gb"] = statistics.median(a / b for a, b in paired)
         table[name] = row
     return table
 
@@ -349,6 +330,49 @@ def ratios(table: dict[str, dict]) -> dict[str, dict]:
         for a in ours
         for b in peers
     }
+
+
+def adjacent(table: dict[str, dict], limit: dict) -> dict[str, dict]:
+    """Decode against the read bandwidth each worker measured just before and after it: per
+    engine and batch, that bandwidth and the share of the limit it sets; per pair, olmoe's
+    ratio to the peer at equal bandwidth. This machine's bandwidth moves in phases (see
+    engines.ADJACENT_PROBE_BYTES), which the separate processes of the main table straddle."""
+    ok = {n: r for n, r in table.items() if "error" not in r}
+    shares, pairs = {}, {}
+    for name, row in ok.items():
+        for batch in engines.DECODE_BATCHES:
+            per_gb = row.get(f"decode_b{batch}_tok_per_gb")
+            if per_gb:
+                per_token = limit[f"decode_b{batch}_bytes_per_token_{row['weights']}"]
+                shares.setdefault(name, {})[f"decode_b{batch}"] = {
+                    "read_gb_s": row[f"decode_b{batch}_read_gb_s"],
+                    "share_of_limit": per_gb * per_token / 1e9,
+                }
+    for a in (n for n in ok if n in engines.OURS):
+        for b in (n for n in ok if n not in engines.OURS):
+            pairs[f"{a} / {b}"] = {
+                f"decode_b{batch}": ok[a][key] / ok[b][key]
+                for batch in engines.DECODE_BATCHES
+                if ok[a].get(key := f"decode_b{batch}_tok_per_gb") and ok[b].get(key)
+            }
+    return {"engines": shares, "ratios": pairs}
+
+
+def format_adjacent(table: dict[str, dict], found: dict) -> str:
+    lines = ["decode against the read bandwidth measured beside it (same worker, just before "
+             "and after; median over repeats):"]  # fmt: skip
+    for name, by_batch in found["engines"].items():
+        cells = [
+            f"b{key.removeprefix('decode_b')} {v['share_of_limit']:.0%} of {v['read_gb_s']:.1f} "
+            "GB/s"
+            for key, v in by_batch.items()
+        ]
+        lines.append(f"  {table[name]['label']}: " + ", ".join(cells))
+    for pair, values in found["ratios"].items():
+        if values:
+            cells = [f"b{k.removeprefix('decode_b')} {v:.2f}x" for k, v in values.items()]
+            lines.append(f"  {pair} at equal bandwidth: " + ", ".join(cells))
+    return "\n".join(lines)
 
 
 def format_table(table: dict, limit: dict, ratio: dict) -> str:
@@ -475,6 +499,7 @@ def print_report(report: dict, config: OlmoeConfig) -> None:
         "(%) = share of the limit in the engine's weight format"
     )
     print(format_table(report["median"], limit, report["ratios"]))
+    print(format_adjacent(report["median"], report["adjacent"]))
     noisy = noisy_cells(report["median"])
     if noisy:
         print(
@@ -537,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "median": table,
         "ratios": ratios(table),
+        "adjacent": adjacent(table, limit),
         "fractions_of_limit": {
             n: fractions(r, limit) for n, r in table.items() if "error" not in r
         },

@@ -169,10 +169,63 @@ def decode_rate(stamps: list[float], batch: int) -> float:
     return batch * steps / (stamps[-1] - stamps[0])
 
 
+# ---------------------------------------------------------------------------- read bandwidth
+# This machine's read bandwidth moves in phases of seconds to minutes (32 to 60 GB/s seen within
+# one process), so a rate measured minutes apart in another process is no fair limit. Each worker
+# also reads this much just before and just after each decode measurement.
+ADJACENT_PROBE_BYTES = 512 << 20  # far beyond the 32 MB L3: every read comes from DRAM
+
+
+def probe_buffer(nbytes: int, huge_pages: bool) -> torch.Tensor:
+    """A buffer of random bytes to read. Random, not constant: a page of one repeated value read
+    at 60 GB/s here, presumably merged with its twins by the host."""
+    buffer = torch.empty(nbytes // 4, dtype=torch.int32)
+    if huge_pages:
+        from olmoe.memory import advise_huge_pages
+
+        advise_huge_pages([buffer])  # before the first touch, as olmoe's loader does
+    return buffer.random_()
+
+
+def readers() -> dict[str, Callable[[torch.Tensor], object]]:
+    """Ways to read a buffer once on all threads: torch.sum (reads only its input, keeps up with
+    the memory on 2 cores) and olmoe's AVX-512 read kernel where it builds."""
+    found = {"torch_sum": lambda buffer: buffer.view(torch.float32).sum()}
+    try:
+        from olmoe import kernels
+
+        if kernels.native() is not None:
+            found["olmoe_kernels"] = kernels.read_all
+    except Exception:  # noqa: BLE001 -- a broken kernel build must not stop the benchmark
+        pass
+    return found
+
+
+def read_gb_s(buffer: torch.Tensor, read, repeats: int) -> float:
+    """Fastest of `repeats` reads of `buffer` (after one untimed), in GB/s."""
+    read(buffer)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        read(buffer)
+        best = min(best, time.perf_counter() - start)
+    return buffer.nbytes / best / 1e9
+
+
+def adjacent_probe() -> Callable[[], float]:
+    """A read-bandwidth probe for the worker's decode measurements: the fastest reader on a 2 MB
+    page buffer, best of 3."""
+    buffer = probe_buffer(ADJACENT_PROBE_BYTES, huge_pages=True)
+    read = list(readers().values())[-1]
+    return lambda: read_gb_s(buffer, read, repeats=3)
+
+
 def measure(load, prefill, decode, batches=DECODE_BATCHES, prepare=None) -> dict:
     """The common protocol: `load()` returns the engine; `prepare(engine)`, untimed, settles
     options; `prefill(engine, ids)` runs a prompt; `decode(engine, ids, n)` returns one
-    timestamp per new token. Returns the worker's metrics."""
+    timestamp per new token. Returns the worker's metrics, with the read bandwidth around each
+    decode measurement (the mean of one probe before and one after)."""
+    probe = adjacent_probe()
     start = time.perf_counter()
     engine = load()
     result: dict = {"load_s": time.perf_counter() - start}
@@ -190,8 +243,10 @@ def measure(load, prefill, decode, batches=DECODE_BATCHES, prepare=None) -> dict
         if batch not in batches:
             result[key] = None
             continue
+        before = probe()
         stamps = decode(engine, random_prompt(batch, DECODE_PROMPT_TOKENS), DECODE_NEW_TOKENS)
         result[key] = decode_rate(stamps, batch)
+        result[f"decode_b{batch}_read_gb_s"] = (before + probe()) / 2
     result["peak_rss_gb"] = peak_rss_gb()
     return result
 
