@@ -337,19 +337,42 @@ Int8Matrix int8_matrix(const Weights& w, int64_t index, int64_t rows, int64_t co
 }
 
 // ------------------------------------------------------------------------- linear
+// out[m] (T, N_m) bf16 = x (T, K) @ W_m^T (+ bias_m, float32) for several matrices that share
+// their input, in one parallel region (one wait for the slowest thread, not one per matrix);
+// each result rounded to bf16 once, in the item that computed it.
 template <class Matrix>
-torch::Tensor linear_impl(const torch::Tensor& x, const Matrix& W, int64_t N) {
+std::vector<torch::Tensor> linear_impl(const torch::Tensor& x, const std::vector<Matrix>& W,
+                                       const std::vector<int64_t>& N,
+                                       const std::vector<const float*>& bias) {
   const int64_t T = x.size(0), K = x.size(1);
   typename Matrix::Activations act;
   act.resize(T, K);
   const bf16* X = reinterpret_cast<const bf16*>(x.data_ptr());
   for (int64_t t = 0; t < T; t++) act.set_row(t, X + t * K);
-  auto acc = torch::empty({T, N}, x.options().dtype(torch::kFloat32));
-  float* out = acc.data_ptr<float>();
-  parallel_items((N + kRowsPerItem - 1) / kRowsPerItem, [&](int64_t i) {
-    gemv(W, i * kRowsPerItem, std::min(N, (i + 1) * kRowsPerItem), act, 0, T, out, N);
+  struct Item { size_t matrix; int64_t begin, end; };
+  std::vector<Item> items;
+  std::vector<torch::Tensor> out;
+  std::vector<std::vector<float>> acc;
+  for (size_t m = 0; m < W.size(); m++) {
+    for (int64_t b = 0; b < N[m]; b += kRowsPerItem) items.push_back({m, b, std::min(N[m], b + kRowsPerItem)});
+    out.push_back(torch::empty({T, N[m]}, x.options()));
+    acc.emplace_back(T * N[m]);
+  }
+  parallel_items((int64_t)items.size(), [&](int64_t i) {
+    const Item& it = items[i];
+    const int64_t n = N[it.matrix];
+    float* a = acc[it.matrix].data();
+    gemv(W[it.matrix], it.begin, it.end, act, 0, T, a, n);
+    bf16* o = reinterpret_cast<bf16*>(out[it.matrix].data_ptr());
+    const float* add = bias[it.matrix];
+    for (int64_t t = 0; t < T; t++)
+      for (int64_t r = it.begin; r < it.end; r += 16) {
+        __m512 value = load_floats(a + t * n + r, it.end - r);
+        if (add) value = _mm512_add_ps(value, load_floats(add + r, it.end - r));
+        _mm256_mask_storeu_epi16(o + t * n + r, first(it.end - r), (__m256i)_mm512_cvtneps_pbh(value));
+      }
   });
-  return acc;
+  return out;
 }
 
 // ------------------------------------------------------------------------- MoE
@@ -451,10 +474,29 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor weight, c10::optional<torch:
   const Weights w = weights_from(weight, scale, row_sum, 2, "weight");
   const int64_t N = weight.size(0), K = weight.size(1);
   TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " features but the weight expects ", K);
-  auto acc = w.is_int8() ? linear_impl(x, int8_matrix(w, 0, N, K), N)
-                         : linear_impl(x, bf16_matrix(w, 0, N, K), N);
-  if (bias.has_value()) acc.add_(bias->to(torch::kFloat32));
-  return acc.to(torch::kBFloat16);
+  torch::Tensor bias32;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == N, "bias has ", bias->numel(), " entries for ", N, " outputs");
+    bias32 = bias->to(torch::kFloat32).contiguous();
+  }
+  const float* add = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
+  auto out = w.is_int8() ? linear_impl(x, std::vector{int8_matrix(w, 0, N, K)}, {N}, {add})
+                         : linear_impl(x, std::vector{bf16_matrix(w, 0, N, K)}, {N}, {add});
+  return out[0];
+}
+
+// x @ W^T for bf16 matrices without bias that share their input (q, k and v), in one region.
+std::vector<torch::Tensor> linears(const torch::Tensor& x, const std::vector<torch::Tensor>& weights) {
+  std::vector<Bf16Matrix> W;
+  std::vector<int64_t> N;
+  for (const auto& weight : weights) {
+    check(weight, "weight", 2, torch::kBFloat16);
+    TORCH_CHECK(weight.size(1) == x.size(1), "x has ", x.size(1), " features but a weight expects ",
+                weight.size(1));
+    W.push_back(bf16_matrix(Weights{weight, {}, {}}, 0, weight.size(0), weight.size(1)));
+    N.push_back(weight.size(0));
+  }
+  return linear_impl(x, W, N, std::vector<const float*>(W.size(), nullptr));
 }
 
 // The MoE block's experts for a few bf16 tokens: out[t] = sum_k w[t,k] * down_e(silu(gate_e(x_t))
@@ -701,9 +743,10 @@ std::vector<torch::Tensor> decode_layer(
 
   // attention: h = x + o(attend(rope(norm(q(n))), rope(norm(k(n))), v(n))), n = norm(x)
   const auto n = rms_norm(x, input_norm, eps);
-  auto q = rms_norm(linear(n, q_weight, none, none, none), q_norm, eps);  // (B, N*D)
-  auto k = rms_norm(linear(n, k_weight, none, none, none), k_norm, eps);  // (B, G*D)
-  auto v = linear(n, v_weight, none, none, none);
+  const auto qkv = linears(n, {q_weight, k_weight, v_weight});
+  auto q = rms_norm(qkv[0], q_norm, eps);  // (B, N*D)
+  auto k = rms_norm(qkv[1], k_norm, eps);  // (B, G*D)
+  auto v = qkv[2];
   if (clip_qkv > 0) {
     q.clamp_(-clip_qkv, clip_qkv);
     k.clamp_(-clip_qkv, clip_qkv);
@@ -711,10 +754,15 @@ std::vector<torch::Tensor> decode_layer(
   }
   rotate_in_place(q, cos, sin, D);
   rotate_in_place(k, cos, sin, D);
-  for (int64_t b = 0; b < B; b++) {
-    k_cache[b].select(1, position[b]).copy_(k[b].view({G, D}));
-    v_cache[b].select(1, position[b]).copy_(v[b].view({G, D}));
-  }
+  const auto write = [&](torch::Tensor& cache, const torch::Tensor& rows) {  // contiguous both
+    const bf16* from = reinterpret_cast<const bf16*>(rows.data_ptr());
+    bf16* to = reinterpret_cast<bf16*>(cache.data_ptr());
+    for (int64_t b = 0; b < B; b++)
+      for (int64_t g = 0; g < G; g++)
+        std::copy_n(from + (b * G + g) * D, D, to + ((b * G + g) * C + position[b]) * D);
+  };
+  write(k_cache, k);
+  write(v_cache, v);
   const auto attended =
       decode_attention(q.view({B, -1, D}), k_cache.narrow(2, 0, kv_length),
                        v_cache.narrow(2, 0, kv_length), mask, 1.0 / std::sqrt((double)D));
