@@ -118,6 +118,9 @@ struct Bf16Matrix {
   // Rows per pass with 5-8 activation rows: 2 x 8 accumulators + 8 activations fit in the 32
   // vector registers, and each activation load then serves two weight rows.
   static constexpr int kWideRows = 2;
+  // Loads in flight per row for one activation row: 2 (128 bytes) streamed up to 20% faster than
+  // 4 on one core (4 KB and 2 KB rows, huge pages), and no slower on two.
+  static constexpr int kSingleUnroll = 2;
   const bf16* data;
   int64_t ld;
 
@@ -187,6 +190,7 @@ struct Bf16Matrix {
 struct Int8Matrix {
   using Activations = Int8Activations;
   static constexpr int kWideRows = 1;  // two accumulators per row and activation row
+  static constexpr int kSingleUnroll = 4;  // 256 bytes in flight per row: int8 rows are short
   const int8_t* data;
   int64_t ld;
   const float* scale;
@@ -272,7 +276,7 @@ void gemv(const Matrix& W, int64_t begin, int64_t end, const typename Matrix::Ac
   for (int64_t v = 0; v < nv; v += kMaxVectors) {
     float* o = out + v * ldo;
     switch (std::min<int64_t>(nv - v, kMaxVectors)) {
-      case 1: W.template rows<2, 1>(begin, end, x, v0 + v, o, ldo); break;
+      case 1: W.template rows<Matrix::kSingleUnroll, 1>(begin, end, x, v0 + v, o, ldo); break;
       case 2: W.template rows<4, 2>(begin, end, x, v0 + v, o, ldo); break;
       case 3: W.template rows<2, 3>(begin, end, x, v0 + v, o, ldo); break;
       case 4: W.template rows<2, 4>(begin, end, x, v0 + v, o, ldo); break;
