@@ -130,9 +130,9 @@ def test_experts_run_in_bfloat16_under_autocast_with_float32_gradients():
     x = torch.randn(7, block.gate.weight.shape[1])
     seen = []
 
-    def spy(a, b, counts):
+    def spy(a, b, counts, scale=None):
         seen.append((a.dtype, b.dtype))
-        return grouped_linear(a, b, counts)
+        return grouped_linear(a, b, counts, scale)
 
     with pytest.MonkeyPatch.context() as patch, torch.autocast("cpu", dtype=torch.bfloat16):
         patch.setattr(olmoe.moe, "grouped_linear", spy)

@@ -71,6 +71,45 @@ def test_int8_moe_kernel_matches_float64(tokens, experts, top_k, only):
 
 
 @needs_kernels
+@needs_kernels
+@pytest.mark.parametrize("counts", [[3, 0, 5, 1, 0, 7], [0, 0, 16, 0, 0, 0], [0] * 6])
+def test_grouped_int8_linear_is_each_group_times_its_dequantised_weights(counts):
+    """int8 experts side by side (prefill): each group exactly its own product with the weights
+    dequantised as olmoe.quantize.dequantize rounds them; empty groups are skipped."""
+    counts = torch.tensor(counts)
+    x = bf16(int(counts.sum()), 40, seed=11)
+    q, scale = quantize_rows(bf16(6, 24, 40, scale=0.1, seed=12))
+    got = kernels.grouped_linear_int8(x, q, scale, counts)
+    chunks = torch.split(x, counts.tolist())
+    weights = dequantize(q, scale, torch.bfloat16)
+    expected = torch.cat([chunk @ weights[e].T for e, chunk in enumerate(chunks)])
+    assert got.shape == (x.shape[0], 24) and torch.equal(got, expected)
+
+
+@needs_kernels
+def test_int8_prefill_side_by_side_matches_one_expert_at_a_time(monkeypatch):
+    model = tiny_model(seed=1).to(torch.bfloat16)
+    quantize_model(model)
+    experts = model.model.layers[0].mlp.experts
+    x = bf16(40, model.config.hidden_size, seed=3)
+    # five of the eight experts idle
+    routing = random_routing(
+        40, model.config.num_experts, model.config.num_experts_per_tok, 4, only=[1, 2, 5]
+    )
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.no_grad():
+            assert kernels.grouped_applies(x, experts.gate_up_proj)
+            side_by_side = experts(x, routing)
+            monkeypatch.setattr(kernels, "grouped_applies", lambda *args: False)
+            one_by_one = experts(x, routing)
+    finally:
+        torch.set_num_threads(threads)
+    # the same products; the sum over a token's experts rounds once here, per expert there
+    assert_close(side_by_side, one_by_one, rtol=2**-7, atol=1e-3)
+
+
 def test_int8_modules_kernel_and_fallback_agree(monkeypatch):
     model = tiny_model(seed=1).to(torch.bfloat16)
     quantize_model(model)

@@ -87,11 +87,16 @@ def _grouped_mm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (weight.shape[1] * row_bytes) % 16 == 0 and (weight.shape[2] * row_bytes) % 16 == 0
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def grouped_linear(
+    x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, scale: torch.Tensor | None = None
+) -> torch.Tensor:
     """`x @ weight[e].T` for consecutive row groups of `x`, group e having `counts[e]` rows.
 
-    x: (S, in) rows sorted by expert; weight: (E, out, in); counts: (E,) -> (S, out).
+    x: (S, in) rows sorted by expert; weight: (E, out, in), or int8 with its per-row `scale`
+    (E, out) where kernels.grouped_applies (see olmoe.quantize); counts: (E,) -> (S, out).
     """
+    if scale is not None:
+        return kernels.grouped_linear_int8(x, weight, scale, counts)
     if kernels.grouped_applies(x, weight):  # bf16 on the CPU: the groups side by side
         return kernels.GroupedLinear.apply(x, weight, counts)
     if _grouped_mm_applies(x, weight):
@@ -148,10 +153,13 @@ def grouped_experts(
     gate_up: torch.Tensor,
     down: torch.Tensor,
     act_fn=F.silu,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The experts as two grouped GEMMs over the routing slots sorted by expert (the reference
-    path; prefill and training). x: (T, H), gate_up (E, 2I, H), down (E, H, I) -> (T, H)."""
-    if torch.is_autocast_enabled(x.device.type):
+    path; prefill and training). x: (T, H), gate_up (E, 2I, H), down (E, H, I) -> (T, H);
+    int8 experts come with `scales`, the per-row scales of gate_up and down."""
+    gate_up_scale, down_scale = scales or (None, None)
+    if torch.is_autocast_enabled(x.device.type) and scales is None:
         # Autocast runs matrix products in its lower precision but has no rule for grouped_mm
         # (on the CPU), which would leave the experts, most of the FLOPs, in float32: cast as
         # it casts F.linear.
@@ -163,8 +171,8 @@ def grouped_experts(
     slot_order = torch.argsort(expert_of_slot, stable=True)  # (S,)
     counts = torch.bincount(expert_of_slot, minlength=gate_up.shape[0])  # (E,)
     x_sorted = x[slot_order // k]  # (S, H) slot s belongs to token s // K
-    gate, up = grouped_linear(x_sorted, gate_up, counts).chunk(2, dim=-1)  # (S, I)
-    y_sorted = grouped_linear(act_fn(gate) * up, down, counts)  # (S, H)
+    gate, up = grouped_linear(x_sorted, gate_up, counts, gate_up_scale).chunk(2, dim=-1)
+    y_sorted = grouped_linear(act_fn(gate) * up, down, counts, down_scale)  # (S, H)
     y = torch.empty_like(y_sorted).index_copy_(0, slot_order, y_sorted)  # (S, H) slot order
     y = y.view(t, k, -1) * routing.top_k_weights.unsqueeze(-1)  # (T, K, H)
     return y.sum(dim=1)  # (T, H)

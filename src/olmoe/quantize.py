@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from olmoe import kernels
-from olmoe.moe import ACTIVATIONS, OlmoeExperts
+from olmoe.moe import ACTIVATIONS, OlmoeExperts, grouped_experts
 
 QUANT_METHOD = "olmoe-int8"
 QUANTIZATION_CONFIG = {"quant_method": QUANT_METHOD, "bits": 8, "symmetric": True,
@@ -133,11 +133,17 @@ class Int8Experts(_Int8Module):
                 routing.top_k_weights, self.gate_up_proj_scale, self.row_sum("gate_up_proj"),
                 self.down_proj_scale, self.row_sum("down_proj"),
             )  # fmt: skip
+        if kernels.grouped_applies(x, self.gate_up_proj):  # prefill: the experts side by side
+            scales = (self.gate_up_proj_scale, self.down_proj_scale)
+            return grouped_experts(
+                x, routing, self.gate_up_proj, self.down_proj, self.act_fn, scales
+            )  # fmt: skip
         return self._experts_one_by_one(x, routing)
 
     def _experts_one_by_one(self, x: torch.Tensor, routing) -> torch.Tensor:
-        """Prefill and training: each expert that has tokens is dequantised on its own (12 MB
-        in bf16 at the released shape, not a whole layer in float32) and runs as two GEMMs."""
+        """Prefill on one thread or without the kernels: each expert that has tokens is
+        dequantised on its own (12 MB in bf16 at the released shape, not a whole layer in
+        float32) and runs as two GEMMs."""
         t, k = routing.top_k_indices.shape
         out = torch.zeros(t, x.shape[-1], dtype=torch.float32, device=x.device)  # (T, H)
         inter = self.down_proj.shape[2]

@@ -141,14 +141,28 @@ def moe(
 
 def grouped_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a grouped product (the experts of a prefill or a training step) should run its
-    groups side by side on the threads: bf16 on the CPU with more than one thread."""
+    groups side by side on the threads: bf16 activations on the CPU with more than one thread,
+    and bf16 weights, or int8 ones when no gradient is needed (they are dequantised group by
+    group; see grouped_linear_int8)."""
     return (
         x.dtype == torch.bfloat16
-        and weight.dtype == torch.bfloat16
+        and (
+            weight.dtype == torch.bfloat16
+            or (weight.dtype == torch.int8 and not (torch.is_grad_enabled() and x.requires_grad))
+        )
         and x.device.type == "cpu"
         and torch.get_num_threads() > 1
         and native() is not None
     )
+
+
+def grouped_linear_int8(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, counts: torch.Tensor
+) -> torch.Tensor:
+    """`x @ dequantize(weight[e], scale[e]).T` for consecutive row groups of x (group e:
+    counts[e] rows), side by side, each group's weights dequantised to bf16 by the thread that
+    runs it. x (S, K) bf16, weight (E, N, K) int8, scale (E, N) float32 -> (S, N) bf16."""
+    return native().grouped_linear(x.contiguous(), weight, counts, scale)
 
 
 class GroupedLinear(torch.autograd.Function):
@@ -159,7 +173,7 @@ class GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, counts):
         ctx.save_for_backward(x, weight, counts)
-        return native().grouped_linear(x.contiguous(), weight, counts)
+        return native().grouped_linear(x.contiguous(), weight, counts, None)
 
     @staticmethod
     def backward(ctx, grad):
@@ -167,7 +181,7 @@ class GroupedLinear(torch.autograd.Function):
         grad = grad.contiguous()  # a .sum() loss hands down an expanded gradient
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:  # group e: grad_e @ weight[e]
-            grad_x = native().grouped_linear(grad, weight.transpose(1, 2), counts)
+            grad_x = native().grouped_linear(grad, weight.transpose(1, 2), counts, None)
         if ctx.needs_input_grad[1]:
             grad_weight = native().grouped_weight_grad(grad, x.contiguous(), counts)
         return grad_x, grad_weight, None

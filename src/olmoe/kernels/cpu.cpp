@@ -562,14 +562,41 @@ void for_each_group(const torch::Tensor& counts, int64_t rows, const F& f) {
   });
 }
 
-torch::Tensor grouped_linear(torch::Tensor x, torch::Tensor weight, torch::Tensor counts) {
+// int8 weights (with `scale`, (E, N) float32 per row) are dequantised group by group into a
+// bf16 buffer of the thread that runs the group, rounding as olmoe.quantize.dequantize does
+// (bf16(float(q) * scale)): a layer's experts never exist in bf16 all at once.
+torch::Tensor grouped_linear(torch::Tensor x, torch::Tensor weight, torch::Tensor counts,
+                             c10::optional<torch::Tensor> scale) {
+  const bool int8 = weight.scalar_type() == torch::kChar;
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 3 && x.size(1) == weight.size(2) &&
-                  x.scalar_type() == weight.scalar_type() && counts.size(0) == weight.size(0),
+                  (int8 ? x.scalar_type() == torch::kBFloat16 : x.scalar_type() == weight.scalar_type()) &&
+                  counts.size(0) == weight.size(0),
               "x (S, K), weight (E, N, K) and counts (E,) must match");
-  auto out = torch::empty({x.size(0), weight.size(1)}, x.options());
-  for_each_group(counts, x.size(0), [&](int64_t e, int64_t first, int64_t n) {
-    auto rows = out.narrow(0, first, n);
-    at::mm_out(rows, x.narrow(0, first, n), weight[e].t());
+  const int64_t N = weight.size(1), K = weight.size(2);
+  if (int8) {
+    TORCH_CHECK(scale.has_value(), "int8 weights need their scale");
+    check(weight, "weight", 3, torch::kChar);
+    check(*scale, "scale", 2, torch::kFloat32);
+  }
+  auto out = torch::empty({x.size(0), N}, x.options());
+  for_each_group(counts, x.size(0), [&](int64_t e, int64_t first_row, int64_t n) {
+    auto rows = out.narrow(0, first_row, n);
+    if (!int8) {
+      at::mm_out(rows, x.narrow(0, first_row, n), weight[e].t());
+      return;
+    }
+    auto w = torch::empty({N, K}, x.options());
+    const int8_t* q = weight.data_ptr<int8_t>() + e * N * K;
+    const float* s = scale->data_ptr<float>() + e * N;
+    bf16* to = reinterpret_cast<bf16*>(w.data_ptr());
+    for (int64_t r = 0; r < N; r++)
+      for (int64_t k = 0; k < K; k += 16) {
+        const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+            _mm_maskz_loadu_epi8(first(K - k), q + r * K + k)));
+        _mm256_mask_storeu_epi16(to + r * K + k, first(K - k),
+                                 (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(v, _mm512_set1_ps(s[r]))));
+      }
+    at::mm_out(rows, x.narrow(0, first_row, n), w.t());
   });
   return out;
 }
