@@ -1,0 +1,94 @@
+"""olmoe against llama.cpp at batch-1 decoding, one token each in turn in one process.
+
+    .venv/bin/python bench/decode_duel.py                  # 250 tokens each, about 3 minutes
+
+This machine's memory bandwidth moves in phases (see the README's CPU speed section), so
+engines measured minutes apart in separate processes can each draw a different one. Here both
+decode side by side, token for token, and see the same phases. Both must fit in memory at once,
+so the checkpoint is the released architecture cut to 8 of its 16 layers (6.9 GB of bf16
+weights, written and converted to a bf16 GGUF once into ~/.cache/olmoe/bench/half). Prints each
+engine's median and mean tok/s and the per-token time ratios (>1: olmoe is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+if __package__:
+    from . import engines
+else:  # run as a script: bench/ is on sys.path
+    import engines
+
+from olmoe import OlmoeConfig, OlmoeForCausalLM, generation
+
+
+def half_released() -> OlmoeConfig:
+    config = OlmoeConfig.olmoe_1b_7b()
+    config.num_hidden_layers = 8
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=250)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dir", type=Path, default=Path.home() / ".cache/olmoe/bench/half")
+    parser.add_argument("--llama-cpp-src", help="as for bench/cpu_inference.py")
+    args = parser.parse_args(argv)
+    try:
+        import llama_cpp
+    except ImportError:
+        print("needs llama-cpp-python (see bench/cpu_inference.py's doc)", file=sys.stderr)
+        return 2
+    if not (args.dir / "config.json").is_file():
+        print(f"writing the 8-layer checkpoint to {args.dir} (once) ...", flush=True)
+        engines.write_checkpoint(args.dir, half_released())
+    gguf = engines.ensure_gguf(args.dir, "bf16", args.llama_cpp_src)
+    torch.set_num_threads(args.threads)
+    model = OlmoeForCausalLM.from_pretrained(args.dir, dtype=torch.bfloat16)
+    llm = llama_cpp.Llama(
+        model_path=str(gguf), n_threads=args.threads, n_threads_batch=args.threads, n_ctx=1024,
+        logits_all=False, verbose=False,
+    )  # fmt: skip
+
+    def llama_next() -> int:
+        logits = llama_cpp.llama_get_logits(llm.ctx)
+        return int(np.ctypeslib.as_array(logits, shape=(llm.n_vocab(),)).argmax())
+
+    prompt = engines.random_prompt(1, engines.DECODE_PROMPT_TOKENS)
+    ours = generation.generate_tokens(model, prompt, args.tokens + 2, eos_token_id=[])
+    next(ours), next(ours)  # prefill and one step: warm
+    llm.eval(prompt[0].tolist())
+    token = llama_next()
+    llm.eval([token])
+    token = llama_next()
+    theirs_s, ours_s = [], []
+    for _ in range(args.tokens):
+        start = time.perf_counter()
+        llm.eval([token])
+        token = llama_next()
+        theirs_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        next(ours)
+        ours_s.append(time.perf_counter() - start)
+    per_token = [t / o for t, o in zip(theirs_s, ours_s)]
+    quartiles = ", ".join(f"{q:.3f}" for q in statistics.quantiles(per_token, n=4))
+    for name, seconds in (("olmoe bf16", ours_s), (f"llama.cpp {llama_cpp.__version__}", theirs_s)):
+        print(
+            f"{name}: median {1 / statistics.median(seconds):.2f} tok/s, "
+            f"mean {len(seconds) / sum(seconds):.2f} tok/s"
+        )
+    print(f"olmoe / llama.cpp: {sum(theirs_s) / sum(ours_s):.3f}x over {args.tokens} tokens; "
+          f"per-token time ratio quartiles {quartiles}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
