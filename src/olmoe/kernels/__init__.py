@@ -3,7 +3,9 @@
 Decoding a few tokens is bound by memory bandwidth, and PyTorch's bf16 matrix-vector products
 reach only a fraction of it (see cpu.cpp). These kernels take over the bf16 linear layers and the
 MoE block when a call carries at most `MAX_TOKENS` tokens, runs on a CPU with AVX-512 BF16, and
-needs no gradient. Everywhere else — prefill, training, float32, other CPUs, no compiler, or
+needs no gradient, and a whole decode step's layers in one call (`decode_layers`). Prefill and
+training use only `GroupedLinear` / `grouped_linear_int8`: the experts' GEMMs side by side, one
+oneDNN GEMM per thread. Everywhere else — float32, other CPUs, no compiler, or
 `OLMOE_KERNELS=0` — the PyTorch code in model.py and moe.py runs, and it is the reference the
 kernels are tested against.
 
