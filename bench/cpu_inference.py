@@ -84,16 +84,6 @@ def machine_info(threads: int) -> dict:
     }
 
 
-def best_seconds(fn, repeats: int) -> float:
-    fn()  # warm: page faults, thread pool
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def read_bandwidth_gb_s(repeats: int = 5) -> dict:
     """Best-of-`repeats` DRAM read bandwidth, before the engines run, by every reader of
     engines.readers on a buffer of 4 KB pages and one of 2 MB pages (as olmoe's loader puts the
@@ -113,7 +103,7 @@ def matmul_gflop_s(repeats: int = 10) -> dict:
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(m, k, generator=generator).to(torch.bfloat16)
     b = torch.randn(k, n, generator=generator).to(torch.bfloat16)
-    seconds = best_seconds(lambda: torch.mm(a, b), repeats)
+    seconds = engines.best_seconds(lambda: torch.mm(a, b), repeats)
     return {"gflop_s": 2 * m * k * n / seconds / 1e9, "shape_mkn": list(MATMUL_SHAPE)}
 
 

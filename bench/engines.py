@@ -201,20 +201,25 @@ def readers() -> dict[str, Callable[[torch.Tensor], object]]:
     return found
 
 
-def read_gb_s(buffer: torch.Tensor, read, repeats: int) -> float:
-    """Fastest of `repeats` reads of `buffer` (after one untimed), in GB/s."""
-    read(buffer)
-    best = float("inf")
+def best_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Fastest of `repeats` timed calls of `fn`, after one untimed (page faults, thread pool)."""
+    fn()
+    times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        read(buffer)
-        best = min(best, time.perf_counter() - start)
-    return buffer.nbytes / best / 1e9
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def read_gb_s(buffer: torch.Tensor, read, repeats: int) -> float:
+    """Fastest of `repeats` reads of `buffer` (after one untimed), in GB/s."""
+    return buffer.nbytes / best_seconds(lambda: read(buffer), repeats) / 1e9
 
 
 def adjacent_probe() -> Callable[[], float]:
-    """A read-bandwidth probe for the worker's decode measurements: the fastest reader on a 2 MB
-    page buffer, best of 3."""
+    """A read-bandwidth probe for the worker's decode measurements: olmoe's read kernel where
+    it builds (else torch.sum) on a 2 MB page buffer, best of 3."""
     buffer = probe_buffer(ADJACENT_PROBE_BYTES, huge_pages=True)
     read = list(readers().values())[-1]
     return lambda: read_gb_s(buffer, read, repeats=3)

@@ -812,9 +812,9 @@ std::vector<torch::Tensor> decode_layer(
   return {out, logits};
 }
 
-// Tensors per layer in decode_layers' `weights`: decode_layer's from input_norm to down, then
-// the four int8 extras (None for bf16 experts).
-constexpr size_t kWeightsPerLayer = 15;
+// Tensors per layer in decode_layers' `weights`: decode_layer's from input_norm to down (the
+// required ones), then the four int8 extras (None for bf16 experts).
+constexpr size_t kRequiredWeights = 11, kWeightsPerLayer = kRequiredWeights + 4;
 
 // Every decoder layer of one decode step, one after the other in one call. Returning to Python
 // between layers cost about 0.3 ms a layer on the released shape: the weights streamed through
@@ -832,7 +832,8 @@ std::vector<torch::Tensor> decode_layers(
   std::vector<torch::Tensor> out{x};
   for (size_t l = 0; l < L; l++) {
     const c10::optional<torch::Tensor>* w = weights.data() + l * kWeightsPerLayer;
-    for (size_t i = 0; i < 11; i++) TORCH_CHECK(w[i].has_value(), "layer ", l, ": weight ", i, " is missing");
+    for (size_t i = 0; i < kRequiredWeights; i++)
+      TORCH_CHECK(w[i].has_value(), "layer ", l, ": weight ", i, " is missing");
     const auto result = decode_layer(
         out[0], *w[0], *w[1], *w[2], *w[3], *w[4], *w[5], *w[6], *w[7], *w[8], *w[9], *w[10],
         w[11], w[12], w[13], w[14], cos, sin, k_caches[l], v_caches[l], positions, kv_length, mask,
