@@ -306,3 +306,51 @@ def test_experts_run_side_by_side_only_for_bf16_with_threads():
         assert not kernels.grouped_applies(x, weight)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("routing_kind", ["random", "few experts", "one token"])
+@pytest.mark.parametrize("int8", [False, True])
+def test_fused_prefill_experts_equal_the_separate_steps_exactly(monkeypatch, routing_kind, int8):
+    """A prefill's experts in one native pass per expert give the bits of the separate grouped
+    steps (gather, GEMM, SiLU, GEMM, scatter, weighting), idle experts included."""
+    from olmoe.moe import grouped_experts
+    from olmoe.quantize import quantize_rows
+
+    experts, tokens, top_k, hidden, inter = 6, 9, 2, 40, 24
+    if routing_kind == "one token":
+        tokens = 1
+    x = bf16(tokens, hidden, seed=21)
+    gate_up = bf16(experts, 2 * inter, hidden, scale=0.2, seed=22)
+    down = bf16(experts, hidden, inter, scale=0.2, seed=23)
+    logits = bf16(tokens, experts, seed=24)
+    if routing_kind == "few experts":  # every token to experts 1 and 4; the others idle
+        logits[:, [1, 4]] += 20
+    routing = route(logits, top_k)
+    scales = None
+    if int8:
+        (gate_up, gate_up_scale), (down, down_scale) = quantize_rows(gate_up), quantize_rows(down)
+        scales = (gate_up_scale, down_scale)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.inference_mode():
+            assert kernels.fused_experts_applies(x, gate_up)
+            fused = grouped_experts(x, routing, gate_up, down, scales=scales)
+            monkeypatch.setattr(kernels, "fused_experts_applies", lambda *args: False)
+            separate = grouped_experts(x, routing, gate_up, down, scales=scales)
+    finally:
+        torch.set_num_threads(threads)
+    assert fused.shape == (tokens, hidden)
+    assert torch.equal(fused, separate)
+
+
+def test_fused_prefill_experts_stay_out_of_training():
+    x, weight = bf16(5, 16), bf16(4, 8, 16).requires_grad_()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert not kernels.fused_experts_applies(x, weight)  # a graph is recorded for weight
+        with torch.no_grad():
+            assert kernels.fused_experts_applies(x, weight)
+    finally:
+        torch.set_num_threads(threads)

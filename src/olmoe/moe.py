@@ -170,6 +170,11 @@ def grouped_experts(
     # Sort the S routing slots by expert so that each expert's rows are contiguous.
     slot_order = torch.argsort(expert_of_slot, stable=True)  # (S,)
     counts = torch.bincount(expert_of_slot, minlength=gate_up.shape[0])  # (E,)
+    if act_fn is F.silu and kernels.fused_experts_applies(x, gate_up):  # inference: same bits
+        weighted = kernels.grouped_experts(
+            x, gate_up, down, slot_order, counts, routing.top_k_weights, scales
+        )
+        return weighted.view(t, k, -1).sum(dim=1)
     x_sorted = x[slot_order // k]  # (S, H) slot s belongs to token s // K
     gate, up = grouped_linear(x_sorted, gate_up, counts, gate_up_scale).chunk(2, dim=-1)
     y_sorted = grouped_linear(act_fn(gate) * up, down, counts, down_scale)  # (S, H)

@@ -4,8 +4,8 @@ Decoding a few tokens is bound by memory bandwidth, and PyTorch's bf16 matrix-ve
 reach only a fraction of it (see cpu.cpp). These kernels take over the bf16 linear layers and the
 MoE block when a call carries at most `MAX_TOKENS` tokens, runs on a CPU with AVX-512 BF16, and
 needs no gradient, and a whole decode step's layers in one call (`decode_layers`). Prefill and
-training use only `GroupedLinear` / `grouped_linear_int8`: the experts' GEMMs side by side, one
-oneDNN GEMM per thread. Everywhere else — float32, other CPUs, no compiler, or
+training use only `GroupedLinear` / `grouped_linear_int8` / `grouped_experts`: the experts'
+GEMMs side by side, one oneDNN GEMM per thread. Everywhere else — float32, other CPUs, no compiler, or
 `OLMOE_KERNELS=0` — the PyTorch code in model.py and moe.py runs, and it is the reference the
 kernels are tested against.
 
@@ -155,6 +155,34 @@ def grouped_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.device.type == "cpu"
         and torch.get_num_threads() > 1
         and native() is not None
+    )
+
+
+def fused_experts_applies(x: torch.Tensor, gate_up: torch.Tensor) -> bool:
+    """Whether a prefill's experts can run as one native pass per expert (`grouped_experts`):
+    where the grouped products apply and no gradient is recorded."""
+    return grouped_applies(x, gate_up) and not (
+        torch.is_grad_enabled() and (x.requires_grad or gate_up.requires_grad)
+    )
+
+
+def grouped_experts(
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    slot_order: torch.Tensor,
+    counts: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """A prefill's SiLU experts, each expert's slots in one pass on one thread, the experts side
+    by side: x (T, H) bf16; gate_up (E, 2I, H), down (E, H, I), bf16 or int8 with `scales`;
+    slot_order (T * K,) the flat routing slots sorted by expert, counts (E,) per expert;
+    top_k_weights (T, K) bf16. Returns (T * K, H): slot s holds its expert's output times the
+    slot's weight (see cpu.cpp)."""
+    gate_up_scale, down_scale = scales or (None, None)
+    return native().grouped_experts(
+        x.contiguous(), gate_up, down, slot_order, counts, top_k_weights, gate_up_scale, down_scale
     )
 
 

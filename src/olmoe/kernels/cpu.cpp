@@ -562,9 +562,36 @@ void for_each_group(const torch::Tensor& counts, int64_t rows, const F& f) {
   });
 }
 
-// int8 weights (with `scale`, (E, N) float32 per row) are dequantised group by group into a
-// bf16 buffer of the thread that runs the group, rounding as olmoe.quantize.dequantize does
-// (bf16(float(q) * scale)): a layer's experts never exist in bf16 all at once.
+// Group e's weights as a bf16 (N, K) matrix: weight[e] itself, or for int8 weights (with
+// `scale`, (E, N) float32 per row) a copy dequantised by the calling thread, rounding as
+// olmoe.quantize.dequantize does (bf16(float(q) * scale)): a layer's experts never exist in bf16
+// all at once.
+torch::Tensor group_weight(const torch::Tensor& weight, const c10::optional<torch::Tensor>& scale,
+                           int64_t e) {
+  if (weight.scalar_type() != torch::kChar) return weight[e];
+  const int64_t N = weight.size(1), K = weight.size(2);
+  auto w = torch::empty({N, K}, weight.options().dtype(torch::kBFloat16));
+  const int8_t* q = weight.data_ptr<int8_t>() + e * N * K;
+  const float* s = scale->data_ptr<float>() + e * N;
+  bf16* to = reinterpret_cast<bf16*>(w.data_ptr());
+  for (int64_t r = 0; r < N; r++)
+    for (int64_t k = 0; k < K; k += 16) {
+      const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+          _mm_maskz_loadu_epi8(first(K - k), q + r * K + k)));
+      _mm256_mask_storeu_epi16(to + r * K + k, first(K - k),
+                               (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(v, _mm512_set1_ps(s[r]))));
+    }
+  return w;
+}
+
+void check_grouped_weight(const torch::Tensor& weight, const c10::optional<torch::Tensor>& scale,
+                          const char* name) {
+  if (weight.scalar_type() != torch::kChar) return;
+  TORCH_CHECK(scale.has_value(), name, ": int8 weights need their scale");
+  check(weight, name, 3, torch::kChar);
+  check(*scale, "scale", 2, torch::kFloat32);
+}
+
 torch::Tensor grouped_linear(torch::Tensor x, torch::Tensor weight, torch::Tensor counts,
                              c10::optional<torch::Tensor> scale) {
   const bool int8 = weight.scalar_type() == torch::kChar;
@@ -572,31 +599,56 @@ torch::Tensor grouped_linear(torch::Tensor x, torch::Tensor weight, torch::Tenso
                   (int8 ? x.scalar_type() == torch::kBFloat16 : x.scalar_type() == weight.scalar_type()) &&
                   counts.size(0) == weight.size(0),
               "x (S, K), weight (E, N, K) and counts (E,) must match");
-  const int64_t N = weight.size(1), K = weight.size(2);
-  if (int8) {
-    TORCH_CHECK(scale.has_value(), "int8 weights need their scale");
-    check(weight, "weight", 3, torch::kChar);
-    check(*scale, "scale", 2, torch::kFloat32);
-  }
-  auto out = torch::empty({x.size(0), N}, x.options());
+  check_grouped_weight(weight, scale, "weight");
+  auto out = torch::empty({x.size(0), weight.size(1)}, x.options());
   for_each_group(counts, x.size(0), [&](int64_t e, int64_t first_row, int64_t n) {
     auto rows = out.narrow(0, first_row, n);
-    if (!int8) {
-      at::mm_out(rows, x.narrow(0, first_row, n), weight[e].t());
-      return;
-    }
-    auto w = torch::empty({N, K}, x.options());
-    const int8_t* q = weight.data_ptr<int8_t>() + e * N * K;
-    const float* s = scale->data_ptr<float>() + e * N;
-    bf16* to = reinterpret_cast<bf16*>(w.data_ptr());
-    for (int64_t r = 0; r < N; r++)
-      for (int64_t k = 0; k < K; k += 16) {
-        const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-            _mm_maskz_loadu_epi8(first(K - k), q + r * K + k)));
-        _mm256_mask_storeu_epi16(to + r * K + k, first(K - k),
-                                 (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(v, _mm512_set1_ps(s[r]))));
-      }
-    at::mm_out(rows, x.narrow(0, first_row, n), w.t());
+    at::mm_out(rows, x.narrow(0, first_row, n), group_weight(weight, scale, e).t());
+  });
+  return out;
+}
+
+// The experts of a prefill (inference) in one pass per expert: for the routing slots of each
+// expert (`slot_order`, the flat slots t * K + k sorted by expert, counts[e] of them for expert
+// e), gather the tokens' rows of x (T, H), gate/up GEMM, silu(gate) * up, down GEMM, times each
+// slot's routing weight; every result row lands at its slot in the returned (T * K, H). The same
+// GEMMs and elementwise ATen ops as moe.grouped_experts' separate steps, so the same bits, but
+// each expert's intermediates stay in its thread's caches and no pass over all slots is serial.
+torch::Tensor grouped_experts(torch::Tensor x, torch::Tensor gate_up, torch::Tensor down,
+                              torch::Tensor slot_order, torch::Tensor counts,
+                              torch::Tensor top_k_weights, c10::optional<torch::Tensor> gate_up_scale,
+                              c10::optional<torch::Tensor> down_scale) {
+  check(x, "x", 2, torch::kBFloat16);
+  check_grouped_weight(gate_up, gate_up_scale, "gate_up");
+  check_grouped_weight(down, down_scale, "down");
+  const int64_t T = x.size(0), H = x.size(1), K = top_k_weights.size(1), S = T * K;
+  const int64_t E = gate_up.size(0), I = down.size(2);
+  TORCH_CHECK(gate_up.dim() == 3 && down.dim() == 3 && gate_up.size(1) == 2 * I &&
+                  gate_up.size(2) == H && down.size(0) == E && down.size(1) == H &&
+                  counts.size(0) == E,
+              "gate_up (E, 2I, H), down (E, H, I) and counts (E,) must match x (T, H)");
+  TORCH_CHECK(top_k_weights.dim() == 2 && top_k_weights.size(0) == T &&
+                  top_k_weights.scalar_type() == torch::kBFloat16 && slot_order.numel() == S,
+              "top_k_weights must be bf16 (T, K) and slot_order hold T * K slots");
+  const auto order64 = slot_order.to(torch::kInt64).contiguous();
+  const int64_t* slot = order64.data_ptr<int64_t>();
+  for (int64_t j = 0; j < S; j++)
+    TORCH_CHECK(slot[j] >= 0 && slot[j] < S, "slot_order holds ", slot[j], ", not a slot");
+  const auto mix = top_k_weights.contiguous().view({S, 1});
+  auto out = torch::empty({S, H}, x.options());
+  const bf16* X = reinterpret_cast<const bf16*>(x.data_ptr());
+  for_each_group(counts, S, [&](int64_t e, int64_t first_row, int64_t n) {
+    const int64_t* slots = slot + first_row;
+    auto rows = torch::empty({n, H}, x.options());
+    bf16* R = reinterpret_cast<bf16*>(rows.data_ptr());
+    for (int64_t j = 0; j < n; j++) std::copy_n(X + (slots[j] / K) * H, H, R + j * H);
+    const auto gate_and_up = at::mm(rows, group_weight(gate_up, gate_up_scale, e).t());  // (n, 2I)
+    const auto act = at::silu(gate_and_up.narrow(1, 0, I)).mul_(gate_and_up.narrow(1, I, I));
+    auto y = at::mm(act, group_weight(down, down_scale, e).t());  // (n, H)
+    y.mul_(mix.index_select(0, order64.narrow(0, first_row, n)));  // y * weight, rounded once
+    const bf16* Y = reinterpret_cast<const bf16*>(y.data_ptr());
+    bf16* O = reinterpret_cast<bf16*>(out.data_ptr());
+    for (int64_t j = 0; j < n; j++) std::copy_n(Y + j * H, H, O + slots[j] * H);
   });
   return out;
 }
@@ -875,6 +927,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "x @ weight.T (+ bias) for a few bf16 rows; bf16 or int8 weight");
   m.def("moe", &moe, "sparse MoE experts for a few bf16 tokens; bf16 or int8 experts");
   m.def("grouped_linear", &grouped_linear, "per-group x @ weight[e].T, the groups side by side");
+  m.def("grouped_experts", &grouped_experts, "a prefill's experts, one pass per expert, side by side");
   m.def("grouped_weight_grad", &grouped_weight_grad, "per-group grad.T @ x, side by side");
   m.def("rms_norm", &rms_norm, "RMSNorm of a few bf16 rows");
   m.def("decode_attention", &decode_attention, "one query per sequence over the KV cache");
