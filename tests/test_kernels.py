@@ -171,7 +171,7 @@ def test_decoding_uses_the_kernels_and_matches_pytorch(monkeypatch):
 def test_fused_decode_layer_equals_the_per_operation_kernels_exactly(monkeypatch, int8, padded):
     """Same operations, same roundings: the fused layer must reproduce the per-operation path
     bit for bit, with bf16 or int8 experts, with and without a padding mask."""
-    from olmoe.model import OlmoeDecoderLayer
+    from olmoe.model import OlmoeModel
     from olmoe.quantize import quantize_model
 
     model = tiny_model(seed=3, num_key_value_heads=2).to(torch.bfloat16)
@@ -186,9 +186,52 @@ def test_fused_decode_layer_equals_the_per_operation_kernels_exactly(monkeypatch
         with torch.inference_mode():
             return torch.stack([logits.float() for logits in _steps(model, prompt, mask)])
 
+    calls = count_calls(monkeypatch, ["decode_layers"])
     fused = run()
-    monkeypatch.setattr(OlmoeDecoderLayer, "decode_arguments", lambda self: None)
+    steps = calls["decode_layers"]
+    assert steps > 0
+    monkeypatch.setattr(OlmoeModel, "_decode_fused", lambda *args: None)
     assert torch.equal(fused, run())
+    assert calls["decode_layers"] == steps  # the per-operation path ran
+
+
+def test_decode_weights_are_gathered_once_and_again_after_a_change(monkeypatch):
+    """The native decode step reuses the weights it gathered until a module changes: a
+    replaced parameter is used from the next step on, and a cast falls back to PyTorch."""
+    from olmoe.model import OlmoeDecoderLayer
+
+    model = tiny_model(seed=4).to(torch.bfloat16)
+    gathered = {"layers": 0}
+    original = OlmoeDecoderLayer.decode_arguments
+
+    def counted(self):
+        gathered["layers"] += 1
+        return original(self)
+
+    monkeypatch.setattr(OlmoeDecoderLayer, "decode_arguments", counted)
+    prompt = torch.tensor([[5, 17, 42, 7, 99, 3]])
+    first = logits_per_step(model, prompt)  # 5 decode steps, one gathering
+    layers = model.config.num_hidden_layers
+    assert gathered["layers"] == layers
+    assert torch.equal(first, logits_per_step(model, prompt))
+    assert gathered["layers"] == layers
+
+    proj = model.model.layers[1].self_attn.o_proj
+    proj.weight = torch.nn.Parameter(proj.weight.detach() * 2)
+    changed = logits_per_step(model, prompt)
+    assert gathered["layers"] == 2 * layers
+    fresh = tiny_model(seed=4).to(torch.bfloat16)
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(changed, logits_per_step(fresh, prompt))
+    assert not torch.equal(changed, first)
+
+    model.float()  # the gathered bf16 weights no longer fit: PyTorch decodes
+    calls = count_calls(monkeypatch, ["decode_layers"])
+    assert torch.equal(logits_per_step(model, prompt), logits_per_step(fresh.float(), prompt))
+    assert calls["decode_layers"] == 1  # refused once, before writing anything
+    model.bfloat16()
+    assert torch.equal(logits_per_step(model, prompt), changed)
+    assert calls["decode_layers"] == 1 + 5
 
 
 def _steps(model, prompt, mask, steps=5):

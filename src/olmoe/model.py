@@ -24,6 +24,21 @@ from olmoe.moe import (
 )
 from olmoe.outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
+# Bumped whenever any module gains a parameter or a submodule (attribute assignment, register_*,
+# load_state_dict(assign=True), quantisation swapping in int8 modules). OlmoeModel reuses the
+# weights it gathers for the native decode step only while this stands still: gathering them
+# walks every layer's modules, about 0.5 ms a step on the released shape with cold caches.
+_module_epoch = 0
+
+
+def _module_changed(*_args) -> None:
+    global _module_epoch
+    _module_epoch += 1
+
+
+nn.modules.module.register_module_parameter_registration_hook(_module_changed)
+nn.modules.module.register_module_module_registration_hook(_module_changed)
+
 
 class OlmoeRMSNorm(nn.Module):
     def __init__(self, width: int, eps: float = 1e-5):
@@ -343,6 +358,7 @@ class OlmoeModel(OlmoePreTrainedModel):
         self.norm = OlmoeRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = OlmoeRotaryEmbedding(config)
         self.init_weights()
+        self._decode_cache: tuple[tuple, tuple[list, tuple]] | None = None  # (key, arguments)
 
     def forward(
         self,
@@ -390,11 +406,11 @@ class OlmoeModel(OlmoePreTrainedModel):
         all_hidden, all_attentions, all_router_logits = [], [], []
         fused = None
         if length == 1 and hasattr(cache, "decode_slot") and not output_attentions:
-            fused = self._decode_arguments(output_hidden_states)
-        if fused is not None:
-            hidden, all_router_logits = self._decode_fused(
-                hidden, fused, rotary, mask, cache, cache_position
+            fused = self._decode_fused(
+                hidden, rotary, mask, cache, cache_position, output_hidden_states
             )
+        if fused is not None:
+            hidden, all_router_logits = fused
         for layer in self.layers if fused is None else ():
             if output_hidden_states:
                 all_hidden.append(hidden)
@@ -416,33 +432,50 @@ class OlmoeModel(OlmoePreTrainedModel):
         )
         return out if return_dict else out.to_tuple()
 
-    def _decode_arguments(self, output_hidden_states: bool) -> tuple[list, tuple] | None:
-        """Every layer's decode tensors and their shared settings, or None unless all layers
-        can decode natively with the same settings (and no per-layer hidden states are asked
-        for)."""
-        if output_hidden_states:
-            return None
+    def _decode_arguments(self, fresh: bool = False) -> tuple[list, tuple] | None:
+        """Every layer's decode tensors (one flat list) and their shared settings, or None unless
+        all layers can decode natively with the same settings. Kept between steps while no
+        module changes (see _module_epoch); `fresh` gathers them again."""
+        key = (_module_epoch, self.training, torch.is_grad_enabled())
+        if not fresh and self._decode_cache is not None and self._decode_cache[0] == key:
+            return self._decode_cache[1]
+        self._decode_cache = None
         arguments = [layer.decode_arguments() for layer in self.layers]
         if any(a is None for a in arguments) or len({a[1] for a in arguments}) != 1:
             return None
-        return [a[0] for a in arguments], arguments[0][1]
+        gathered = [t for a in arguments for t in a[0]], arguments[0][1]
+        self._decode_cache = key, gathered
+        return gathered
 
-    def _decode_fused(self, x, arguments, rotary, mask, cache, cache_position):
+    def _decode_fused(self, x, rotary, mask, cache, cache_position, output_hidden_states):
         """One decode step through every layer in one native call (kernels.decode_layers): the
         same operations and roundings as the layers' PyTorch path (tests compare bit for bit).
         Gathering the arguments for all layers before streaming any weights keeps this Python
-        in warm caches. Returns the last hidden state and each layer's router logits."""
+        in warm caches. Returns the last hidden state and each layer's router logits, or None
+        where the layers cannot run natively (or per-layer hidden states are asked for)."""
+        arguments = None if output_hidden_states else self._decode_arguments()
+        if arguments is None:
+            return None
         b = x.shape[0]
         attn = self.layers[0].self_attn
         like = (b, attn.num_kv_heads, attn.head_dim)
         slots = [cache.decode_slot(i, cache_position, like) for i in range(len(self.layers))]
         positions, kv_length = slots[0][2], slots[0][3]
         cos, sin = (t.reshape(-1, t.shape[-1]).expand(b, -1).contiguous() for t in rotary)
-        weights, settings = arguments
-        out, router_logits = kernels.decode_layers(
-            x.view(b, -1), weights, [s[0] for s in slots], [s[1] for s in slots], cos, sin,
-            positions, kv_length, None if mask is None else mask.reshape(b, -1), *settings,
+        state = (
+            [s[0] for s in slots], [s[1] for s in slots], cos, sin, positions, kv_length,
+            None if mask is None else mask.reshape(b, -1),
         )  # fmt: skip
+        weights, settings = arguments
+        result = kernels.decode_layers(x.view(b, -1), weights, *state, *settings)
+        if result is None:  # the model was cast or moved since the weights were gathered
+            arguments = self._decode_arguments(fresh=True)
+            if arguments is not None:
+                weights, settings = arguments
+                result = kernels.decode_layers(x.view(b, -1), weights, *state, *settings)
+        if result is None:
+            return None
+        out, router_logits = result
         return out.view(b, 1, -1), router_logits
 
     def _check_token_ids(self, input_ids: torch.Tensor) -> None:

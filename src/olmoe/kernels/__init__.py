@@ -241,14 +241,17 @@ def decode_attention(q, k, v, mask: torch.Tensor | None, scale: float) -> torch.
     return native().decode_attention(q.reshape(b, n, d), k, v, flat_mask, scale).view(b, n, 1, d)
 
 
-def decode_layers(x: torch.Tensor, layer_weights, keys, values, *state):
+def decode_layers(x: torch.Tensor, weights, keys, values, *state):
     """Every decoder layer for one new token per sequence, in one native call (see
-    OlmoeModel._decode_fused): the last layer's output and each layer's router logits.
-    layer_weights: per layer, the tensors of OlmoeDecoderLayer.decode_weights; keys, values:
-    per layer, the cache buffers."""
-    flat = [w for weights in layer_weights for w in weights]
-    out, *router_logits = native().decode_layers(x.contiguous(), flat, keys, values, *state)
-    return out, router_logits
+    OlmoeModel._decode_fused): the last layer's output and each layer's router logits, or None
+    when the weights no longer fit the kernel (cast or moved since they were gathered; nothing
+    has been written then). weights: every layer's tensors of
+    OlmoeDecoderLayer.decode_arguments, one flat list; keys, values: per layer, the cache
+    buffers."""
+    result = native().decode_layers(x.contiguous(), weights, keys, values, *state)
+    if not result:
+        return None
+    return result[0], result[1:]
 
 
 def read_all(buffer: torch.Tensor) -> int:

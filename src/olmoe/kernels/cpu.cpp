@@ -868,10 +868,32 @@ std::vector<torch::Tensor> decode_layer(
 // required ones), then the four int8 extras (None for bf16 experts).
 constexpr size_t kRequiredWeights = 11, kWeightsPerLayer = kRequiredWeights + 4;
 
+// Whether every layer's weights are still what decode_layer takes: the caller gathers them once
+// and reuses them across steps, and a model cast or moved since then must fall back, not fail
+// halfway through a step (after earlier layers wrote their cache entries).
+bool decode_weights_fit(const std::vector<c10::optional<torch::Tensor>>& weights) {
+  for (size_t i = 0; i < weights.size(); i++) {
+    const auto& w = weights[i];
+    const size_t slot = i % kWeightsPerLayer;
+    const bool int8_experts = weights[i - slot + kRequiredWeights - 2]->scalar_type() == torch::kChar;
+    if (slot >= kRequiredWeights) {  // the int8 extras: there exactly for int8 experts
+      if (w.has_value() != int8_experts) return false;
+      if (w.has_value() && !w->device().is_cpu()) return false;
+      continue;
+    }
+    const bool expert = slot >= kRequiredWeights - 2;
+    if (!w.has_value() || !w->device().is_cpu() || !w->is_contiguous() ||
+        w->scalar_type() != (expert && int8_experts ? torch::kChar : torch::kBFloat16))
+      return false;
+  }
+  return true;
+}
+
 // Every decoder layer of one decode step, one after the other in one call. Returning to Python
 // between layers cost about 0.3 ms a layer on the released shape: the weights streamed through
 // the caches evict the interpreter's state, so every attribute lookup there misses. Returns the
-// last layer's output (B, H), then each layer's router logits (B, E).
+// last layer's output (B, H), then each layer's router logits (B, E); nothing when the weights
+// no longer fit (see decode_weights_fit), before anything is written.
 std::vector<torch::Tensor> decode_layers(
     torch::Tensor x, std::vector<c10::optional<torch::Tensor>> weights,
     std::vector<torch::Tensor> k_caches, std::vector<torch::Tensor> v_caches, torch::Tensor cos,
@@ -881,11 +903,14 @@ std::vector<torch::Tensor> decode_layers(
   const size_t L = k_caches.size();
   TORCH_CHECK(v_caches.size() == L && weights.size() == kWeightsPerLayer * L,
               "decode_layers: ", kWeightsPerLayer, " weights and a key and a value cache per layer");
+  for (size_t l = 0; l < L; l++)
+    for (size_t i = 0; i < kRequiredWeights; i++)
+      TORCH_CHECK(weights[l * kWeightsPerLayer + i].has_value(), "layer ", l, ": weight ", i,
+                  " is missing");
+  if (!decode_weights_fit(weights)) return {};
   std::vector<torch::Tensor> out{x};
   for (size_t l = 0; l < L; l++) {
     const c10::optional<torch::Tensor>* w = weights.data() + l * kWeightsPerLayer;
-    for (size_t i = 0; i < kRequiredWeights; i++)
-      TORCH_CHECK(w[i].has_value(), "layer ", l, ": weight ", i, " is missing");
     const auto result = decode_layer(
         out[0], *w[0], *w[1], *w[2], *w[3], *w[4], *w[5], *w[6], *w[7], *w[8], *w[9], *w[10],
         w[11], w[12], w[13], w[14], cos, sin, k_caches[l], v_caches[l], positions, kv_length, mask,
