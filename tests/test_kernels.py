@@ -31,8 +31,9 @@ def bf16(*shape, scale=1.0, seed=0):
 @pytest.mark.parametrize(
     "tokens, out_features, in_features",
     [(1, 64, 2048), (1, 100, 48), (2, 50, 200), (3, 33, 16), (4, 40, 300), (8, 256, 1024),
-     (16, 130, 96), (5, 7, 40)],  # fmt: skip
-)
+     (16, 130, 96), (5, 7, 40),
+     (1, 600, 2048), (3, 1100, 1000)],  # several 1 MB work items, the last one partial
+)  # fmt: skip
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_matches_float64(tokens, out_features, in_features, bias):
     x = bf16(tokens, in_features, seed=1)
@@ -81,6 +82,7 @@ def random_routing(tokens, experts, top_k, seed, only=None):
         (16, 8, 2, 32, 16, [3, 5]),  # every token on the same two experts
         (6, 4, 1, 96, 64, [2]),  # top-1, all on one expert, three experts empty
         (12, 16, 4, 128, 80, None),
+        (3, 4, 2, 1100, 600, None),  # gate/up in 3 work items per expert, down in 2
     ],
 )
 def test_moe_matches_float64(tokens, experts, top_k, hidden, inter, only):

@@ -32,8 +32,9 @@ def test_quantize_rows_is_symmetric_per_row_and_within_half_a_step():
 @pytest.mark.parametrize(
     "tokens, out_features, in_features",
     [(1, 64, 2048), (1, 9, 300), (2, 20, 1000), (3, 33, 40), (4, 8, 130), (8, 130, 96),
-     (16, 17, 200)],  # fmt: skip
-)
+     (16, 17, 200),
+     (1, 1100, 2048)],  # 3 work items of 1 MB, the last one partial
+)  # fmt: skip
 def test_int8_linear_kernel_is_exact_on_the_quantised_weights(tokens, out_features, in_features):
     x = bf16(tokens, in_features, seed=1)
     q, scale = quantize_rows(bf16(out_features, in_features, scale=0.05, seed=2))
