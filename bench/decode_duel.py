@@ -1,12 +1,14 @@
 """olmoe against llama.cpp at batch-1 decoding, one token each in turn in one process.
 
     .venv/bin/python bench/decode_duel.py                  # 250 tokens each, about 3 minutes
+    .venv/bin/python bench/decode_duel.py --int8           # olmoe int8 against llama.cpp Q8_0
 
 This machine's memory bandwidth moves in phases (see the README's CPU speed section), so
 engines measured minutes apart in separate processes can each draw a different one. Here both
 decode side by side, token for token, and see the same phases. Both must fit in memory at once,
 so the checkpoint is the released architecture cut to 8 of its 16 layers (6.9 GB of bf16
-weights, written and converted to a bf16 GGUF once into ~/.cache/olmoe/bench/half). Prints each
+weights, written and converted to a bf16 GGUF once into ~/.cache/olmoe/bench/half; with --int8,
+olmoe quantises it on load and llama.cpp reads a Q8_0 GGUF converted from it). Prints each
 engine's median and mean tok/s and the per-token time ratios (>1: olmoe is faster).
 """
 
@@ -41,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dir", type=Path, default=Path.home() / ".cache/olmoe/bench/half")
     parser.add_argument("--llama-cpp-src", help="as for bench/cpu_inference.py")
+    parser.add_argument(
+        "--int8", action="store_true", help="olmoe int8 against llama.cpp Q8_0 (default: bf16)"
+    )
     args = parser.parse_args(argv)
     try:
         import llama_cpp
@@ -50,9 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.dir / "config.json").is_file():
         print(f"writing the 8-layer checkpoint to {args.dir} (once) ...", flush=True)
         engines.write_checkpoint(args.dir, half_released())
-    gguf = engines.ensure_gguf(args.dir, "bf16", args.llama_cpp_src)
+    gguf = engines.ensure_gguf(args.dir, "q8_0" if args.int8 else "bf16", args.llama_cpp_src)
     torch.set_num_threads(args.threads)
-    model = OlmoeForCausalLM.from_pretrained(args.dir, dtype=torch.bfloat16)
+    quantize = "int8" if args.int8 else None
+    model = OlmoeForCausalLM.from_pretrained(args.dir, dtype=torch.bfloat16, quantize=quantize)
     llm = llama_cpp.Llama(
         model_path=str(gguf), n_threads=args.threads, n_threads_batch=args.threads, n_ctx=1024,
         logits_all=False, verbose=False,
@@ -80,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         ours_s.append(time.perf_counter() - start)
     per_token = [t / o for t, o in zip(theirs_s, ours_s)]
     quartiles = ", ".join(f"{q:.3f}" for q in statistics.quantiles(per_token, n=4))
-    for name, seconds in (("olmoe bf16", ours_s), (f"llama.cpp {llama_cpp.__version__}", theirs_s)):
+    ours_name = "olmoe int8" if args.int8 else "olmoe bf16"
+    theirs_name = f"llama.cpp {llama_cpp.__version__} {'Q8_0' if args.int8 else 'bf16'}"
+    for name, seconds in ((ours_name, ours_s), (theirs_name, theirs_s)):
         print(
             f"{name}: median {1 / statistics.median(seconds):.2f} tok/s, "
             f"mean {len(seconds) / sum(seconds):.2f} tok/s"

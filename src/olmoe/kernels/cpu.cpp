@@ -307,8 +307,13 @@ void parallel_items(int64_t n, const F& f) {
 // each streamed region (q/k/v, the experts' gate/up and down) ran 15-30% slower. Larger items
 // (4 MB) gained nothing more, and splitting the last items finer to even out the threads' finish
 // did not help either; at the end of a region a thread waits at most one item (about 50 us).
+// A matrix smaller than that (the router's 256 KB) is still shared by all threads.
 constexpr int64_t kItemBytes = 1 << 20;
-inline int64_t rows_per_item(int64_t row_bytes) { return std::max<int64_t>(1, kItemBytes / row_bytes); }
+inline int64_t rows_per_item(int64_t rows, int64_t row_bytes) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t share = (rows + threads - 1) / threads;
+  return std::max<int64_t>(1, std::min(kItemBytes / row_bytes, share));
+}
 
 void check(const torch::Tensor& t, const char* name, int dim, torch::ScalarType type) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
@@ -366,7 +371,7 @@ std::vector<torch::Tensor> linear_impl(const torch::Tensor& x, const std::vector
   std::vector<torch::Tensor> out;
   std::vector<std::vector<float>> acc;
   for (size_t m = 0; m < W.size(); m++) {
-    const int64_t step = rows_per_item(K * Matrix::kBytesPerWeight);
+    const int64_t step = rows_per_item(N[m], K * Matrix::kBytesPerWeight);
     for (int64_t b = 0; b < N[m]; b += step) items.push_back({m, b, std::min(N[m], b + step)});
     out.push_back(torch::empty({T, N[m]}, x.options()));
     acc.emplace_back(T * N[m]);
@@ -425,7 +430,7 @@ torch::Tensor moe_impl(const torch::Tensor& x, int64_t E, int64_t I, const GateU
 
   struct Item { int64_t expert, begin, end; };
   auto items_for = [&](int64_t rows, int64_t row_bytes) {
-    const int64_t step = rows_per_item(row_bytes);
+    const int64_t step = rows_per_item(rows, row_bytes);
     std::vector<Item> items;
     for (int64_t e : hit)
       for (int64_t b = 0; b < rows; b += step) items.push_back({e, b, std::min(rows, b + step)});
