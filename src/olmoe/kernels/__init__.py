@@ -5,9 +5,9 @@ reach only a fraction of it (see cpu.cpp). These kernels take over the bf16 line
 MoE block when a call carries at most `MAX_TOKENS` tokens, runs on a CPU with AVX-512 BF16, and
 needs no gradient, and a whole decode step's layers in one call (`decode_layers`). Prefill and
 training use only `GroupedLinear` / `grouped_linear_int8` / `grouped_experts`: the experts'
-GEMMs side by side, one oneDNN GEMM per thread. Everywhere else — float32, other CPUs, no compiler, or
-`OLMOE_KERNELS=0` — the PyTorch code in model.py and moe.py runs, and it is the reference the
-kernels are tested against.
+GEMMs side by side, one oneDNN GEMM per thread. Everywhere else — float32, other CPUs, no
+compiler, or `OLMOE_KERNELS=0` — the PyTorch code in model.py and moe.py runs, and it is the
+reference the kernels are tested against.
 
 The build (about a minute, once per machine and torch version) lands in `~/.cache/olmoe/kernels`.
 """
