@@ -7,8 +7,9 @@ Writes (once, cached in --dir) a seeded random bf16 checkpoint of the chosen sha
 layout with the OLMo tokenizer beside it; measures the machine's memory read bandwidth and bf16
 matmul throughput; then runs each engine in its own fresh process, interleaved A B A B over
 --repeats, and reports load time, peak RSS, prefill-512 tok/s (the median over three prompts)
-and decode tok/s at batch 1 and 8 (16-token prompt, 128 new tokens, eos ignored): medians, olmoe's ratio to each peer, and each
-rate as a fraction of its hardware limit. --json writes every raw number and the machine info.
+and decode tok/s at batch 1 and 8 (16-token prompt, 128 new tokens, eos ignored): medians,
+olmoe's ratio to each peer, and each rate as a fraction of its hardware limit. --json writes
+every raw number and the machine info.
 
 Engines: olmoe, olmoe-int8 (when `from_pretrained` accepts quantize="int8"), transformers (its
 default experts implementation grouped_mm, else its eager loop, named in the output; the

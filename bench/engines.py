@@ -4,10 +4,10 @@ Each `run_*` function loads one engine from the cached checkpoint and measures i
 load seconds, a short warm-up, prefill of three different 512-token prompts (the median rate:
 one prefill alone swung by 10-20% here, and each new prompt routes its tokens to experts in new
 proportions, so an engine that prepares work per shape pays it as a real prompt would), then
-greedy decoding of 128 new
-tokens after a 16-token prompt at batch 1 and batch 8, eos ignored. Decode time runs from the
-first new token (prefill and its sampling excluded) to the last, so tok/s = B * (steps - 1) /
-seconds counts only the steps that fed one token per sequence through the model.
+greedy decoding of 128 new tokens after a 16-token prompt at batch 1 and batch 8, eos ignored.
+Decode time runs from the first new token (prefill and its sampling excluded) to the last, so
+tok/s = B * (steps - 1) / seconds counts only the steps that fed one token per sequence through
+the model.
 """
 
 from __future__ import annotations
