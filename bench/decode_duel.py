@@ -23,12 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-if __package__:
-    from . import engines
-else:  # run as a script: bench/ is on sys.path
-    import engines
-
+import olmoe.engine
 from olmoe import OlmoeConfig, OlmoeForCausalLM, generation
+from olmoe.benchmarks import engines
 
 
 def half_released() -> OlmoeConfig:
@@ -42,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=250)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dir", type=Path, default=Path.home() / ".cache/olmoe/bench/half")
-    parser.add_argument("--llama-cpp-src", help="as for bench/cpu_inference.py")
+    parser.add_argument("--llama-cpp-src", help="as for olmoe bench")
     parser.add_argument(
         "--int8", action="store_true", help="olmoe int8 against llama.cpp Q8_0 (default: bf16)"
     )
@@ -50,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import llama_cpp
     except ImportError:
-        print("needs llama-cpp-python (see bench/cpu_inference.py's doc)", file=sys.stderr)
+        print("needs llama-cpp-python (see olmoe.benchmarks.cpu_inference's doc)", file=sys.stderr)
         return 2
     if not (args.dir / "config.json").is_file():
         print(f"writing the 8-layer checkpoint to {args.dir} (once) ...", flush=True)
@@ -59,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     quantize = "int8" if args.int8 else None
     model = OlmoeForCausalLM.from_pretrained(args.dir, dtype=torch.bfloat16, quantize=quantize)
+    model = olmoe.engine.apply(model)
     llm = llama_cpp.Llama(
         model_path=str(gguf), n_threads=args.threads, n_threads_batch=args.threads, n_ctx=1024,
         logits_all=False, verbose=False,

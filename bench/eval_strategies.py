@@ -23,14 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
-# As `olmoe eval` runs (see olmoe/eval/command.py); libgomp reads it when torch loads it.
+# As `olmoe eval` runs (olmoe.cli.common.wait_passively); libgomp reads it when torch loads it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
 from olmoe import OlmoeConfig, OlmoeForCausalLM, Tokenizer
+from olmoe.cli.eval import expand_tasks
 from olmoe.eval import evaluation, load_task, runner
-from olmoe.eval.command import expand_tasks
 
 SHAPES = {
     # OlmoeConfig.tiny with the real vocabulary: the model of the tests.

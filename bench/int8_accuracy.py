@@ -3,7 +3,7 @@
     .venv/bin/python bench/int8_accuracy.py [--dir ~/.cache/olmoe/bench/released]
 
 Runs the same prompts through the bf16 checkpoint and its int8 copy (written by
-bench/cpu_inference.py, or `olmoe quantize DIR DIR/int8`), one model in memory at a time, and
+`olmoe bench`, or `olmoe quantize DIR DIR/int8`), one model in memory at a time, and
 prints the relative error ||int8 - bf16|| / ||bf16|| of the logits at every position, for the
 prefill path (512 tokens) and the decode path (one token at a time through the kernels).
 """
@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
+import olmoe.engine
 from olmoe import OlmoeForCausalLM
 
 
 @torch.inference_mode()
 def logits(directory: Path, prompt: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    model = OlmoeForCausalLM.from_pretrained(directory, dtype=torch.bfloat16)
+    model = olmoe.engine.apply(OlmoeForCausalLM.from_pretrained(directory, dtype=torch.bfloat16))
     prefill = model(prompt).logits.float()  # (1, L, V): the GEMM path
     out = model(prompt[:, :1], use_cache=True)
     cache, decoded = out.past_key_values, [out.logits[:, -1].float()]

@@ -16,9 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from engines import write_checkpoint  # bench/engines.py: bench/ is on sys.path for a script
-
 from olmoe import OlmoeConfig
+from olmoe.benchmarks.engines import write_checkpoint
 
 MEASURE = r"""
 import re, sys, time

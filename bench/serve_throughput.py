@@ -27,6 +27,8 @@ from pathlib import Path
 
 import openai
 
+from olmoe.cli.common import DTYPES
+
 PROMPTS = [
     "The history of the printing press begins in",
     "A short guide to brewing green tea: first,",
@@ -101,7 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", type=Path, help="checkpoint directory (default: small shape)")
     parser.add_argument("--url", help="use a running server instead of starting one")
     parser.add_argument("--model-name", default="olmoe-bench", help="served model name")
-    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--requests", type=int, default=2, help="requests per client")
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -117,8 +119,7 @@ def main(argv=None) -> int:
         url = args.url.rstrip("/")
     else:
         if args.model is None:
-            sys.path.insert(0, str(Path(__file__).parent))
-            import engines
+            from olmoe.benchmarks import engines
 
             args.model = Path.home() / ".cache/olmoe/bench/small"
             if engines.ensure_checkpoint(args.model, "small"):

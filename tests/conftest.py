@@ -1,11 +1,10 @@
-"""Shared helpers: tiny random OLMoE models and their transformers twins."""
+"""Shared helpers: tiny random OLMoE models, an offline hub; transformers' side is in parity.py."""
 
 from __future__ import annotations
 
 import huggingface_hub
 import pytest
 import torch
-import transformers
 
 from olmoe import OlmoeConfig, OlmoeForCausalLM
 
@@ -24,11 +23,6 @@ def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.
 def tiny_model(seed: int = 0, **overrides) -> OlmoeForCausalLM:
     torch.manual_seed(seed)
     return randomize(OlmoeForCausalLM(OlmoeConfig.tiny(**overrides)), seed).eval()
-
-
-def reference_config(**overrides) -> transformers.OlmoeConfig:
-    """transformers' config for `OlmoeConfig.tiny(**overrides)`."""
-    return transformers.OlmoeConfig.from_dict(OlmoeConfig.tiny(**overrides).to_dict())
 
 
 def use_offline_hub(monkeypatch, home, cache) -> None:

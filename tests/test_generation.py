@@ -22,6 +22,7 @@ from olmoe.generation import (
     top_p_filter,
 )
 from tests.conftest import tiny_model
+from tests.parity import reference_from
 
 PROMPTS = [[5, 17, 42, 7, 99, 3], [8, 9], [77, 12, 61, 30]]
 
@@ -30,9 +31,7 @@ PROMPTS = [[5, 17, 42, 7, 99, 3], [8, 9], [77, 12, 61, 30]]
 def pair(tmp_path_factory):
     """A tiny random olmoe model and transformers' copy of it, loaded from olmoe's save."""
     ours = tiny_model(seed=3, eos_token_id=None)  # no eos unless a test asks for one
-    directory = tmp_path_factory.mktemp("tiny")
-    ours.save_pretrained(directory)
-    ref = transformers.OlmoeForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    ref = reference_from(ours, tmp_path_factory.mktemp("tiny"), attn_implementation=None)
     return ours, ref
 
 

@@ -13,6 +13,7 @@ import torch
 import transformers
 
 from olmoe.assets import olmo_eval_file
+from olmoe.errors import CheckpointError, InputError
 from olmoe.tokenizer import (
     OLMO_TOKENIZER_MEMBER,
     TULU_CHAT_TEMPLATE,
@@ -120,7 +121,7 @@ def test_from_pretrained_none_is_the_default(tok):
     default = Tokenizer.from_pretrained()
     assert len(default) == len(tok) and default.eos_token_id == 50279
     assert default.chat_template == TULU_CHAT_TEMPLATE
-    with pytest.raises(ValueError, match="repo id"):
+    with pytest.raises(InputError, match="repo id"):
         Tokenizer.from_pretrained(None, revision="main")
 
 
@@ -159,7 +160,7 @@ def test_batch_decode_matches_transformers(tok, ref):
         assert got == ref.batch_decode(batch, skip_special_tokens=skip)
         assert tok.batch_decode(batch.tolist(), skip_special_tokens=skip) == got
     assert tok.batch_decode(batch, skip_special_tokens=True) == TEXTS[:4]
-    with pytest.raises(ValueError, match="batch_decode"):
+    with pytest.raises(InputError, match="batch_decode"):
         tok.decode(batch)
 
 
@@ -256,7 +257,7 @@ def test_default_side_comes_from_the_tokenizer():
     left = Tokenizer.olmo()
     left.padding_side = "left"
     assert left(["Hi", "This is a test"], padding=True).input_ids[0][:2] == [1, 1]
-    with pytest.raises(ValueError, match="padding_side"):
+    with pytest.raises(InputError, match="padding_side"):
         left(["Hi"], padding=True, padding_side="middle")
 
 
@@ -272,16 +273,16 @@ def test_truncation(tok):
 
 
 def test_ragged_tensors_need_padding(tok):
-    with pytest.raises(ValueError, match="padding=True"):
+    with pytest.raises(InputError, match="padding=True"):
         tok(["Hi", "This is a test"], return_tensors="pt")
     # padding to a max_length that a text exceeds, without truncation, is still ragged
-    with pytest.raises(ValueError, match="padding=True"):
+    with pytest.raises(InputError, match="padding=True"):
         tok(["Hi", "This is a test"], padding="max_length", max_length=3, return_tensors="pt")
-    with pytest.raises(ValueError, match="pass max_length"):
+    with pytest.raises(InputError, match="pass max_length"):
         Tokenizer(tok.backend_tokenizer, pad_token=PAD)("Hi", padding="max_length")
-    with pytest.raises(ValueError, match="return_tensors"):
+    with pytest.raises(InputError, match="return_tensors"):
         tok("Hi", return_tensors="tf")
-    with pytest.raises(ValueError, match="padding must be"):
+    with pytest.raises(InputError, match="padding must be"):
         tok("Hi", padding="sideways")
     with pytest.raises(TypeError, match="list of strings"):
         tok([1, 2, 3])
@@ -349,17 +350,17 @@ def test_continue_final_message_matches_transformers(tok, ref):
         text = tok.apply_chat_template(prefilled, **kwargs)
         assert text == ref.apply_chat_template(prefilled, **kwargs)
         assert text.endswith(("assistant|>\nI am ", "assistant\nI am "))
-    with pytest.raises(ValueError, match="only one"):
+    with pytest.raises(InputError, match="only one"):
         tok.apply_chat_template(prefilled, continue_final_message=True, add_generation_prompt=True)
 
 
-def test_template_exceptions_become_value_errors(tok, ref):
+def test_template_exceptions_become_olmoe_errors(tok, ref):
     odd = [{"role": "tool", "content": "42"}]
-    with pytest.raises(ValueError, match="Unknown role: tool"):
+    with pytest.raises(InputError, match="Unknown role: tool"):
         tok.apply_chat_template(odd, chat_template=CHATML_TEMPLATE)
-    with pytest.raises(ValueError, match="roles system, user and assistant, not tool"):
+    with pytest.raises(InputError, match="roles system, user and assistant, not tool"):
         tok.apply_chat_template(odd)
-    with pytest.raises(ValueError, match="not valid Jinja"):
+    with pytest.raises(CheckpointError, match="not valid Jinja"):
         tok.apply_chat_template(CHAT, chat_template="{% for m in messages %}")
 
 
@@ -375,7 +376,7 @@ def test_template_exceptions_become_value_errors(tok, ref):
     ],
 )
 def test_bad_messages_are_refused(tok, conversation):
-    with pytest.raises(ValueError, match='"role": "user", "content"'):
+    with pytest.raises(InputError, match='"role": "user", "content"'):
         tok.apply_chat_template(conversation)
 
 
@@ -425,7 +426,7 @@ def test_named_templates_save_and_load(tmp_path):
     )
     only_named = Tokenizer.olmo()
     only_named.chat_template = {"chatml": CHATML_TEMPLATE}
-    with pytest.raises(ValueError, match="chat_template=<name>"):
+    with pytest.raises(InputError, match="chat_template=<name>"):
         only_named.apply_chat_template(CHAT)
 
 
@@ -440,14 +441,14 @@ def test_directory_without_tokenizer_json_gives_the_default(tmp_path, tok):
 def test_directory_with_another_tokenizer_format_is_refused(tmp_path):
     (tmp_path / "vocab.json").write_text("{}")
     (tmp_path / "merges.txt").write_text("")
-    with pytest.raises(ValueError, match="no tokenizer.json"):
+    with pytest.raises(CheckpointError, match="no tokenizer.json"):
         Tokenizer.from_pretrained(tmp_path)
 
 
 def test_missing_local_directory_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
         Tokenizer.from_pretrained(tmp_path / "absent")
-    with pytest.raises(ValueError, match="local directory"):
+    with pytest.raises(InputError, match="local directory"):
         Tokenizer.from_pretrained(tmp_path, revision="main")
 
 

@@ -1,11 +1,11 @@
 """olmoe: OLMoE, Allen AI's open Mixture-of-Experts language model, in one PyTorch package."""
 
 from olmoe.cache import KVCache
-from olmoe.checkpoint import CheckpointError
 from olmoe.config import OlmoeConfig
+from olmoe.errors import CheckpointError, ConfigError, DataError, InputError, OlmoeError
 from olmoe.generation import SamplingParams, generate
 from olmoe.model import OlmoeForCausalLM, OlmoeModel
-from olmoe.moe import RouterOutput, load_balancing_loss, route
+from olmoe.moe import RouterOutput, route, switch_aux_loss
 from olmoe.outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from olmoe.streaming import IncrementalDecoder, TextStream, TextStreamer
 from olmoe.tokenizer import BatchEncoding, Tokenizer
@@ -20,10 +20,14 @@ __all__ = [
     "AutoTokenizer",
     "BatchEncoding",
     "CheckpointError",
+    "ConfigError",
+    "DataError",
     "IncrementalDecoder",
+    "InputError",
     "KVCache",
     "MoeCausalLMOutputWithPast",
     "MoeModelOutputWithPast",
+    "OlmoeError",
     "OlmoeConfig",
     "OlmoeForCausalLM",
     "OlmoeModel",
@@ -33,6 +37,6 @@ __all__ = [
     "TextStreamer",
     "Tokenizer",
     "generate",
-    "load_balancing_loss",
     "route",
+    "switch_aux_loss",
 ]

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import torch
 
+from olmoe.errors import InputError
+
 
 class KVCache:
     def __init__(self, num_layers: int, capacity: int = 0):
         if num_layers <= 0:
-            raise ValueError(f"num_layers must be positive, got {num_layers}")
+            raise InputError(f"num_layers must be positive, got {num_layers}")
         self.num_layers = num_layers
         self.capacity = capacity
         self.keys: list[torch.Tensor | None] = [None] * num_layers

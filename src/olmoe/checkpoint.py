@@ -16,8 +16,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +24,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from olmoe.config import CONFIG_NAME, OlmoeConfig
+from olmoe.errors import CheckpointError, InputError
+from olmoe.fileio import default_permissions, move_into_directory, staging_directory
 from olmoe.memory import advise_huge_pages
 
 WEIGHTS_NAME = "model.safetensors"
@@ -40,10 +40,6 @@ _STACKED_EXPERTS = re.compile(
 # A piece of a model parameter as stored on disk: the file key and the index into the parameter
 # it fills (an empty index means the whole parameter).
 Piece = tuple[str, tuple]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as it is: the message says which file or key and why."""
 
 
 # ---------------------------------------------------------------------------- key map
@@ -73,7 +69,7 @@ def resolve_checkpoint_dir(
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
         if revision is not None:
-            raise ValueError(
+            raise InputError(
                 f"revision={revision!r} selects a branch of a hub repo, but {path} is a local "
                 "directory: drop revision, or pass the repo id"
             )
@@ -237,7 +233,7 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(
+        raise InputError(
             f"dtype must be a floating-point torch dtype or its name (bfloat16, float16, "
             f"float32), got {dtype!r}"
         )
@@ -375,7 +371,7 @@ def parse_size(size: int | str) -> int:
         return size
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), re.IGNORECASE)
     if not match:
-        raise ValueError(
+        raise InputError(
             f"max_shard_size must be a positive byte count or like '5GB', got {size!r}"
         )
     number, unit = float(match.group(1)), (match.group(2) or "B").upper()
@@ -383,7 +379,7 @@ def parse_size(size: int | str) -> int:
     powers.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
     result = int(number * powers[unit])
     if result <= 0:
-        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+        raise InputError(f"max_shard_size must be positive, got {size!r}")
     return result
 
 
@@ -413,9 +409,7 @@ def save_pretrained(model, directory: str | os.PathLike, max_shard_size: int | s
         shard_bytes += size
 
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with staging_directory(target) as staging:
         names = (
             [WEIGHTS_NAME]
             if len(shards) == 1
@@ -436,30 +430,18 @@ def save_pretrained(model, directory: str | os.PathLike, max_shard_size: int | s
         dtype_name = str(model.dtype).removeprefix("torch.")
         written.extra = {**config.extra, "torch_dtype": dtype_name, "dtype": dtype_name}
         written.save_pretrained(staging)
-        _default_permissions(staging)
-        _move_into(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        for file in staging.iterdir():
+            default_permissions(file)  # safetensors makes its files private to their writer
+        _remove_stale_weights(target, keep={file.name for file in staging.iterdir()})
+        move_into_directory(staging, target)
 
 
-def _default_permissions(staging: Path) -> None:
-    """Give the staged checkpoint the modes a plain mkdir/open would have: mkdtemp makes the
-    directory private (0700) and safetensors writes its files 0600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)
-    for file in staging.iterdir():
-        file.chmod(0o666 & ~umask)
-
-
-def _move_into(staging: Path, target: Path) -> None:
+def _remove_stale_weights(target: Path, keep: set[str]) -> None:
+    """Delete the weight files of an earlier save into `target` that the new save does not
+    replace: loaders would take its old shards or index for part of the new checkpoint."""
     if not target.exists():
-        staging.rename(target)
         return
-    new = {p.name for p in staging.iterdir()}
     for old in target.iterdir():
         stale_weights = old.name == WEIGHTS_INDEX_NAME or old.suffix == ".safetensors"
-        if stale_weights and old.name not in new and old.is_file():
+        if stale_weights and old.name not in keep and old.is_file():
             old.unlink()
-    for item in staging.iterdir():
-        os.replace(item, target / item.name)

@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from olmoe.errors import ConfigError
 from olmoe.fileio import write_atomic
 
 CONFIG_NAME = "config.json"
@@ -104,53 +105,55 @@ class OlmoeConfig:
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         for name in ("rms_norm_eps", "initializer_range", "rope_theta"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                 f"({self.num_attention_heads}): choose a head count that divides it"
             )
         if self.head_dim % 2:
-            raise ValueError(
+            raise ConfigError(
                 f"head dimension hidden_size / num_attention_heads = {self.head_dim} must be even "
                 "for rotary embeddings: change hidden_size or num_attention_heads"
             )
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
                 f"num_key_value_heads ({self.num_key_value_heads}): choose a divisor of it "
                 "(1 for multi-query attention, num_attention_heads for full multi-head)"
             )
         if self.num_experts_per_tok > self.num_experts:
-            raise ValueError(
+            raise ConfigError(
                 f"num_experts_per_tok ({self.num_experts_per_tok}) cannot exceed num_experts "
                 f"({self.num_experts}): lower num_experts_per_tok or add experts"
             )
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
-            raise ValueError(
+            raise ConfigError(
                 f"hidden_act {self.hidden_act!r} is not supported: "
                 f"use one of {SUPPORTED_ACTIVATIONS}"
             )
         if not 0.0 <= self.attention_dropout < 1.0:
-            raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
+            raise ConfigError(
+                f"attention_dropout must be in [0, 1), got {self.attention_dropout!r}"
+            )
         if self.clip_qkv is not None and not self.clip_qkv > 0:
-            raise ValueError(f"clip_qkv must be None or a positive number, got {self.clip_qkv!r}")
+            raise ConfigError(f"clip_qkv must be None or a positive number, got {self.clip_qkv!r}")
         if self.router_aux_loss_coef < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef!r}"
             )
         for name in ("pad_token_id", "bos_token_id"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and value >= 0):
-                raise ValueError(f"{name} must be None or a non-negative integer, got {value!r}")
+                raise ConfigError(f"{name} must be None or a non-negative integer, got {value!r}")
         eos = self.eos_token_id
         eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
         if not all(isinstance(t, int) and t >= 0 for t in eos_ids):
-            raise ValueError(
+            raise ConfigError(
                 f"eos_token_id must be None, a non-negative integer or a list of them, got {eos!r}"
             )
 
@@ -161,7 +164,7 @@ class OlmoeConfig:
         data = copy.deepcopy(dict(data))
         model_type = data.get("model_type", MODEL_TYPE)
         if model_type != MODEL_TYPE:
-            raise ValueError(
+            raise ConfigError(
                 f"config model_type is {model_type!r}, not {MODEL_TYPE!r}: this is not an OLMoE "
                 "checkpoint"
             )
@@ -211,9 +214,9 @@ class OlmoeConfig:
             with open(path, encoding="utf-8") as fh:
                 data = json.load(fh)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON ({exc}): fix or replace the file") from exc
+            raise ConfigError(f"{path} is not valid JSON ({exc}): fix or replace the file") from exc
         if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+            raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
         return cls.from_dict(data)
 
     @classmethod
@@ -260,7 +263,7 @@ PRESETS = {"OLMoE-1B-7B-0924": OlmoeConfig.olmoe_1b_7b, "tiny": OlmoeConfig.tiny
 def _normalise_rope_scaling(scaling: Any) -> dict[str, Any]:
     """Accept `{"type" or "rope_type": "linear" | "dynamic", "factor": > 1}`; store `type`."""
     if not isinstance(scaling, dict):
-        raise ValueError(
+        raise ConfigError(
             f"rope_scaling must be None or a dict like {{'type': 'linear', 'factor': 2.0}}, "
             f"got {scaling!r}"
         )
@@ -268,13 +271,13 @@ def _normalise_rope_scaling(scaling: Any) -> dict[str, Any]:
     rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None)
     scaling.pop("type", None)
     if rope_type not in ROPE_SCALING_TYPES:
-        raise ValueError(
+        raise ConfigError(
             f"rope_scaling type must be one of {ROPE_SCALING_TYPES}, got {rope_type!r}: "
             "set rope_scaling={'type': 'linear', 'factor': 2.0} or None"
         )
     factor = scaling.get("factor")
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 1:
-        raise ValueError(
+        raise ConfigError(
             f"rope_scaling factor must be a number greater than 1, got {factor!r}: "
             "set e.g. rope_scaling={'type': '" + rope_type + "', 'factor': 2.0}"
         )

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
+from olmoe import engine
 from olmoe.cache import KVCache
+from olmoe.errors import InputError
 
 # transformers' default when neither max_length nor max_new_tokens is given.
 DEFAULT_MAX_LENGTH = 20
@@ -39,18 +41,18 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
-            raise ValueError(
+            raise InputError(
                 f"temperature must be a number > 0, got {self.temperature!r} "
                 "(for greedy decoding use do_sample=False)"
             )
         if self.top_k is not None and not (isinstance(self.top_k, int) and self.top_k >= 0):
-            raise ValueError(f"top_k must be an integer >= 0 (0 or None: off), got {self.top_k!r}")
+            raise InputError(f"top_k must be an integer >= 0 (0 or None: off), got {self.top_k!r}")
         if self.top_p is not None and not (
             isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1
         ):
-            raise ValueError(f"top_p must lie in (0, 1] (1 or None: off), got {self.top_p!r}")
+            raise InputError(f"top_p must lie in (0, 1] (1 or None: off), got {self.top_p!r}")
         if not (isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0):
-            raise ValueError(
+            raise InputError(
                 f"repetition_penalty must be a number > 0 (1: off), got {self.repetition_penalty!r}"
             )
 
@@ -172,11 +174,11 @@ class StopStrings:
 
     def __init__(self, tokenizer, stop_strings: Sequence[str]):
         if tokenizer is None:
-            raise ValueError(
+            raise InputError(
                 "stop_strings need the tokenizer to read the generated text: pass tokenizer="
             )
         if isinstance(stop_strings, str) or not all(isinstance(s, str) and s for s in stop_strings):
-            raise ValueError(
+            raise InputError(
                 f"stop_strings must be a list of non-empty strings, got {stop_strings!r}"
             )
         self.tokenizer = tokenizer
@@ -215,18 +217,18 @@ def plan_new_tokens(
     as in transformers; generation never runs past the model's context window (with a warning
     when that cuts what was asked for, unless `warn=False`)."""
     if prompt_length >= context_window:
-        raise ValueError(
+        raise InputError(
             f"the prompt has {prompt_length} tokens but the model's context window is "
             f"{context_window} (max_position_embeddings): shorten the prompt"
         )
     if max_new_tokens is not None:
         if not (isinstance(max_new_tokens, int) and max_new_tokens > 0):
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+            raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         wanted = max_new_tokens
     else:
         max_length = DEFAULT_MAX_LENGTH if max_length is None else max_length
         if not (isinstance(max_length, int) and max_length > prompt_length):
-            raise ValueError(
+            raise InputError(
                 f"max_length={max_length!r} leaves no room after the {prompt_length}-token prompt: "
                 "raise max_length (it counts the prompt) or use max_new_tokens"
             )
@@ -257,8 +259,10 @@ def generate_tokens(
 
     `input_ids` (B, L) are left-padded prompts with `attention_mask` marking the real tokens.
     Each sequence finishes at its own eos or stop string and gets `pad_token_id` from then on;
-    the loop ends when all have finished or after `max_new_tokens` steps.
+    the loop ends when all have finished or after `max_new_tokens` steps. The model runs on the
+    CPU engine where it applies (olmoe.engine).
     """
+    engine.apply(model)
     params = params or SamplingParams()
     batch, length = input_ids.shape
     device = input_ids.device
@@ -330,7 +334,7 @@ def generate(
     if attention_mask is not None:
         attention_mask = _as_batch(attention_mask, "attention_mask")
         if attention_mask.shape != input_ids.shape:
-            raise ValueError(
+            raise InputError(
                 f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape "
                 f"{tuple(input_ids.shape)}"
             )
@@ -373,5 +377,5 @@ def _as_batch(tensor, name: str) -> torch.Tensor:
     if tensor.dim() == 1:
         tensor = tensor[None]
     if tensor.dim() != 2 or tensor.shape[1] == 0:
-        raise ValueError(f"{name} must have shape (batch, length > 0), got {tuple(tensor.shape)}")
+        raise InputError(f"{name} must have shape (batch, length > 0), got {tuple(tensor.shape)}")
     return tensor

@@ -13,31 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from olmoe import kernels
 from olmoe.cache import KVCache
 from olmoe.config import OlmoeConfig
+from olmoe.errors import InputError
 from olmoe.moe import (
     OlmoeExperts,
     OlmoeRouter,
     OlmoeSparseMoeBlock,
-    load_balancing_loss,
+    RouterOutput,
+    switch_aux_loss,
 )
 from olmoe.outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
-
-# Bumped whenever any module gains a parameter or a submodule (attribute assignment, register_*,
-# load_state_dict(assign=True), quantisation swapping in int8 modules). OlmoeModel reuses the
-# weights it gathers for the native decode step only while this stands still: gathering them
-# walks every layer's modules, about 0.5 ms a step on the released shape with cold caches.
-_module_epoch = 0
-
-
-def _module_changed(*_args) -> None:
-    global _module_epoch
-    _module_epoch += 1
-
-
-nn.modules.module.register_module_parameter_registration_hook(_module_changed)
-nn.modules.module.register_module_module_registration_hook(_module_changed)
 
 
 class OlmoeRMSNorm(nn.Module):
@@ -47,23 +33,12 @@ class OlmoeRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bf16_weight = self.weight.dtype == torch.bfloat16
-        if bf16_weight and kernels.decode_sized(x) and kernels.small_bf16(x):
-            return kernels.rms_norm(x, self.weight, self.eps)  # decoding: one call, not eight
         # Statistics in float32 whatever the activations' dtype; the weight multiplies after the
         # cast back, as the reference does, so bf16 results round the same way.
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
-
-
-class OlmoeLinear(nn.Linear):
-    """nn.Linear whose decode-sized bf16 calls (a few tokens) go to the bandwidth-bound CPU
-    kernels; same parameters, same checkpoint keys."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear_or_torch(x, self.weight, self.bias)
 
 
 class OlmoeRotaryEmbedding(nn.Module):
@@ -120,10 +95,10 @@ class OlmoeAttention(nn.Module):
         self.clip_qkv = config.clip_qkv
         self.dropout = config.attention_dropout
         h, kv, bias = config.hidden_size, self.num_kv_heads * self.head_dim, config.attention_bias
-        self.q_proj = OlmoeLinear(h, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = OlmoeLinear(h, kv, bias=bias)
-        self.v_proj = OlmoeLinear(h, kv, bias=bias)
-        self.o_proj = OlmoeLinear(self.num_heads * self.head_dim, h, bias=bias)
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(h, kv, bias=bias)
+        self.v_proj = nn.Linear(h, kv, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=bias)
         # OLMoE normalises the whole q and k projections (all heads together), before the split
         # into heads and before RoPE. Per-head norms would be a different model.
         self.q_norm = OlmoeRMSNorm(self.num_heads * self.head_dim, config.rms_norm_eps)
@@ -152,26 +127,27 @@ class OlmoeAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, cache_position)  # (B, G, P, D)
         dropout = self.dropout if self.training else 0.0
-        causal = mask is None and length > 1
-        decoding = length == 1 and not output_attentions and dropout == 0.0
-        if decoding and kernels.small_bf16(q):  # the kernel has no attention dropout
-            out = kernels.decode_attention(q, k, v, mask, 1 / math.sqrt(self.head_dim))
-            return self.o_proj(out.transpose(1, 2).reshape(b, length, -1)), None
-        if output_attentions:
-            out, weights = self._attention_with_weights(q, k, v, mask, causal, dropout)
-        else:
-            out = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=mask,
-                dropout_p=dropout,
-                is_causal=causal,
-                enable_gqa=self.num_heads != self.num_kv_heads,
-            )  # (B, N, L, D)
-            weights = None
+        out, weights = self.attend(q, k, v, mask, dropout, output_attentions)  # (B, N, L, D)
         out = out.transpose(1, 2).reshape(b, length, -1)  # (B, L, N*D)
         return self.o_proj(out), weights
+
+    def attend(self, q, k, v, mask, dropout: float, output_attentions: bool):
+        """softmax(q k^T / sqrt(D) + mask) v, causal when no mask is given: q (B, N, L, D); k, v
+        (B, G, P, D); mask additive (B, 1, L, P) or None -> (B, N, L, D) and the attention
+        probabilities when `output_attentions`, else None."""
+        causal = mask is None and q.shape[2] > 1
+        if output_attentions:
+            return self._attention_with_weights(q, k, v, mask, causal, dropout)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=dropout,
+            is_causal=causal,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        return out, None
 
     def _attention_with_weights(self, q, k, v, mask, causal, dropout):
         """Explicit softmax(QK^T/sqrt(D)) V, for callers who want the attention probabilities."""
@@ -222,7 +198,7 @@ def build_attention_mask(
     allowed = allowed[None, None]  # (1, 1, L, P)
     if attention_mask is not None:
         if attention_mask.dim() != 2 or attention_mask.shape[1] < kv_length:
-            raise ValueError(
+            raise InputError(
                 f"attention_mask must have shape (batch, {kv_length}) covering the cached and new "
                 f"positions, got {tuple(attention_mask.shape)}"
             )
@@ -250,37 +226,6 @@ class OlmoeDecoderLayer(nn.Module):
         h = x + attn_out
         moe_out, routing = self.mlp(self.post_attention_layernorm(h))
         return h + moe_out, attn_weights, routing
-
-    def decode_arguments(self) -> tuple[list[torch.Tensor | None], tuple] | None:
-        """This layer's tensors and settings (norm eps, q/k/v clip, top-k, renormalisation) for
-        the native decode step (kernels.decode_layers), or None where it cannot run there. It
-        needs bf16 weights (int8 experts allowed, with their scales and row sums), no attention
-        bias, SiLU experts, and inference."""
-        attn, experts = self.self_attn, self.mlp.experts
-        norms = (self.input_layernorm.weight, attn.q_norm.weight, attn.k_norm.weight)
-        matrices = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, self.mlp.gate)
-        if (
-            self.training
-            or not kernels.small_bf16(norms[0])
-            or any(m.weight.dtype != torch.bfloat16 for m in matrices)
-            or attn.q_proj.bias is not None
-            or experts.act_fn is not F.silu
-            or experts.gate_up_proj.dtype not in (torch.bfloat16, torch.int8)
-        ):
-            return None
-        int8 = experts.gate_up_proj.dtype == torch.int8
-        gate = self.mlp.gate
-        settings = (self.input_layernorm.eps, attn.clip_qkv or 0.0, gate.top_k, gate.norm_topk_prob)
-        tensors = [
-            norms[0], attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
-            attn.o_proj.weight, norms[1], norms[2], self.post_attention_layernorm.weight,
-            self.mlp.gate.weight, experts.gate_up_proj, experts.down_proj,
-            experts.gate_up_proj_scale if int8 else None,
-            experts.row_sum("gate_up_proj") if int8 else None,
-            experts.down_proj_scale if int8 else None,
-            experts.row_sum("down_proj") if int8 else None,
-        ]  # fmt: skip
-        return tensors, settings
 
 
 class OlmoePreTrainedModel(nn.Module):
@@ -358,7 +303,6 @@ class OlmoeModel(OlmoePreTrainedModel):
         self.norm = OlmoeRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = OlmoeRotaryEmbedding(config)
         self.init_weights()
-        self._decode_cache: tuple[tuple, tuple[list, tuple]] | None = None  # (key, arguments)
 
     def forward(
         self,
@@ -373,14 +317,17 @@ class OlmoeModel(OlmoePreTrainedModel):
         output_router_logits: bool | None = None,
         return_dict: bool = True,
         cache_position: torch.LongTensor | None = None,
+        output_routing: bool = False,
     ) -> MoeModelOutputWithPast | tuple:
+        """`output_routing=True` returns each layer's RouterOutput as `routing`;
+        `output_router_logits=True` returns their logits as `router_logits` (transformers' field)."""
         if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+            raise InputError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             self._check_token_ids(input_ids)
             inputs_embeds = self.embed_tokens(input_ids)  # (B, L, H)
         if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
-            raise ValueError(
+            raise InputError(
                 f"inputs_embeds must have shape (batch, length, {self.config.hidden_size}), "
                 f"got {tuple(inputs_embeds.shape)}"
             )
@@ -402,23 +349,12 @@ class OlmoeModel(OlmoePreTrainedModel):
         mask = build_attention_mask(attention_mask, cache_position, kv_length, inputs_embeds.dtype)
         rotary = self.rotary_emb(position_ids, inputs_embeds.dtype)
 
-        hidden = inputs_embeds
-        all_hidden, all_attentions, all_router_logits = [], [], []
-        fused = None
-        if length == 1 and hasattr(cache, "decode_slot") and not output_attentions:
-            fused = self._decode_fused(
-                hidden, rotary, mask, cache, cache_position, output_hidden_states
-            )
-        if fused is not None:
-            hidden, all_router_logits = fused
-        for layer in self.layers if fused is None else ():
-            if output_hidden_states:
-                all_hidden.append(hidden)
-            hidden, attn_weights, routing = layer(
-                hidden, rotary, mask, cache, cache_position, output_attentions
-            )
-            all_attentions.append(attn_weights)
-            all_router_logits.append(routing.logits)
+        hidden, all_hidden, all_attentions, routing = self.run_layers(
+            inputs_embeds, rotary, mask, cache, cache_position,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            output_routing=output_routing or output_router_logits,
+        )  # fmt: skip
         hidden = self.norm(hidden)
         if output_hidden_states:
             all_hidden.append(hidden)
@@ -428,63 +364,46 @@ class OlmoeModel(OlmoePreTrainedModel):
             past_key_values=cache if use_cache else None,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
             attentions=tuple(all_attentions) if output_attentions else None,
-            router_logits=tuple(all_router_logits) if output_router_logits else None,
+            router_logits=tuple(r.logits for r in routing) if output_router_logits else None,
+            routing=tuple(routing) if output_routing else None,
         )
         return out if return_dict else out.to_tuple()
 
-    def _decode_arguments(self, fresh: bool = False) -> tuple[list, tuple] | None:
-        """Every layer's decode tensors (one flat list) and their shared settings, or None unless
-        all layers can decode natively with the same settings. Kept between steps while no
-        module changes (see _module_epoch); `fresh` gathers them again."""
-        key = (_module_epoch, self.training, torch.is_grad_enabled())
-        if not fresh and self._decode_cache is not None and self._decode_cache[0] == key:
-            return self._decode_cache[1]
-        self._decode_cache = None
-        arguments = [layer.decode_arguments() for layer in self.layers]
-        if any(a is None for a in arguments) or len({a[1] for a in arguments}) != 1:
-            return None
-        gathered = [t for a in arguments for t in a[0]], arguments[0][1]
-        self._decode_cache = key, gathered
-        return gathered
-
-    def _decode_fused(self, x, rotary, mask, cache, cache_position, output_hidden_states):
-        """One decode step through every layer in one native call (kernels.decode_layers): the
-        same operations and roundings as the layers' PyTorch path (tests compare bit for bit).
-        Gathering the arguments for all layers before streaming any weights keeps this Python
-        in warm caches. Returns the last hidden state and each layer's router logits, or None
-        where the layers cannot run natively (or per-layer hidden states are asked for)."""
-        arguments = None if output_hidden_states else self._decode_arguments()
-        if arguments is None:
-            return None
-        b = x.shape[0]
-        attn = self.layers[0].self_attn
-        like = (b, attn.num_kv_heads, attn.head_dim)
-        slots = [cache.decode_slot(i, cache_position, like) for i in range(len(self.layers))]
-        positions, kv_length = slots[0][2], slots[0][3]
-        cos, sin = (t.reshape(-1, t.shape[-1]).expand(b, -1).contiguous() for t in rotary)
-        state = (
-            [s[0] for s in slots], [s[1] for s in slots], cos, sin, positions, kv_length,
-            None if mask is None else mask.reshape(b, -1),
-        )  # fmt: skip
-        weights, settings = arguments
-        result = kernels.decode_layers(x.view(b, -1), weights, *state, *settings)
-        if result is None:  # the model was cast or moved since the weights were gathered
-            arguments = self._decode_arguments(fresh=True)
-            if arguments is not None:
-                weights, settings = arguments
-                result = kernels.decode_layers(x.view(b, -1), weights, *state, *settings)
-        if result is None:
-            return None
-        out, router_logits = result
-        return out.view(b, 1, -1), router_logits
+    def run_layers(
+        self,
+        hidden: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        cache_position: torch.Tensor,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        output_routing: bool = False,
+    ) -> tuple[torch.Tensor, list, list, list[RouterOutput]]:
+        """The decoder layers in order. Returns the last layer's output (before the final norm)
+        and, per layer, its input hidden states, attention probabilities and routing, each list
+        empty unless asked for. The CPU engine overrides this to run a decode step's layers in
+        one native call."""
+        all_hidden, all_attentions, all_routing = [], [], []
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden.append(hidden)
+            hidden, attn_weights, routing = layer(
+                hidden, rotary, mask, cache, cache_position, output_attentions
+            )
+            if output_attentions:
+                all_attentions.append(attn_weights)
+            if output_routing:
+                all_routing.append(routing)
+        return hidden, all_hidden, all_attentions, all_routing
 
     def _check_token_ids(self, input_ids: torch.Tensor) -> None:
         if input_ids.dim() != 2:
-            raise ValueError(
+            raise InputError(
                 f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}"
             )
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
-            raise ValueError(
+            raise InputError(
                 f"input_ids must lie in [0, {self.config.vocab_size}) (vocab_size), got values in "
                 f"[{int(input_ids.min())}, {int(input_ids.max())}]: check the tokenizer matches "
                 "the model"
@@ -495,7 +414,7 @@ class OlmoeForCausalLM(OlmoePreTrainedModel):
     def __init__(self, config: OlmoeConfig):
         super().__init__(config)
         self.model = OlmoeModel(config)
-        self.lm_head = OlmoeLinear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         else:
@@ -528,10 +447,16 @@ class OlmoeForCausalLM(OlmoePreTrainedModel):
         cache_position: torch.LongTensor | None = None,
         num_logits_to_keep: int | torch.Tensor = 0,
         logits_to_keep: int | torch.Tensor | None = None,
+        output_routing: bool = False,
     ) -> MoeCausalLMOutputWithPast | tuple:
         """`num_logits_to_keep`: 0 computes logits at every position, n > 0 at the last n only
         (generation needs one), a tensor of indices at those positions. `logits_to_keep` is the
-        same argument under transformers 5's name."""
+        same argument under transformers 5's name.
+
+        `output_routing=True` returns each layer's RouterOutput as `routing` and adds nothing
+        to the loss. `output_router_logits=True` is transformers' switch: the router logits, and
+        its auxiliary loss (`switch_aux_loss`) as `aux_loss`, added to `loss` with
+        `router_aux_loss_coef` when labels are given."""
         if logits_to_keep is not None:
             num_logits_to_keep = logits_to_keep
         if output_router_logits is None:
@@ -547,22 +472,22 @@ class OlmoeForCausalLM(OlmoePreTrainedModel):
             output_hidden_states=output_hidden_states,
             output_router_logits=output_router_logits,
             cache_position=cache_position,
+            output_routing=output_routing or output_router_logits,
         )
         hidden = base.last_hidden_state  # (B, L, H)
         if isinstance(num_logits_to_keep, torch.Tensor):
             hidden = hidden[:, num_logits_to_keep]
         elif num_logits_to_keep:
             hidden = hidden[:, -num_logits_to_keep:]
-        logits = self.lm_head(hidden)  # (B, L or kept, V)
+        logits = self.logits_from_hidden(hidden)  # (B, L or kept, V)
 
         loss = aux_loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels)
         if output_router_logits:
-            aux_loss = load_balancing_loss(
-                base.router_logits,
+            aux_loss = switch_aux_loss(
+                base.routing,
                 self.config.num_experts,
-                self.config.num_experts_per_tok,
                 attention_mask
                 if attention_mask is not None and attention_mask.dim() == 2
                 else None,
@@ -577,8 +502,20 @@ class OlmoeForCausalLM(OlmoePreTrainedModel):
             hidden_states=base.hidden_states,
             attentions=base.attentions,
             router_logits=base.router_logits,
+            routing=base.routing if output_routing else None,
         )
         return out if return_dict else out.to_tuple()
+
+    def forward_hidden(self, input_ids=None, **kwargs) -> MoeModelOutputWithPast:
+        """The decoder without the LM head: `last_hidden_state` (B, L, H) after the final norm,
+        and whatever else the arguments ask for (the base model's: attention_mask,
+        past_key_values, use_cache, output_routing, ...). With `logits_from_hidden` it scores
+        chosen positions without computing a vocabulary's logits at every position."""
+        return self.model(input_ids=input_ids, **kwargs)
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head: (..., H) final hidden states -> (..., V) logits."""
+        return self.lm_head(hidden)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -589,7 +526,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     small model's training step. The last position has no target and is ignored.
     """
     if labels.shape != logits.shape[:2]:
-        raise ValueError(
+        raise InputError(
             f"labels shape {tuple(labels.shape)} must match the logits' (batch, length) "
             f"{tuple(logits.shape[:2])}: compute logits at every position to get a loss"
         )

@@ -1,4 +1,5 @@
-"""The sparse Mixture-of-Experts block: router, stacked experts, dropless dispatch, auxiliary loss.
+"""The sparse Mixture-of-Experts block: router, stacked experts, dropless dispatch, and the
+transformers auxiliary loss.
 
 Letters used in shape comments:
     T  tokens in the flattened batch (batch * sequence)
@@ -7,17 +8,21 @@ Letters used in shape comments:
     E  number of experts
     K  experts per token (top-k)
     S  routing slots, T * K
+
+This is the reference: plain PyTorch, one grouped GEMM per projection (`grouped_mm`, or one
+matmul per expert where it does not apply). The CPU engine (olmoe.engine) swaps in subclasses
+that run the same arithmetic in native code; it is tested against this module.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from olmoe import kernels
 from olmoe.config import OlmoeConfig
 
 ACTIVATIONS = {
@@ -31,11 +36,29 @@ ACTIVATIONS = {
 
 @dataclass
 class RouterOutput:
-    """What the router decided for each token; losses, metrics and analysis read this."""
+    """What one MoE layer's router decided. Losses, training metrics, routing analysis and server
+    telemetry all read this; nothing recomputes the softmax or the top-k."""
 
     logits: torch.Tensor  # (T, E) in the activations' dtype
+    probs: torch.Tensor  # (T, E) float32 softmax over all experts
     top_k_indices: torch.Tensor  # (T, K) expert ids, most probable first
     top_k_weights: torch.Tensor  # (T, K) mixing weights, in the activations' dtype
+    _tokens_per_expert: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def tokens_per_expert(self) -> torch.Tensor:
+        """(E,) int64: how many of the T tokens chose each expert (hard top-k counts)."""
+        if self._tokens_per_expert is None:
+            self._tokens_per_expert = torch.bincount(
+                self.top_k_indices.reshape(-1), minlength=self.logits.shape[-1]
+            )
+        return self._tokens_per_expert
+
+    def entropy(self) -> torch.Tensor:
+        """(T,) entropy in nats of each token's softmax over all experts; log E for a router with
+        no preference. From log-softmax, so that a probability that underflows to 0 adds 0."""
+        log_probs = torch.log_softmax(self.logits.float(), dim=-1)  # (T, E)
+        return -(log_probs.exp() * log_probs).sum(dim=-1)
 
 
 def route(logits: torch.Tensor, top_k: int, norm_topk_prob: bool = False) -> RouterOutput:
@@ -49,14 +72,7 @@ def route(logits: torch.Tensor, top_k: int, norm_topk_prob: bool = False) -> Rou
     weights, indices = torch.topk(probs, top_k, dim=-1)  # (T, K)
     if norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return RouterOutput(logits, indices, weights.to(logits.dtype))
-
-
-def router_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """(T,) entropy in nats of each token's float32 softmax over all experts; log E for a router
-    with no preference. Training logs and routing analysis both report it."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)  # (T, E)
-    return -(log_probs.exp() * log_probs).sum(dim=-1)
+    return RouterOutput(logits, probs, indices, weights.to(logits.dtype))
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -87,18 +103,11 @@ def _grouped_mm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (weight.shape[1] * row_bytes) % 16 == 0 and (weight.shape[2] * row_bytes) % 16 == 0
 
 
-def grouped_linear(
-    x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, scale: torch.Tensor | None = None
-) -> torch.Tensor:
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """`x @ weight[e].T` for consecutive row groups of `x`, group e having `counts[e]` rows.
 
-    x: (S, in) rows sorted by expert; weight: (E, out, in), or int8 with its per-row `scale`
-    (E, out) where kernels.grouped_applies (see olmoe.quantize); counts: (E,) -> (S, out).
+    x: (S, in) rows sorted by expert; weight: (E, out, in); counts: (E,) -> (S, out).
     """
-    if scale is not None:
-        return kernels.grouped_linear_int8(x, weight, scale, counts)
-    if kernels.grouped_applies(x, weight):  # bf16 on the CPU: the groups side by side
-        return kernels.GroupedLinear.apply(x, weight, counts)
     if _grouped_mm_applies(x, weight):
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # (E,) end row of each group
         out = F.grouped_mm(x, weight.transpose(1, 2), offs=offsets)
@@ -106,6 +115,49 @@ def grouped_linear(
     # Fallback for dtypes and odd widths grouped_mm rejects: one matmul per expert that has rows.
     chunks = torch.split(x, counts.tolist())
     return torch.cat([chunk @ weight[e].T for e, chunk in enumerate(chunks)])
+
+
+GroupedProduct = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def slots_by_expert(routing: RouterOutput) -> torch.Tensor:
+    """(S,) the flat routing slots (slot s = token s // K, its (s % K)-th choice) sorted by
+    expert, stably, so that each expert's rows are contiguous; `routing.tokens_per_expert` gives
+    the group sizes in the same order."""
+    return torch.argsort(routing.top_k_indices.reshape(-1), stable=True)
+
+
+def autocast_experts(x, gate_up, down):
+    """Autocast runs matrix products in its lower precision but has no rule for grouped_mm (on
+    the CPU), which would leave the experts, most of the FLOPs, in float32: cast as it casts
+    F.linear."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return x, gate_up, down
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return x.to(dtype), gate_up.to(dtype), down.to(dtype)
+
+
+def grouped_experts(
+    x: torch.Tensor,
+    routing: RouterOutput,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    act_fn=F.silu,
+    linear: GroupedProduct = grouped_linear,
+) -> torch.Tensor:
+    """Dropless experts as two grouped GEMMs over the routing slots sorted by expert.
+    x: (T, H), gate_up (E, 2I, H), down (E, H, I) -> (T, H). `linear` computes the grouped
+    products (the CPU engine passes its own)."""
+    x, gate_up, down = autocast_experts(x, gate_up, down)
+    t, k = routing.top_k_indices.shape
+    slot_order = slots_by_expert(routing)  # (S,)
+    counts = routing.tokens_per_expert  # (E,)
+    x_sorted = x[slot_order // k]  # (S, H) slot s belongs to token s // K
+    gate, up = linear(x_sorted, gate_up, counts).chunk(2, dim=-1)
+    y_sorted = linear(act_fn(gate) * up, down, counts)  # (S, H)
+    y = torch.empty_like(y_sorted).index_copy_(0, slot_order, y_sorted)  # (S, H) slot order
+    y = y.view(t, k, -1) * routing.top_k_weights.unsqueeze(-1)  # (T, K, H)
+    return y.sum(dim=1)  # (T, H)
 
 
 class OlmoeRouter(nn.Module):
@@ -117,10 +169,11 @@ class OlmoeRouter(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)  # (T, E)
+
     def forward(self, x: torch.Tensor) -> RouterOutput:
-        # decoding goes to the kernel: oneDNN is at its slowest at this narrow shape
-        logits = kernels.linear_or_torch(x, self.weight)
-        return route(logits, self.top_k, self.norm_topk_prob)
+        return route(self.logits(x), self.top_k, self.norm_topk_prob)
 
 
 class OlmoeExperts(nn.Module):
@@ -140,47 +193,7 @@ class OlmoeExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
         """Dropless dispatch: every token reaches each of its K experts. x: (T, H) -> (T, H)."""
-        if self.act_fn is F.silu and kernels.applies(x, self.gate_up_proj):  # decoding
-            return kernels.moe(
-                x, self.gate_up_proj, self.down_proj, routing.top_k_indices, routing.top_k_weights
-            )
         return grouped_experts(x, routing, self.gate_up_proj, self.down_proj, self.act_fn)
-
-
-def grouped_experts(
-    x: torch.Tensor,
-    routing: RouterOutput,
-    gate_up: torch.Tensor,
-    down: torch.Tensor,
-    act_fn=F.silu,
-    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """The experts as two grouped GEMMs over the routing slots sorted by expert (the reference
-    path; prefill and training). x: (T, H), gate_up (E, 2I, H), down (E, H, I) -> (T, H);
-    int8 experts come with `scales`, the per-row scales of gate_up and down."""
-    gate_up_scale, down_scale = scales or (None, None)
-    if torch.is_autocast_enabled(x.device.type) and scales is None:
-        # Autocast runs matrix products in its lower precision but has no rule for grouped_mm
-        # (on the CPU), which would leave the experts, most of the FLOPs, in float32: cast as
-        # it casts F.linear.
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, gate_up, down = x.to(dtype), gate_up.to(dtype), down.to(dtype)
-    t, k = routing.top_k_indices.shape
-    expert_of_slot = routing.top_k_indices.reshape(-1)  # (S,)
-    # Sort the S routing slots by expert so that each expert's rows are contiguous.
-    slot_order = torch.argsort(expert_of_slot, stable=True)  # (S,)
-    counts = torch.bincount(expert_of_slot, minlength=gate_up.shape[0])  # (E,)
-    if act_fn is F.silu and kernels.fused_experts_applies(x, gate_up):  # inference: same bits
-        weighted = kernels.grouped_experts(
-            x, gate_up, down, slot_order, counts, routing.top_k_weights, scales
-        )
-        return weighted.view(t, k, -1).sum(dim=1)
-    x_sorted = x[slot_order // k]  # (S, H) slot s belongs to token s // K
-    gate, up = grouped_linear(x_sorted, gate_up, counts, gate_up_scale).chunk(2, dim=-1)
-    y_sorted = grouped_linear(act_fn(gate) * up, down, counts, down_scale)  # (S, H)
-    y = torch.empty_like(y_sorted).index_copy_(0, slot_order, y_sorted)  # (S, H) slot order
-    y = y.view(t, k, -1) * routing.top_k_weights.unsqueeze(-1)  # (T, K, H)
-    return y.sum(dim=1)  # (T, H)
 
 
 class OlmoeSparseMoeBlock(nn.Module):
@@ -198,32 +211,31 @@ class OlmoeSparseMoeBlock(nn.Module):
         return self.experts(x, routing).view(shape), routing
 
 
-def load_balancing_loss(
-    router_logits: tuple[torch.Tensor, ...] | list[torch.Tensor],
+def switch_aux_loss(
+    routing: Sequence[RouterOutput],
     num_experts: int,
-    top_k: int,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """transformers' (Switch-style) auxiliary loss, the model's `aux_loss` output.
+    """transformers' auxiliary load-balancing loss (Switch Transformer's, pooled over layers):
+    the model's `aux_loss` output.
 
     E * sum_e f_e * P_e with f_e the share of tokens (not of the T*K slots) routed to expert e and
     P_e its mean softmax probability, both pooled over all layers; padding tokens
-    (attention_mask == 0) excluded. Its minimum under perfect balance is therefore K, not 1: the
-    OLMoE training objective (megablocks' definition, per layer, f over slots) lives with the
-    training code.
+    (attention_mask == 0) excluded. Its minimum under perfect balance is therefore K, not 1. The
+    OLMoE training objective is a different loss: megablocks', per layer, f over slots
+    (olmoe.train.losses.megablocks_lb_loss).
     """
-    tokens_per_expert = torch.zeros(
-        num_experts, dtype=torch.float32, device=router_logits[0].device
-    )
+    device = routing[0].probs.device
+    tokens_per_expert = torch.zeros(num_experts, dtype=torch.float32, device=device)
     prob_per_expert = torch.zeros_like(tokens_per_expert)
-    total = torch.zeros((), dtype=torch.float32, device=tokens_per_expert.device)
+    total = torch.zeros((), dtype=torch.float32, device=device)
     mask = None
     if attention_mask is not None:
-        mask = attention_mask.reshape(-1).to(tokens_per_expert.device, torch.float32)  # (T,)
-    for logits in router_logits:
-        probs = torch.softmax(logits.float(), dim=-1)  # (T, E)
-        chosen = torch.topk(probs, top_k, dim=-1).indices.reshape(-1)  # (S,)
-        token_weight = torch.ones(probs.shape[0], device=probs.device) if mask is None else mask
+        mask = attention_mask.reshape(-1).to(device, torch.float32)  # (T,)
+    for layer in routing:
+        probs, top_k = layer.probs, layer.top_k_indices.shape[-1]
+        chosen = layer.top_k_indices.reshape(-1)  # (S,)
+        token_weight = torch.ones(probs.shape[0], device=device) if mask is None else mask
         tokens_per_expert += torch.zeros_like(tokens_per_expert).scatter_add_(
             0, chosen, token_weight.repeat_interleave(top_k)
         )

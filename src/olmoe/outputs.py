@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from olmoe.cache import KVCache
+from olmoe.moe import RouterOutput
 
 
 class ModelOutput:
@@ -36,6 +37,7 @@ class MoeModelOutputWithPast(ModelOutput):
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
     router_logits: tuple[torch.Tensor, ...] | None = None
+    routing: tuple[RouterOutput, ...] | None = None
 
 
 @dataclass
@@ -47,3 +49,4 @@ class MoeCausalLMOutputWithPast(ModelOutput):
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
     router_logits: tuple[torch.Tensor, ...] | None = None
+    routing: tuple[RouterOutput, ...] | None = None

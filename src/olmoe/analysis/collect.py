@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from olmoe.errors import ConfigError, DataError, InputError
 from olmoe.fileio import atomic_path
-from olmoe.moe import route, router_entropy
 
 COUNTS_FORMAT = "olmoe-routing-counts/1"
 VOCABULARY_KINDS = ("input", "gold", "predicted")  # whose token id a routing is attributed to
@@ -126,7 +126,7 @@ class RoutingCounts:
     def track_vocabulary(self, kinds: Iterable[str] = VOCABULARY_KINDS) -> None:
         for kind in kinds:
             if kind not in VOCABULARY_KINDS:
-                raise ValueError(f"unknown vocabulary kind {kind!r}; use {VOCABULARY_KINDS}")
+                raise ConfigError(f"unknown vocabulary kind {kind!r}; use {VOCABULARY_KINDS}")
             self.vocabulary.setdefault(kind, VocabularyCounts(np.zeros(self.vocab_size, np.int64)))
 
     def keep_trace(self) -> None:
@@ -137,7 +137,7 @@ class RoutingCounts:
         experts = chunk.experts.astype(np.int64)
         tokens, layers, k = experts.shape
         if (layers, k) != (self.num_layers, self.top_k):
-            raise ValueError(
+            raise DataError(
                 f"routing of {layers} layers x top-{k} does not fit counts of "
                 f"{self.num_layers} layers x top-{self.top_k}"
             )
@@ -234,7 +234,7 @@ class RoutingCounts:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta"]))
             if meta.get("format") != COUNTS_FORMAT:
-                raise ValueError(f"{path} is not an olmoe routing-counts file ({COUNTS_FORMAT})")
+                raise DataError(f"{path} is not an olmoe routing-counts file ({COUNTS_FORMAT})")
             counts = cls(meta["num_layers"], meta["num_experts"], meta["top_k"], meta["vocab_size"])
             counts.tokens = meta["tokens"]
             for name in ("expert_counts", "top1_counts", "pair_counts", "adjacent_pair_counts"):
@@ -273,7 +273,7 @@ def _attributed_ids(chunk: ChunkRouting, kind: str) -> np.ndarray:
     if kind == "gold":
         return chunk.next_ids
     if chunk.predicted_ids is None:
-        raise ValueError("predicted-token counts need the chunk's predictions (predict=True)")
+        raise InputError("predicted-token counts need the chunk's predictions (predict=True)")
     return chunk.predicted_ids
 
 
@@ -287,16 +287,12 @@ def route_chunks(model, input_ids: torch.Tensor, predict: bool = False) -> Chunk
     """
     out = model(
         input_ids=input_ids,
-        output_router_logits=True,
+        output_routing=True,
         use_cache=False,
         num_logits_to_keep=0 if predict else 1,
     )
-    config = model.config
-    experts, entropy = [], []
-    for logits in out.router_logits:  # L x (T, E), T = B * C
-        routing = route(logits, config.num_experts_per_tok, config.norm_topk_prob)
-        experts.append(routing.top_k_indices)
-        entropy.append(router_entropy(logits))
+    experts = [layer.top_k_indices for layer in out.routing]  # L x (T, K), T = B * C
+    entropy = [layer.entropy() for layer in out.routing]  # L x (T,)
     next_ids = torch.full_like(input_ids, -1)  # (B, C)
     next_ids[:, :-1] = input_ids[:, 1:]
     predicted = out.logits.argmax(dim=-1).reshape(-1).cpu().numpy() if predict else None
@@ -312,7 +308,7 @@ def route_chunks(model, input_ids: torch.Tensor, predict: bool = False) -> Chunk
 def split_chunks(tokens: np.ndarray, chunk_length: int) -> Iterator[np.ndarray]:
     """Consecutive pieces of `chunk_length` tokens; the last one may be shorter."""
     if chunk_length < 2:
-        raise ValueError(f"chunk length must be at least 2 tokens, got {chunk_length}")
+        raise ConfigError(f"chunk length must be at least 2 tokens, got {chunk_length}")
     for start in range(0, len(tokens), chunk_length):
         yield np.asarray(tokens[start : start + chunk_length], dtype=np.int64)
 
@@ -337,16 +333,16 @@ def collect_routing(
     """
     config = model.config
     if chunk_length > config.max_position_embeddings:
-        raise ValueError(
+        raise ConfigError(
             f"chunk length {chunk_length} exceeds the model's context of "
             f"{config.max_position_embeddings} tokens; pass a smaller chunk length"
         )
     if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
     streams = [tokens] if isinstance(tokens, np.ndarray) else list(tokens)
     largest = max((int(np.max(s)) for s in streams if len(s)), default=-1)
     if largest >= config.vocab_size:
-        raise ValueError(
+        raise DataError(
             f"token id {largest} is outside the model's vocabulary of {config.vocab_size}; "
             "was the corpus tokenised with another tokenizer?"
         )

@@ -12,6 +12,7 @@ from olmoe.analysis.collect import RoutingCounts, collect_routing
 from olmoe.data import encode_documents
 from olmoe.data.sources import check_source
 from olmoe.data.tokens import METADATA_FILE, load_tokens
+from olmoe.errors import DataError, InputError
 
 
 @dataclass(frozen=True)
@@ -31,11 +32,11 @@ class Corpus:
             source = spec
             name = Path(spec.rstrip("/")).stem or spec
         if not name or not source:
-            raise ValueError(f"corpus {spec!r} must be SOURCE or NAME=SOURCE with both non-empty")
+            raise InputError(f"corpus {spec!r} must be SOURCE or NAME=SOURCE with both non-empty")
         return cls(name, source)
 
     def check(self) -> None:
-        """Raise ValueError unless the source exists, before any model is loaded."""
+        """Raise DataError unless the source exists, before any model is loaded."""
         if not _is_token_source(Path(self.source).expanduser()):
             check_source(self.source)
 
@@ -58,7 +59,7 @@ def corpus_tokens(source: str, tokenizer, max_tokens: int) -> np.ndarray:
     `olmoe data prepare` writes them; token directories and files are read as they are.
     """
     if max_tokens < 1:
-        raise ValueError(f"max tokens must be at least 1, got {max_tokens}")
+        raise InputError(f"max tokens must be at least 1, got {max_tokens}")
     path = Path(source).expanduser()
     if _is_token_source(path):
         # A prepared directory gives its held-out split; a token file is read whole.
@@ -73,7 +74,7 @@ def corpus_tokens(source: str, tokenizer, max_tokens: int) -> np.ndarray:
             documents.close()  # ends the encoder's read-ahead thread
             break
     if total == 0:
-        raise ValueError(f"corpus {source!r} has no readable documents")
+        raise DataError(f"corpus {source!r} has no readable documents")
     return np.concatenate(pieces)[:max_tokens]
 
 
@@ -96,7 +97,7 @@ def collect_corpora(
     corpora = list(DEFAULT_CORPORA if corpora is None else corpora)
     names = [corpus.name for corpus in corpora]
     if not corpora or len(set(names)) != len(names):
-        raise ValueError(f"corpora need distinct names, got {names}; name them NAME=SOURCE")
+        raise InputError(f"corpora need distinct names, got {names}; name them NAME=SOURCE")
     tokens = {
         corpus.name: corpus_tokens(corpus.source, tokenizer, max_tokens) for corpus in corpora
     }

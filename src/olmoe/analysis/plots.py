@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from olmoe.errors import InputError
 from olmoe.fileio import atomic_path
 
 DPI = 100
@@ -146,5 +147,5 @@ def layer_choice(num_layers: int, layers: Sequence[int] | None) -> list[int]:
         return sorted({0, (num_layers - 1) // 2, num_layers - 1})
     bad = [layer for layer in layers if not 0 <= layer < num_layers]
     if bad:
-        raise ValueError(f"layers {bad} do not exist; the model has layers 0-{num_layers - 1}")
+        raise InputError(f"layers {bad} do not exist; the model has layers 0-{num_layers - 1}")
     return sorted(set(layers))

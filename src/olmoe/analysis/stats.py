@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from olmoe.analysis.collect import RoutingCounts
+from olmoe.errors import InputError
 
 _SATURATION_BLOCK = 1 << 16  # tokens compared at once: bounds the (T, L, k, k) comparison
 
@@ -22,13 +23,13 @@ def router_saturation(early: RoutingCounts, final: RoutingCounts, k: int) -> np.
     """
     a, b = early.trace, final.trace
     if a is None or b is None:
-        raise ValueError("router saturation needs traces: collect both with keep_trace=True")
+        raise InputError("router saturation needs traces: collect both with keep_trace=True")
     if a.shape[:2] != b.shape[:2] or not np.array_equal(early.trace_ids, final.trace_ids):
-        raise ValueError("the two collections did not route the same tokens")
+        raise InputError("the two collections did not route the same tokens")
     if not 1 <= k <= min(a.shape[2], b.shape[2]):
-        raise ValueError(f"k must be between 1 and the top-k of both models, got {k}")
+        raise InputError(f"k must be between 1 and the top-k of both models, got {k}")
     if len(a) == 0:
-        raise ValueError("the collections are empty")
+        raise InputError("the collections are empty")
     overlap = np.zeros(a.shape[1], np.int64)
     for start in range(0, len(a), _SATURATION_BLOCK):
         x = a[start : start + _SATURATION_BLOCK, :, :k, None]  # (T, L, k, 1)
@@ -58,7 +59,7 @@ def expert_shares(counts: RoutingCounts, top1: bool = False) -> np.ndarray:
     """(L, E): routing slots per expert over tokens. Over the top-k set each token fills k
     slots, so a row sums to k and a uniform router gives k/E; with `top1`, rows sum to 1."""
     if counts.tokens == 0:
-        raise ValueError("no tokens were routed")
+        raise InputError("no tokens were routed")
     return (counts.top1_counts if top1 else counts.expert_counts) / counts.tokens
 
 
@@ -67,7 +68,7 @@ def load_statistics(counts: RoutingCounts) -> dict[str, np.ndarray]:
     distribution over experts (nats; log E when perfectly balanced), and the mean entropy of
     a token's router softmax (nats; log E for a router with no preference)."""
     if counts.tokens == 0:
-        raise ValueError("no tokens were routed")
+        raise InputError("no tokens were routed")
     load = counts.expert_counts.astype(np.float64)  # (L, E)
     mean = load.mean(axis=1)
     share = load / load.sum(axis=1, keepdims=True)
@@ -83,7 +84,7 @@ def load_statistics(counts: RoutingCounts) -> dict[str, np.ndarray]:
 
 def _vocabulary(counts: RoutingCounts, kind: str, top1: bool):
     if kind not in counts.vocabulary:
-        raise ValueError(
+        raise InputError(
             f"no {kind!r} vocabulary counts were collected; collect with vocabulary=True"
         )
     vocabulary = counts.vocabulary[kind]

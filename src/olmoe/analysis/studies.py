@@ -16,6 +16,7 @@ import numpy as np
 
 from olmoe.analysis import plots, stats
 from olmoe.analysis.collect import VOCABULARY_KINDS, RoutingCounts
+from olmoe.errors import InputError
 from olmoe.fileio import write_atomic
 
 
@@ -66,7 +67,7 @@ def domains_report(counts_by_domain: Mapping[str, RoutingCounts]) -> dict:
     """Per domain and layer, each expert's routing slots per token over the top-k set (rows sum
     to k; uniform k/E) and over the top-1 choice (rows sum to 1; uniform 1/E)."""
     if not counts_by_domain:
-        raise ValueError("the domain study needs at least one corpus")
+        raise InputError("the domain study needs at least one corpus")
     first = next(iter(counts_by_domain.values()))
     return {
         "study": "domains",

@@ -19,6 +19,7 @@ import numpy as np
 
 from olmoe.data.sources import Document, read_documents
 from olmoe.data.tokens import token_dtype
+from olmoe.errors import ConfigError
 
 OLMO_TOKENIZER_NAME = "allenai/gpt-neox-olmo-dolma-v1_5"
 CHUNK_BYTES = 4 << 20  # text per encode_batch call: enough to keep every core busy
@@ -43,7 +44,7 @@ class DocumentEncoder:
         self.tokenizer, self.name = resolve_tokenizer(tokenizer)
         self.eos = self.tokenizer.eos_token_id
         if self.eos is None:
-            raise ValueError(
+            raise ConfigError(
                 "the tokenizer has no eos token, which separates documents; use another"
             )
         backend = self.tokenizer.backend_tokenizer

@@ -14,11 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from olmoe.errors import CheckpointError, ConfigError, DataError, InputError
+
 
 def as_instances(tokens: np.ndarray, seq_len: int) -> np.ndarray:
     """The (len(tokens) // seq_len, seq_len) view of `tokens` (no copy; the tail is dropped)."""
     if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        raise ConfigError(f"seq_len must be >= 1, got {seq_len}")
     count = len(tokens) // seq_len
     return tokens[: count * seq_len].reshape(count, seq_len)
 
@@ -50,24 +52,24 @@ class InstanceLoader:
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size),
                             ("world_size", world_size)):  # fmt: skip
             if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+            raise ConfigError(f"rank must be in [0, world_size={world_size}), got {rank}")
         tokens = np.asarray(tokens)  # a memory map stays one (no copy)
         if tokens.ndim != 1:
-            raise ValueError(f"tokens must be a flat array, got shape {tuple(tokens.shape)}")
+            raise InputError(f"tokens must be a flat array, got shape {tuple(tokens.shape)}")
         self.instances = as_instances(tokens, seq_len)
         self.seq_len, self.batch_size = int(seq_len), int(batch_size)
         self.rank, self.world_size = int(rank), int(world_size)
         self.global_batch_size = self.batch_size * self.world_size
         step = self.global_batch_size if instances_per_step is None else instances_per_step
         if not isinstance(step, (int, np.integer)) or step < 1 or step % self.global_batch_size:
-            raise ValueError(
+            raise ConfigError(
                 "instances_per_step must be a multiple of batch_size x world_size = "
                 f"{self.global_batch_size}, got {instances_per_step!r}"
             )
         if len(self.instances) < step:
-            raise ValueError(
+            raise DataError(
                 f"{len(tokens):,} tokens make {len(self.instances):,} instances of {seq_len} "
                 f"tokens, fewer than one step's {step} ({batch_size} per rank x {world_size} "
                 f"ranks x {step // self.global_batch_size} micro-batches): use more data, or a "
@@ -75,7 +77,7 @@ class InstanceLoader:
             )
         self.instances_per_epoch = len(self.instances) // step * step
         if not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+            raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
         self.seed = int(seed)
         self.epoch = 0
         self.position = 0  # instances of this epoch's order already consumed (all ranks)
@@ -126,15 +128,15 @@ class InstanceLoader:
         from (the per-rank batch size may differ as long as the global order is the same)."""
         missing = {"seed", "epoch", "position"} - set(state)
         if missing:
-            raise ValueError(f"loader state lacks {', '.join(sorted(missing))}")
+            raise CheckpointError(f"loader state lacks {', '.join(sorted(missing))}")
         for key, mine in (("num_instances", self.num_instances), ("seq_len", self.seq_len)):
             if key in state and state[key] != mine:
-                raise ValueError(
+                raise ConfigError(
                     f"the loader state is for {key}={state[key]}, this data gives {mine}: "
                     "resume with the same token files and sequence length"
                 )
         if not 0 <= int(state["position"]) <= self.num_instances or int(state["epoch"]) < 0:
-            raise ValueError(f"loader state out of range: {state}")
+            raise CheckpointError(f"loader state out of range: {state}")
         self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
         self.position = int(state["position"])
         self._order = None

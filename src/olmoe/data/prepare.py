@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -36,6 +34,8 @@ from olmoe.data.encode import (
 )
 from olmoe.data.sources import check_source, stdlib_dir
 from olmoe.data.tokens import FORMAT, METADATA_FILE, SPLITS, NpyWriter
+from olmoe.errors import ConfigError, DataError, InputError
+from olmoe.fileio import atomic_directory
 
 # The most tokens held back to size a small corpus's validation split (~200-400 MB of memory).
 MAX_BUFFER_TOKENS = 50_000_000
@@ -145,22 +145,20 @@ def prepare(
     started = time.perf_counter()
     sources = [sources] if isinstance(sources, str) else list(sources)
     if not sources:
-        raise ValueError("no sources given: pass files, folders or a built-in source (stdlib)")
+        raise InputError("no sources given: pass files, folders or a built-in source (stdlib)")
     if not 0.0 <= valid_fraction < 1.0:
-        raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
+        raise ConfigError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
     if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
     if valid_min_tokens < 0:
-        raise ValueError(f"valid_min_tokens must be >= 0, got {valid_min_tokens}")
+        raise ConfigError(f"valid_min_tokens must be >= 0, got {valid_min_tokens}")
     for source in sources:
         check_source(source)
     out_dir = Path(out_dir).expanduser()
     _check_output(out_dir, force)
     encoder = DocumentEncoder(tokenizer)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as staging:
         splitter = _Splitter(staging, encoder.dtype, valid_fraction, valid_min_tokens, seed)
         stats = []
         bar = _progress_bar(progress)
@@ -178,7 +176,7 @@ def prepare(
             skipped.update(entry.skipped)
         if not any(entry.documents for entry in stats):
             reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
-            raise ValueError(
+            raise DataError(
                 f"the sources hold no documents (skipped: {reasons or 'nothing'}); pass files "
                 "with text in them"
             )
@@ -197,10 +195,7 @@ def prepare(
             "valid": {"fraction": valid_fraction, "min_tokens": valid_min_tokens, "seed": seed},
         }
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-        _move_into_place(staging, out_dir, force)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        _check_output(out_dir, force)  # it may have appeared while we were working
     return PrepareSummary(out_dir, metadata, time.perf_counter() - started)
 
 
@@ -235,7 +230,7 @@ class _Splitter:
         self.draws = np.random.default_rng(seed)
         buffer_tokens = math.ceil(min_tokens / fraction) if fraction > 0 and min_tokens else 0
         if buffer_tokens > MAX_BUFFER_TOKENS:
-            raise ValueError(
+            raise ConfigError(
                 f"valid_min_tokens / valid_fraction = {buffer_tokens:,} tokens would be held in "
                 f"memory to size the validation split (at most {MAX_BUFFER_TOKENS:,}): lower "
                 "valid_min_tokens or raise valid_fraction"
@@ -318,29 +313,14 @@ def _check_output(out_dir: Path, force: bool) -> None:
     if not out_dir.exists():
         return
     if not force:
-        raise ValueError(f"{out_dir} exists; pass --force (force=True) to replace it")
+        raise InputError(f"{out_dir} exists; pass --force (force=True) to replace it")
     # --force deletes the old directory, so it must be one this function wrote (or empty):
     # a mistyped --out must never remove unrelated files.
     if not out_dir.is_dir() or not (_is_prepared_dir(out_dir) or not any(out_dir.iterdir())):
-        raise ValueError(
+        raise InputError(
             f"{out_dir} exists and is not a prepared token directory, so --force will not "
             "replace it; choose another --out or remove it yourself"
         )
-
-
-def _move_into_place(staging: Path, out_dir: Path, force: bool) -> None:
-    old = None
-    if out_dir.exists():
-        _check_output(out_dir, force)  # it may have appeared while we were working
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-        os.replace(out_dir, old / out_dir.name)
-    # mkdtemp made the folder private; the output gets a plain directory's permissions.
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)
-    os.replace(staging, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _progress_bar(progress: bool | None):

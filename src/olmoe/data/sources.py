@@ -40,6 +40,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from olmoe.errors import DataError
+
 STDLIB_SOURCES = ("stdlib", "stdlib-code", "stdlib-docstrings")
 SKIP_REASONS = {
     "empty": "no text, or only whitespace",
@@ -74,7 +76,7 @@ def iter_documents(source: str, skipped: Counter | None = None) -> Iterator[str]
 
 
 def check_source(source: str) -> None:
-    """Raise ValueError unless `source` names an existing file, folder or built-in source, so a
+    """Raise DataError unless `source` names an existing file, folder or built-in source, so a
     typo fails before any work is done."""
     if source in STDLIB_SOURCES:
         stdlib_dir()
@@ -82,7 +84,7 @@ def check_source(source: str) -> None:
     path = Path(source).expanduser()
     if not (path.is_file() or path.is_dir()):
         reason = "is not a file or folder" if path.exists() else "does not exist"
-        raise ValueError(
+        raise DataError(
             f"source {source!r} {reason}; pass a text or .jsonl(.gz) file, a folder, or one of "
             f"the built-in sources {', '.join(STDLIB_SOURCES)}"
         )
@@ -107,7 +109,7 @@ def read_documents(source: str, skipped: Counter | None = None) -> Iterator[Docu
 def stdlib_dir() -> Path:
     path = Path(sysconfig.get_paths()["stdlib"])
     if not path.is_dir():
-        raise ValueError(
+        raise DataError(
             f"this Python's standard library folder {path} is missing, so the built-in "
             "stdlib sources are unavailable; pass files or folders instead"
         )

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from olmoe.errors import ConfigError, DataError, InputError
+
 FORMAT = "olmoe-tokens/1"
 METADATA_FILE = "metadata.json"
 SPLITS = ("train", "valid")
@@ -26,9 +28,9 @@ _HEADER_BYTES = 128
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 when every id fits (OLMo's choice: half the disk and memory), else uint32."""
     if vocab_size <= 0:
-        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+        raise ConfigError(f"vocab_size must be positive, got {vocab_size}")
     if vocab_size > 2**32:
-        raise ValueError(f"a vocabulary of {vocab_size:,} ids does not fit uint32 token files")
+        raise ConfigError(f"a vocabulary of {vocab_size:,} ids does not fit uint32 token files")
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
@@ -42,9 +44,9 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
             f"{path} is missing: {directory} is not a directory `olmoe data prepare` wrote"
         ) from None
     except ValueError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+        raise DataError(f"{path} is not valid JSON ({exc})") from None
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-        raise ValueError(f"{path} is not olmoe token metadata (format {FORMAT!r})")
+        raise DataError(f"{path} is not olmoe token metadata (format {FORMAT!r})")
     return metadata
 
 
@@ -80,25 +82,25 @@ def _load_npy(path: Path, dtype) -> np.ndarray:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as exc:
         if "empty" not in str(exc):
-            raise ValueError(f"{path} is not a readable .npy file ({exc})") from None
+            raise DataError(f"{path} is not a readable .npy file ({exc})") from None
         array = np.load(path, allow_pickle=False)  # a zero-length array cannot be memory-mapped
     if array.ndim != 1 or array.dtype.kind not in "ui":
-        raise ValueError(
+        raise DataError(
             f"{path} holds a {array.dtype} array of shape {array.shape}, not a flat array of "
             "token ids"
         )
     if dtype is not None and np.dtype(dtype) != array.dtype:
-        raise ValueError(f"{path} holds {array.dtype} tokens, not {np.dtype(dtype)}")
+        raise DataError(f"{path} holds {array.dtype} tokens, not {np.dtype(dtype)}")
     return array
 
 
 def _load_raw(path: Path, dtype) -> np.ndarray:
     dtype = np.dtype(np.uint16 if dtype is None else dtype).newbyteorder("<")
     if dtype.kind not in "ui":
-        raise ValueError(f"token files hold unsigned integers; dtype {dtype} is not one")
+        raise InputError(f"token files hold unsigned integers; dtype {dtype} is not one")
     size = path.stat().st_size
     if size % dtype.itemsize:
-        raise ValueError(
+        raise DataError(
             f"{path} has {size} bytes, not a whole number of {dtype.itemsize}-byte tokens: pass "
             "the dtype it was written with (OLMo uses uint16, or uint32 for vocabularies over "
             "65,536)"

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 
+from olmoe.errors import ConfigError, DataError
 from olmoe.eval import scoring
 from olmoe.eval.runner import DEFAULT_MAX_LENGTH, score_requests
 from olmoe.eval.tasks import Question, Task, TaskFormat, load_task
@@ -79,7 +80,7 @@ def format_results(
     average of the groups as the format's score when the task asks for it."""
     metrics = scoring.available_metrics([s for scores in choice_scores for s in scores])
     if fmt.primary_metric not in metrics:
-        raise ValueError(
+        raise DataError(
             f"{task.name} ({fmt.name}) reports {fmt.primary_metric}, which its requests cannot "
             "give (no unconditional lines)"
         )
@@ -138,14 +139,14 @@ def evaluate(
     from tqdm.auto import tqdm
 
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
+        raise ConfigError(f"limit must be >= 1, got {limit}")
     # A model trained on shorter sequences sees no more than its own window.
     max_length = min(max_length, getattr(model.config, "max_position_embeddings", max_length))
     started = time.perf_counter()
     loaded = [t if isinstance(t, Task) else load_task(t) for t in tasks]
     names = [t.name for t in loaded]
     if len(set(names)) != len(names):
-        raise ValueError(f"a task is listed twice: {names}")
+        raise ConfigError(f"a task is listed twice: {names}")
     plan = []
     for task in loaded:
         for fmt in task.formats:

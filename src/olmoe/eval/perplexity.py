@@ -26,6 +26,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from olmoe.errors import ConfigError, DataError
+from olmoe.eval.logprobs import target_logprobs
+
 
 @dataclasses.dataclass(frozen=True)
 class PerplexityResult:
@@ -64,9 +67,9 @@ def windows(length: int, max_length: int, stride: int) -> list[tuple[int, int, i
     ends `stride` tokens later and scores those, after max_length - stride tokens of context.
     Together they score positions 1..length-1 once each."""
     if max_length < 2:
-        raise ValueError(f"max_length must be >= 2, got {max_length}")
+        raise ConfigError(f"max_length must be >= 2, got {max_length}")
     if not 1 <= stride < max_length:
-        raise ValueError(f"stride must be in [1, max_length={max_length}), got {stride}")
+        raise ConfigError(f"stride must be in [1, max_length={max_length}), got {stride}")
     spans, end = [], min(max_length, length)
     if length > 1:
         spans.append((0, end, 1))
@@ -101,7 +104,7 @@ def sequence_nll(
             by_length.setdefault(span[1] - span[0], []).append(span)
         for same in by_length.values():
             inputs = torch.stack([tokens[b:e] for b, e, _ in same]).to(device)  # (B, L)
-            hidden = model.model(input_ids=inputs, use_cache=False).last_hidden_state
+            hidden = model.forward_hidden(input_ids=inputs, use_cache=False).last_hidden_state
             rows, cols, targets = [], [], []
             for i, (b, e, first) in enumerate(same):
                 scored = torch.arange(first, e)  # absolute positions to score
@@ -110,12 +113,8 @@ def sequence_nll(
                 targets += tokens[first:e].tolist()
             picked = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
             targets_t = torch.tensor(targets, device=device)
-            for start in range(0, len(targets), 1024):
-                logits = model.lm_head(picked[start : start + 1024]).float()
-                nll = torch.nn.functional.cross_entropy(
-                    logits, targets_t[start : start + 1024], reduction="sum"
-                )
-                total += float(nll)
+            logprobs = target_logprobs(model, picked, list(range(len(targets))), targets_t)
+            total -= float(logprobs.double().sum())
             if progress is not None:
                 progress(len(targets))
     return total
@@ -136,7 +135,7 @@ def corpus_perplexity(
     (end-of-text) token, after one more separator; `num_bytes` is the UTF-8 size of their
     text."""
     if len(tokens) == 0:
-        raise ValueError("no tokens to score: the text or split is empty")
+        raise DataError("no tokens to score: the text or split is empty")
     sequence = np.concatenate([[separator], np.asarray(tokens, dtype=np.int64)])
     nll = sequence_nll(model, sequence, max_length, stride, batch_size, progress)
     return PerplexityResult(len(tokens), num_bytes, nll, documents)
@@ -153,7 +152,7 @@ def text_perplexity(model, tokenizer, source: str | os.PathLike, **kwargs) -> Pe
         documents.append(tokens)
         num_bytes += document.nbytes
     if not documents:
-        raise ValueError(f"{source} holds no text to score (empty, binary or not UTF-8)")
+        raise DataError(f"{source} holds no text to score (empty, binary or not UTF-8)")
     return corpus_perplexity(
         model, np.concatenate(documents), encoder.eos, num_bytes, len(documents), **kwargs
     )

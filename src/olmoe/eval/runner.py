@@ -24,7 +24,6 @@ positions that predict continuation tokens, once per position however many choic
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import itertools
 from collections.abc import Callable, Sequence
@@ -32,9 +31,11 @@ from collections.abc import Callable, Sequence
 import torch
 
 from olmoe.cache import KVCache
+from olmoe.errors import ConfigError, DataError
+from olmoe.eval.logprobs import target_logprobs
+from olmoe.eval.strategies import STRATEGIES
 from olmoe.eval.tasks import Request
 
-STRATEGIES = ("packed", "flat")
 DEFAULT_MAX_LENGTH = 2048  # OLMES truncates prompts to the model's 2,048-token window
 # Continuation tokens per packed row (unless one continuation is longer). The second pass
 # computes attention over the whole row and masks most of it away, so its cost grows with the
@@ -78,16 +79,16 @@ def encode_requests(
     for request in requests:
         context, continuation = ids[request.context], ids[request.continuation]
         if not continuation:
-            raise ValueError(f"the continuation {request.continuation!r} encodes to no tokens")
+            raise DataError(f"the continuation {request.continuation!r} encodes to no tokens")
         if len(continuation) > max_length:
-            raise ValueError(
+            raise DataError(
                 f"a continuation of {len(continuation)} tokens does not fit the {max_length}-token "
                 "window: raise max_length"
             )
         keep = max(0, len(context) + len(continuation) - (max_length + 1))
         context = context[keep:]
         if not context:
-            raise ValueError(
+            raise DataError(
                 f"the request with continuation {request.continuation!r} has an empty context"
             )
         encoded.append(Encoded(context, continuation))
@@ -98,7 +99,7 @@ def _rows(encoded: Sequence[Encoded], strategy: str) -> list[_Row]:
     if strategy == "flat":
         return [_Row(e.context, [(i, e.continuation)]) for i, e in enumerate(encoded)]
     if strategy != "packed":
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        raise ConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     groups: dict[tuple[int, ...], list[tuple[int, tuple[int, ...]]]] = {}
     for i, e in enumerate(encoded):
         groups.setdefault(e.context, []).append((i, e.continuation))
@@ -180,7 +181,7 @@ def score_requests(
     """(summed log-probability, token count) of each request's continuation, in order.
     `progress(n)` is called as each batch finishes with the number of requests it scored."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     # A request asked twice (the same answer after "Answer:" in many MMLU questions) is scored
     # once.
     distinct = list(dict.fromkeys(requests))
@@ -218,7 +219,7 @@ def score_requests(
 def _prefix_cache(model, tokens: Sequence[int], device) -> KVCache:
     """The keys and values of a prefix that a group of contexts shares, from one causal pass."""
     cache = KVCache(model.config.num_hidden_layers)
-    model.model(
+    model.forward_hidden(
         input_ids=torch.tensor([tokens], device=device), past_key_values=cache, use_cache=True
     )
     return cache
@@ -245,7 +246,7 @@ def _score_flat(
     input_ids = _padded(sequences, pad).to(device)
     length = input_ids.shape[1]
     cache = _batch_cache(model, prefix, len(rows), shared + length) if shared else None
-    hidden = model.model(
+    hidden = model.forward_hidden(
         input_ids=input_ids,
         past_key_values=cache,
         use_cache=bool(shared),
@@ -271,7 +272,7 @@ def _score_packed(
     fed = [sum(len(c) - 1 for _, c in row.items) for row in rows]  # tokens of the 2nd pass
     lk = max(fed)
     cache = _batch_cache(model, prefix, len(rows), lc + lk) if lk or shared else None
-    hidden_ctx = model.model(
+    hidden_ctx = model.forward_hidden(
         input_ids=_padded(contexts, pad).to(device),
         past_key_values=cache,
         use_cache=cache is not None,
@@ -299,7 +300,7 @@ def _score_packed(
             padding = torch.arange(at, lk)  # sees itself only; never read
             allowed[i, padding, lc + padding] = True
         hiddens.append(
-            model.model(
+            model.forward_hidden(
                 input_ids=input_ids.to(device),
                 attention_mask=allowed[:, None].to(device),
                 position_ids=positions.to(device),
@@ -341,16 +342,7 @@ def _accumulate(model, hiddens, picks, device, sums: torch.Tensor) -> None:
         ]
     )  # (P, H), in the order of `positions`
     ordered = sorted(picks, key=lambda p: slot[p[:3]])
-    slots = [slot[p[:3]] for p in ordered]
     targets = torch.tensor([p[3] for p in ordered], device=device)
     owners = torch.tensor([p[4] for p in ordered])
-    # Enough positions per LM-head call that reading its (vocab, hidden) weights costs no more
-    # than writing the (positions, vocab) logits, at most 1,024: a few MB of logits for a small
-    # model, whose memory the allocator reuses call after call.
-    chunk = min(1024, max(64, picked.shape[-1]))
-    for lo in range(0, len(positions), chunk):
-        hi = lo + chunk
-        a, b = bisect.bisect_left(slots, lo), bisect.bisect_left(slots, hi)
-        logprobs = model.lm_head(picked[lo:hi]).float().log_softmax(-1)  # (P, V)
-        rows = torch.tensor(slots[a:b], device=device) - lo
-        sums.index_add_(0, owners[a:b], logprobs[rows, targets[a:b]].double().cpu())
+    logprobs = target_logprobs(model, picked, [slot[p[:3]] for p in ordered], targets)
+    sums.index_add_(0, owners, logprobs.double().cpu())

@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
+from olmoe.errors import ConfigError
+
 METRICS = ("acc_raw", "acc_per_token", "acc_per_char", "acc_per_byte", "acc_uncond")
 
 
@@ -43,7 +45,7 @@ def choice_value(metric: str, score: ChoiceScore) -> float:
         if score.uncond_logprob is None:
             raise ValueError("acc_uncond needs the unconditional log-probability of every choice")
         return score.logprob - score.uncond_logprob
-    raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    raise ConfigError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
 
 
 def predict(metric: str, scores: Sequence[ChoiceScore]) -> int:

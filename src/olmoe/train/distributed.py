@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from olmoe.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Environment:
@@ -41,10 +43,10 @@ def setup(device: str = "auto") -> Environment:
     try:
         target = torch.device(device)
     except RuntimeError as exc:
-        raise ValueError(f"train.device {device!r} is not a torch device ({exc})") from None
+        raise ConfigError(f"train.device {device!r} is not a torch device ({exc})") from None
     if target.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("train.device is cuda but no GPU is visible: use cpu or auto")
+            raise ConfigError("train.device is cuda but no GPU is visible: use cpu or auto")
         target = torch.device("cuda", local_rank if target.index is None else target.index)
         torch.cuda.set_device(target)
     if world_size > 1 and not dist.is_initialized():

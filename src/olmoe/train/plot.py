@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from olmoe.errors import DataError
 from olmoe.train.trainer import LOG_NAME
 
 
@@ -23,10 +24,10 @@ def read_log(run_dir: str | os.PathLike) -> tuple[list[dict], list[dict]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            raise ValueError(f"{path}:{number} is not JSON") from None
+            raise DataError(f"{path}:{number} is not JSON") from None
         (evals if "val_loss" in record else steps).append(record)
     if not steps:
-        raise ValueError(f"{path} has no training steps yet")
+        raise DataError(f"{path} has no training steps yet")
     return steps, evals
 
 

@@ -10,8 +10,9 @@ never see them.)
     RUN/checkpoints/latest               the name of the newest complete checkpoint
 
 A checkpoint is written into `.step-N.partial` and renamed to `step-N` only when every file is in
-place; `latest` is replaced (temporary file, then rename) after that. A run killed mid-save
-therefore leaves a `.partial` directory that nothing reads, never a `step-N` that looks complete.
+place and flushed to disk; `latest` is replaced the same way after that (olmoe.fileio). A run
+killed mid-save therefore leaves a `.partial` directory that nothing reads, never a `step-N` that
+looks complete.
 
 Under FSDP the full (unsharded) model and optimizer state are gathered to rank 0, which writes
 them; loading gives every rank the full state and lets torch shard it again. Only safetensors and
@@ -37,6 +38,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from olmoe.errors import CheckpointError, ConfigError
+from olmoe.fileio import replace_directory, write_atomic
 from olmoe.train.distributed import Environment
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -95,8 +98,8 @@ def save_checkpoint(
             "world_size": env.world_size,
             "param_groups": optim_state["param_groups"],
         }
-        write_atomic(staging / STATE_NAME, json.dumps(_json_safe(record), indent=2) + "\n")
-        _replace_dir(staging, final)
+        (staging / STATE_NAME).write_text(json.dumps(_json_safe(record), indent=2) + "\n")
+        replace_directory(staging, final)  # flushes every file of it to disk first
         write_atomic(root / LATEST_NAME, final.name + "\n")  # last: the checkpoint is complete
         _prune(root, keep, final.name)
     if env.distributed:
@@ -146,9 +149,9 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
     try:
         state = json.loads((checkpoint / STATE_NAME).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read {checkpoint / STATE_NAME}: {exc}") from None
+        raise CheckpointError(f"cannot read {checkpoint / STATE_NAME}: {exc}") from None
     if state.get("format") != STATE_FORMAT:
-        raise ValueError(f"{checkpoint / STATE_NAME} is not an {STATE_FORMAT} trainer state")
+        raise CheckpointError(f"{checkpoint / STATE_NAME} is not an {STATE_FORMAT} trainer state")
     return state
 
 
@@ -170,7 +173,7 @@ def load_optimizer(
         for saved, current in zip(state["param_groups"], optimizer.param_groups)
     ]
     if len(groups) != len(optimizer.param_groups):
-        raise ValueError(
+        raise ConfigError(
             f"{checkpoint} has {len(state['param_groups'])} parameter groups, this optimizer "
             f"{len(optimizer.param_groups)}: optim.no_decay must match the saved run"
         )
@@ -233,28 +236,6 @@ def _json_safe(value: Any) -> Any:
     if hasattr(value, "item") and not isinstance(value, (str, bytes)):
         return value.item()
     return value
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _replace_dir(staging: Path, final: Path) -> None:
-    """Rename a finished checkpoint into place (replacing one of the same step, written by an
-    earlier run that was later resumed from an older checkpoint)."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        staging.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(final)
 
 
 def _prune(root: Path, keep: int, latest: str) -> None:

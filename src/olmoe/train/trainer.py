@@ -23,19 +23,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from olmoe import engine
+from olmoe.errors import ConfigError
+from olmoe.fileio import write_atomic
 from olmoe.model import causal_lm_loss
 from olmoe.train import distributed, state
 from olmoe.train.config import TrainConfig
-from olmoe.train.losses import (
-    load_balancing_loss,
-    router_z_loss,
-    routing_statistics,
-)
+from olmoe.train.losses import megablocks_lb_loss, router_z_loss, routing_statistics
 from olmoe.train.optim import build_optimizer
 from olmoe.train.schedule import learning_rate
 
 LOG_NAME = "log.jsonl"
-CONFIG_NAME = "config.yaml"
+RUN_CONFIG_NAME = "config.yaml"  # the training config a run was started with
 UNIGRAM_MAX_TOKENS = 100_000_000  # the baseline's counts come from at most this many tokens
 
 
@@ -64,7 +63,7 @@ class Trainer:
         self.log_path = self.run_dir / LOG_NAME
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            state.write_atomic(self.run_dir / CONFIG_NAME, config.to_yaml())
+            write_atomic(self.run_dir / RUN_CONFIG_NAME, config.to_yaml())
             self._trim_log()
 
     # ------------------------------------------------------------------ setup
@@ -80,7 +79,7 @@ class Trainer:
         micro, world = train.micro_batch_size, self.env.world_size
         per_micro = micro * data.seq_len * world
         if train.global_batch_tokens % per_micro:
-            raise ValueError(
+            raise ConfigError(
                 f"train.global_batch_tokens ({train.global_batch_tokens:,}) must be a multiple of "
                 f"micro_batch_size x seq_len x ranks = {micro} x {data.seq_len} x {world} = "
                 f"{per_micro:,}"
@@ -105,7 +104,7 @@ class Trainer:
             wanted = max(1, self.config.eval.batches // world)
             self.eval_batches = min(wanted, instances // (micro * world))
             if self.eval_batches == 0:
-                raise ValueError(
+                raise ConfigError(
                     f"the validation split ({len(self.valid_tokens):,} tokens) holds fewer than "
                     f"one batch of {micro * world} instances of {data.seq_len} tokens: prepare "
                     "with a larger valid fraction, or lower data.seq_len"
@@ -132,12 +131,13 @@ class Trainer:
             with torch.device(env.device):
                 model = OlmoeForCausalLM(cfg.model.build())  # OLMoE's truncated-normal init
         if self.metadata and self.metadata.get("vocab_size", 0) > model.config.vocab_size:
-            raise ValueError(
+            raise ConfigError(
                 f"the data's tokenizer has {self.metadata['vocab_size']} ids but the model's "
                 f"vocab_size is {model.config.vocab_size}: raise model.config.vocab_size"
             )
         model.train()
         self.model_config = model.config
+        engine.apply(model)  # before sharding: FSDP wraps the engine's module classes
         self.model = distributed.wrap(model, cfg.distributed.strategy, env)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         if self.resume_from is not None:
@@ -162,7 +162,7 @@ class Trainer:
             for line in self.log_path.read_text().splitlines()
             if line.strip() and json.loads(line)["step"] <= self.step
         ]
-        state.write_atomic(self.log_path, "".join(line + "\n" for line in kept))
+        write_atomic(self.log_path, "".join(line + "\n" for line in kept))
 
     # ------------------------------------------------------------------ the loop
     def _autocast(self):
@@ -172,14 +172,13 @@ class Trainer:
 
     def _losses(self, batch: torch.Tensor):
         cfg = self.config.loss
-        k = self.model_config.num_experts_per_tok
         with self._autocast():
-            out = self.model(input_ids=batch, output_router_logits=True, use_cache=False)
+            out = self.model(input_ids=batch, output_routing=True, use_cache=False)
         ce = causal_lm_loss(out.logits, batch)
-        lb = load_balancing_loss(out.router_logits, k)
-        z = router_z_loss(out.router_logits, k, per_slot=cfg.z_loss_per_slot)
+        lb = megablocks_lb_loss(out.routing)
+        z = router_z_loss(out.routing, per_slot=cfg.z_loss_per_slot)
         total = ce + cfg.lb_coef * lb + cfg.z_coef * z
-        return total, ce, lb, z, routing_statistics(out.router_logits, k)
+        return total, ce, lb, z, routing_statistics(out.routing)
 
     def train_step(self) -> dict:
         cfg, env = self.config, self.env

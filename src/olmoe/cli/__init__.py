@@ -1,0 +1,85 @@
+"""`olmoe <command>`: a thin command line over the library.
+
+    olmoe generate MODEL "prompt"   stream a continuation to stdout
+    olmoe chat MODEL                interactive chat (a terminal, or turns as lines on stdin)
+    olmoe quantize MODEL OUTPUT     write an int8 copy of a checkpoint
+    olmoe info MODEL                config, parameter counts, dtype and size of a checkpoint
+    olmoe bench [--shape small]     olmoe against transformers and llama.cpp on this CPU
+    olmoe data prepare SRC --out D  tokenise text/JSONL/folders/stdlib into training token files
+    olmoe serve MODEL               OpenAI-compatible HTTP server (streaming, batching)
+    olmoe analyze STUDY MODEL       the paper's routing studies: saturation, coactivation, ...
+    olmoe train CONFIG              train (configs/*.yaml; --resume DIR; torchrun for N processes)
+    olmoe plot RUN_DIR              a training run's curves and expert-load heatmap as PNG
+    olmoe eval MODEL --tasks paper  OLMES benchmarks (MMLU, HellaSwag, ARC, ...), perplexity, bpb
+
+MODEL is a checkpoint directory or a hub repo id (`--revision` picks a branch). Mistakes a user
+can fix (an `olmoe.errors.OlmoeError`, or an OSError such as a missing file) end with one line on
+stderr and exit status 1 (2 for bad flags); set OLMOE_DEBUG=1 to see the traceback anyway. Any
+other exception is a bug in olmoe and keeps its traceback.
+
+Each command family has its module here (`generate`, `checkpoint`, `bench`, `data`, `serve`,
+`analysis`, `train`, `eval`), whose `add_commands(commands)` adds its subparsers with
+`set_defaults(run=function)`; `common` holds what they share. The library never imports this
+package. torch is imported only inside the run functions, so that `olmoe --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from olmoe.errors import OlmoeError
+
+# In the order `olmoe --help` lists their commands.
+COMMAND_MODULES = (
+    "olmoe.cli.generate",
+    "olmoe.cli.checkpoint",
+    "olmoe.cli.bench",
+    "olmoe.cli.data",
+    "olmoe.cli.serve",
+    "olmoe.cli.analysis",
+    "olmoe.cli.train",
+    "olmoe.cli.eval",
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="olmoe", description="Run, inspect and chat with OLMoE models.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_commands(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    bench = argv[:1] == ["bench"]  # its options, --help included, belong to the benchmark
+    args = build_parser().parse_args(argv[:1] if bench else argv)
+    if bench:
+        args.bench_args = argv[1:]
+    try:
+        if not bench:  # the benchmark runs in an interpreter of its own
+            from olmoe.memory import retain_freed_memory
+
+            retain_freed_memory()  # one job per process: reuse freed blocks, no page faults anew
+        return args.run(args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `olmoe generate ... | head` closed the pipe: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+        return 0
+    except (OlmoeError, OSError) as exc:  # OSError covers missing files, the hub
+        if os.environ.get("OLMOE_DEBUG"):
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__  # one line, all of it
+        print(f"olmoe {args.command}: error: {message}", file=sys.stderr)
+        return 1

@@ -1,0 +1,99 @@
+"""`olmoe quantize MODEL OUTPUT` and `olmoe info MODEL`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from olmoe.cli.common import add_model_arguments
+from olmoe.errors import UsageError
+from olmoe.formats import QUANTIZE_CHOICES
+
+
+def add_commands(commands) -> None:
+    quantize = commands.add_parser(
+        "quantize", help="write an int8 copy of a checkpoint (loads faster, decodes faster)"
+    )
+    add_model_arguments(quantize)
+    quantize.add_argument("output", metavar="OUTPUT", help="directory for the int8 checkpoint")
+    quantize.add_argument(
+        "--method",
+        choices=QUANTIZE_CHOICES,
+        default="int8",
+        help="weight-only int8, one scale per output channel (the default)",
+    )
+    quantize.add_argument("--max-shard-size", default="5GB", help="(default: %(default)s)")
+    quantize.set_defaults(run=run_quantize)
+
+    info = commands.add_parser("info", help="describe a checkpoint without loading its weights")
+    add_model_arguments(info)
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.set_defaults(run=run_info)
+
+
+def run_quantize(args) -> int:
+    from olmoe import OlmoeForCausalLM
+    from olmoe.checkpoint import parse_size
+    from olmoe.tokenizer import Tokenizer
+
+    output = Path(args.output).expanduser()
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"OUTPUT {output} exists and is not a directory")
+    if output.is_dir() and output.resolve() == Path(args.model).expanduser().resolve():
+        raise UsageError(
+            "OUTPUT must differ from MODEL: quantising in place would lose the original"
+        )
+    parse_size(args.max_shard_size)  # a bad size fails before minutes of work
+    model = OlmoeForCausalLM.from_pretrained(
+        args.model, revision=args.revision, quantize=args.method
+    )
+    model.save_pretrained(output, max_shard_size=args.max_shard_size)
+    Tokenizer.from_pretrained(args.model, revision=args.revision).save_pretrained(output)
+    print(f"wrote {args.method} checkpoint to {output}", file=sys.stderr)
+    return 0
+
+
+def run_info(args) -> int:
+    from olmoe.checkpoint import summarize_checkpoint
+
+    summary = summarize_checkpoint(args.model, revision=args.revision)
+    config = summary.config
+    total, active = config.num_parameters(), config.num_parameters(active_only=True)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "directory": str(summary.directory),
+                    "parameters": total,
+                    "active_parameters": active,
+                    "dtypes": list(summary.dtypes),
+                    "files": summary.num_files,
+                    "bytes": summary.total_bytes,
+                    "config": config.to_dict(),
+                },
+                indent=2,
+            )
+        )
+        return 0
+    print(f"checkpoint   {summary.directory}")
+    print(
+        f"parameters   {total:,} total, {active:,} active per token "
+        f"({config.num_experts_per_tok} of {config.num_experts} experts)"
+    )
+    print(f"dtype        {', '.join(summary.dtypes)}")
+    print(f"files        {summary.num_files} safetensors, {_size(summary.total_bytes)}")
+    print("config")
+    for key, value in sorted(config.to_dict().items()):
+        print(f"  {key:<26} {json.dumps(value)}")
+    return 0
+
+
+def _size(nbytes: int) -> str:
+    if nbytes < 1000:
+        return f"{nbytes} B"
+    for unit in ("KB", "MB", "GB", "TB"):
+        nbytes /= 1000
+        if nbytes < 1000 or unit == "TB":
+            break
+    return f"{nbytes:.2f} {unit}"

@@ -1,0 +1,193 @@
+"""`olmoe eval`: OLMES benchmarks, perplexity and bits per byte from the command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from olmoe.cli.common import (
+    add_load_arguments,
+    add_model_arguments,
+    load_model,
+    number,
+    wait_passively,
+)
+from olmoe.errors import UsageError
+from olmoe.eval.strategies import STRATEGIES
+from olmoe.eval.tasks import BUILTIN_TASKS, MMLU, MMLU_SUBJECTS, PAPER_TASKS, is_task_file
+
+# The names --tasks takes besides single tasks.
+TASK_GROUPS = {"paper": PAPER_TASKS, "all": BUILTIN_TASKS}
+
+
+def add_commands(commands) -> None:
+    parser = commands.add_parser(
+        "eval",
+        help="OLMES benchmarks (MMLU, HellaSwag, ARC, ...), perplexity and bits per byte",
+        description=(
+            "Score MODEL on OLMES v0.1 multiple-choice tasks (both formats, the better one "
+            "reported), and/or its perplexity and bits per byte over text or prepared tokens."
+        ),
+    )
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--tasks",
+        help=f"comma-separated tasks: {', '.join(BUILTIN_TASKS)}, mmlu:<subject>, a task file "
+        "(.yaml/.json), or the groups 'paper' (the model card's six) and 'all'",
+    )
+    parser.add_argument(
+        "--text",
+        nargs="+",
+        metavar="FILE",
+        help="perplexity and bits per byte of text files or folders, each read and tokenised as "
+        "`olmoe data prepare` does (a .jsonl file: one document per line)",
+    )
+    parser.add_argument(
+        "--tokens",
+        metavar="DIR",
+        help="perplexity and bits per byte of a directory `olmoe data prepare` wrote",
+    )
+    parser.add_argument(
+        "--split", default="valid", help="the --tokens split to score (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--limit",
+        type=number(int, 1, what="an integer >= 1"),
+        help="score only the first N questions of each task (of each subject for MMLU)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=number(int, 1, what="an integer >= 1"),
+        default=8,
+        help="rows per forward pass: questions for tasks, windows for perplexity "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-length",
+        type=number(int, 2, what="an integer >= 2"),
+        default=2048,
+        help="tokens the model sees at once; OLMES uses 2048 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--stride",
+        type=number(int, 1, what="an integer >= 1"),
+        help="perplexity window step (default: half of --max-length)",
+    )
+    parser.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default="packed",
+        help="packed: a question's choices share one pass over its context (default); "
+        "flat: one sequence per choice",
+    )
+    parser.add_argument("--output", metavar="FILE", help="write every metric as JSON to FILE")
+    parser.add_argument(
+        "--predictions", action="store_true", help="include per-question predictions in --output"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_load_arguments(parser)
+    parser.set_defaults(run=run_eval)
+
+
+def expand_tasks(spec: str) -> list[str]:
+    """The task names of a --tasks value, groups expanded, each checked before any loading."""
+    names: list[str] = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        for name in TASK_GROUPS.get(item, (item,)):
+            if is_task_file(name):
+                if not Path(name).expanduser().is_file():
+                    raise UsageError(f"--tasks: no task file at {name}")
+            elif name.startswith(f"{MMLU}:"):
+                bad = [s for s in name.split(":", 1)[1].split("+") if s not in MMLU_SUBJECTS]
+                if bad:
+                    raise UsageError(f"--tasks: unknown MMLU subject(s) {', '.join(bad)}")
+            elif name not in BUILTIN_TASKS:
+                raise UsageError(
+                    f"--tasks: unknown task {name!r}; choose from {', '.join(BUILTIN_TASKS)}, "
+                    "mmlu:<subject>, paper, all, or a task file (.yaml/.json)"
+                )
+            if name not in names:
+                names.append(name)
+    if not names:
+        raise UsageError("--tasks is empty: name at least one task")
+    return names
+
+
+def run_eval(args) -> int:
+    if not (args.tasks or args.text or args.tokens):
+        raise UsageError("nothing to do: pass --tasks, --text FILES or --tokens DIR")
+    tasks = expand_tasks(args.tasks) if args.tasks else []
+    for path in args.text or []:
+        if not Path(path).exists():
+            raise UsageError(f"--text: no file or folder at {path}")
+    if args.stride is not None and args.stride >= args.max_length:
+        raise UsageError(
+            f"--stride must be below --max-length ({args.max_length}) so that each window keeps "
+            f"some context; got {args.stride}"
+        )
+    # OpenMP workers that spin while they wait fight whatever else runs on the machine for its
+    # cores (bench/eval_strategies.py --threads 2 shows it, with and without the policy set).
+    wait_passively("eval")
+
+    from olmoe.eval.evaluation import describe_model, evaluate, results_table
+
+    model, tokenizer, _ = load_model(args)
+    model.eval()
+    info = {**describe_model(model, args.model, args.revision), "quantize": args.quantize}
+    progress = not args.no_progress
+    if tasks:
+        results = evaluate(
+            model,
+            tokenizer,
+            tasks,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            strategy=args.strategy,
+            progress=progress,
+            keep_predictions=args.predictions,
+            model_info=info,
+        )
+    else:
+        results = {"format": "olmoe-eval/1", "model": info, "tasks": {}}
+    perplexity = _perplexity(args, model, tokenizer, progress)
+    if perplexity:
+        results["perplexity"] = perplexity
+    if tasks:
+        print(results_table(results))
+    for name, values in perplexity.items():
+        bpb = values["bits_per_byte"]
+        print(
+            f"{name}: perplexity {values['perplexity']:.3f}, "
+            f"{values['bits_per_token']:.4f} bits/token, "
+            + (f"{bpb:.4f} bits/byte" if bpb is not None else "bits/byte unknown (no byte count)")
+            + f" over {values['tokens']:,} tokens"
+        )
+    if args.output:
+        from olmoe.fileio import write_atomic
+
+        write_atomic(args.output, json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def _perplexity(args, model, tokenizer, progress: bool) -> dict:
+    from tqdm.auto import tqdm
+
+    from olmoe.eval.perplexity import text_perplexity, token_perplexity
+
+    if not (args.text or args.tokens):
+        return {}
+    options = {"max_length": args.max_length, "stride": args.stride, "batch_size": args.batch_size}
+    out = {}
+    with tqdm(unit="tok", desc="perplexity", disable=not progress) as bar:
+        options["progress"] = bar.update
+        for path in args.text or []:
+            out[str(path)] = text_perplexity(model, tokenizer, path, **options).to_dict()
+        if args.tokens:
+            key = f"{args.tokens} ({args.split})"
+            out[key] = token_perplexity(model, args.tokens, args.split, **options).to_dict()
+    return out

@@ -1,0 +1,975 @@
+// Decode-time kernels for x86 CPUs with AVX-512 BF16 and VNNI: matrix-vector products that
+// stream weights from memory near the bandwidth limit, and the whole sparse-MoE block of a few
+// tokens in one call, for bf16 weights and for int8 weights (symmetric, one scale per output
+// row). Compiled on first use by olmoe/kernels/__init__.py; the PyTorch code in model.py, moe.py
+// and quantize.py is the reference and the fallback.
+//
+// Why own these: with one to a few tokens per step, decoding reads every active weight once and
+// does two flops per weight, so its speed is the memory bandwidth. PyTorch's bf16 GEMV streams
+// well below it, and a MoE layer as a sequence of PyTorch ops pays per-op overhead per expert.
+//
+// Numerics. bf16 weights: bf16 activations, products and sums in float32 (vdpbf16ps), one
+// rounding to bf16 per result. int8 weights: each activation row is quantised to 15 bits
+// (q = round(x / s), |q| <= 16383, split into q = 128 a + b with a, b bytes) so that two
+// VNNI byte dot products (vpdpbusd) give the exact integer sum of w * q; the error is the
+// weights' rounding and 2^-15 of the row's largest activation, far below bf16's 2^-8.
+// The MoE keeps gate/up/SiLU in float32 and rounds (bf16) or quantises (int8) the expert
+// activation once before the down projection.
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+using bf16 = uint16_t;
+constexpr int kMaxVectors = 8;  // activation rows multiplied per pass over a weight row
+
+// ------------------------------------------------------------------------- vector helpers
+inline __mmask16 first(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+
+// Up to 16 values as floats (zero beyond n), from float or bf16 memory.
+inline __m512 load_floats(const float* x, int64_t n) { return _mm512_maskz_loadu_ps(first(n), x); }
+inline __m512 load_floats(const bf16* x, int64_t n) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(first(n), x));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));  // bf16 is a float's top half
+}
+
+// e^x, about 1e-7 relative: x = n ln2 + r (|r| <= ln2 / 2, ln2 in two parts so that r is
+// exact), e^r by its Taylor polynomial to degree 6, times 2^n.
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+  for (float c : {1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+// ------------------------------------------------------------------------- activations
+// Activation rows in the form the weights' dot product wants.
+struct Bf16Activations {
+  std::vector<bf16> data;  // rows x K
+  int64_t K = 0;
+  void resize(int64_t rows, int64_t k) { K = k; data.resize(rows * k); }
+  void set_row(int64_t row, const float* x) {  // rounded to nearest even, as PyTorch rounds
+    bf16* out = data.data() + row * K;
+    for (int64_t k = 0; k < K; k += 16)
+      _mm256_mask_storeu_epi16(out + k, first(K - k),
+                               (__m256i)_mm512_cvtneps_pbh(load_floats(x + k, K - k)));
+  }
+  void set_row(int64_t row, const bf16* x) { std::copy(x, x + K, data.begin() + row * K); }
+};
+
+struct Int8Activations {
+  std::vector<uint8_t> high, low;  // rows x Kp: a + 128 and b of q = 128 a + b
+  std::vector<float> scale;        // rows
+  int64_t K = 0, Kp = 0;           // Kp: K rounded up to 64, zero padded
+  void resize(int64_t rows, int64_t k) {
+    K = k;
+    Kp = (k + 63) / 64 * 64;
+    high.assign(rows * Kp, 128);
+    low.assign(rows * Kp, 0);
+    scale.resize(rows);
+  }
+  template <class T>
+  void set_row(int64_t row, const T* x) {
+    __m512 peak = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) peak = _mm512_max_ps(peak, _mm512_abs_ps(load_floats(x + k, K - k)));
+    const float top = _mm512_reduce_max_ps(peak);
+    const float s = top > 0.0f ? top / 16383.0f : 1.0f;
+    scale[row] = s;
+    uint8_t* hi = high.data() + row * Kp;
+    uint8_t* lo = low.data() + row * Kp;
+    for (int64_t k = 0; k < K; k += 16) {
+      // q = round(x / s) in [-16383, 16383] (nearest even, as lrint); a = floor(q / 128) is
+      // an arithmetic shift, in [-128, 127]; b = q - 128 a, in [0, 127], its low 7 bits.
+      const __m512i q = _mm512_cvtps_epi32(_mm512_div_ps(load_floats(x + k, K - k), _mm512_set1_ps(s)));
+      const __m512i a = _mm512_srai_epi32(q, 7);
+      const __m512i b = _mm512_and_si512(q, _mm512_set1_epi32(127));
+      _mm_mask_storeu_epi8(hi + k, first(K - k), _mm512_cvtepi32_epi8(_mm512_add_epi32(a, _mm512_set1_epi32(128))));
+      _mm_mask_storeu_epi8(lo + k, first(K - k), _mm512_cvtepi32_epi8(b));
+    }
+  }
+};
+
+// ------------------------------------------------------------------------- weights
+inline __m512bh load_bf16(const bf16* p, int64_t remaining) {
+  if (remaining >= 32) return (__m512bh)_mm512_loadu_si512(p);
+  return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)((1ull << remaining) - 1), p);
+}
+
+inline __m512i load_bytes(const void* p, int64_t remaining) {
+  if (remaining >= 64) return _mm512_loadu_si512(p);
+  return _mm512_maskz_loadu_epi8((__mmask64)((1ull << remaining) - 1), p);
+}
+
+// A (rows, K) bf16 matrix; `ld` elements between rows.
+struct Bf16Matrix {
+  using Activations = Bf16Activations;
+  static constexpr int64_t kBytesPerWeight = 2;
+  // Rows per pass with 5-8 activation rows: 2 x 8 accumulators + 8 activations fit in the 32
+  // vector registers, and each activation load then serves two weight rows.
+  static constexpr int kWideRows = 2;
+  // Loads in flight per row for one activation row: 2 (128 bytes) streamed up to 20% faster than
+  // 4 on one core (4 KB and 2 KB rows, huge pages), and no slower on two.
+  static constexpr int kSingleUnroll = 2;
+  const bf16* data;
+  int64_t ld;
+
+  // out[v * ldo + r] = dot(row r, activation row v), r in [begin, end), v < NV. R rows at a
+  // time keep R weight streams in flight; each loaded weight register serves all NV rows.
+  template <int R, int NV>
+  void dot(int64_t begin, int64_t end, const Activations& x, int64_t v0, float* out,
+           int64_t ldo) const {
+    const int64_t K = x.K;
+    const bf16* X = x.data.data() + v0 * K;
+    int64_t r = begin;
+    for (; r + R <= end; r += R) {
+      __m512 acc[R][NV];
+      for (int i = 0; i < R; i++)
+        for (int v = 0; v < NV; v++) acc[i][v] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K; k += 32) {
+        __m512bh xv[NV];
+        for (int v = 0; v < NV; v++) xv[v] = load_bf16(X + v * K + k, K - k);
+        for (int i = 0; i < R; i++) {
+          const __m512bh w = load_bf16(data + (r + i) * ld + k, K - k);
+          for (int v = 0; v < NV; v++) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], w, xv[v]);
+        }
+      }
+      for (int i = 0; i < R; i++)
+        for (int v = 0; v < NV; v++) out[v * ldo + r + i] = _mm512_reduce_add_ps(acc[i][v]);
+    }
+    if (r < end) dot<1, NV>(r, end, x, v0, out, ldo);
+  }
+
+  // The same products, one row after the other, each read front to back with U loads in
+  // flight: a single sequential stream per thread, which the hardware prefetchers follow far
+  // better than R interleaved rows when the rows are short (2 KB rows of a down projection:
+  // 28 GB/s against 18 on one core) or the activation rows few.
+  template <int U, int NV>
+  void rows(int64_t begin, int64_t end, const Activations& x, int64_t v0, float* out,
+            int64_t ldo) const {
+    const int64_t K = x.K;
+    const bf16* X = x.data.data() + v0 * K;
+    for (int64_t r = begin; r < end; r++) {
+      const bf16* w = data + r * ld;
+      __m512 acc[U][NV];
+      for (int u = 0; u < U; u++)
+        for (int v = 0; v < NV; v++) acc[u][v] = _mm512_setzero_ps();
+      int64_t k = 0;
+      for (; k + 32 * U <= K; k += 32 * U)
+        for (int u = 0; u < U; u++) {
+          const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k + 32 * u);
+          for (int v = 0; v < NV; v++)
+            acc[u][v] = _mm512_dpbf16_ps(
+                acc[u][v], wv, (__m512bh)_mm512_loadu_si512(X + v * K + k + 32 * u));
+        }
+      for (; k < K; k += 32) {
+        const __m512bh wv = load_bf16(w + k, K - k);
+        for (int v = 0; v < NV; v++)
+          acc[0][v] = _mm512_dpbf16_ps(acc[0][v], wv, load_bf16(X + v * K + k, K - k));
+      }
+      for (int v = 0; v < NV; v++) {
+        __m512 sum = acc[0][v];
+        for (int u = 1; u < U; u++) sum = _mm512_add_ps(sum, acc[u][v]);
+        out[v * ldo + r] = _mm512_reduce_add_ps(sum);
+      }
+    }
+  }
+};
+
+// A (rows, K) int8 matrix with one float scale and the integer sum of each row.
+struct Int8Matrix {
+  using Activations = Int8Activations;
+  static constexpr int64_t kBytesPerWeight = 1;
+  static constexpr int kWideRows = 1;  // two accumulators per row and activation row
+  static constexpr int kSingleUnroll = 4;  // 256 bytes in flight per row: int8 rows are short
+  const int8_t* data;
+  int64_t ld;
+  const float* scale;
+  const int32_t* row_sum;
+
+  template <int R, int NV>
+  void dot(int64_t begin, int64_t end, const Activations& x, int64_t v0, float* out,
+           int64_t ldo) const {
+    const int64_t K = x.K, Kp = x.Kp;
+    const uint8_t* A = x.high.data() + v0 * Kp;
+    const uint8_t* B = x.low.data() + v0 * Kp;
+    int64_t r = begin;
+    for (; r + R <= end; r += R) {
+      __m512i hi[R][NV], lo[R][NV];
+      for (int i = 0; i < R; i++)
+        for (int v = 0; v < NV; v++) hi[i][v] = lo[i][v] = _mm512_setzero_si512();
+      for (int64_t k = 0; k < K; k += 64) {
+        for (int i = 0; i < R; i++) {
+          const __m512i w = load_bytes(data + (r + i) * ld + k, K - k);
+          for (int v = 0; v < NV; v++) {
+            hi[i][v] = _mm512_dpbusd_epi32(hi[i][v], _mm512_loadu_si512(A + v * Kp + k), w);
+            lo[i][v] = _mm512_dpbusd_epi32(lo[i][v], _mm512_loadu_si512(B + v * Kp + k), w);
+          }
+        }
+      }
+      for (int i = 0; i < R; i++)
+        for (int v = 0; v < NV; v++)
+          out[v * ldo + r + i] = result(hi[i][v], lo[i][v], r + i, x.scale[v0 + v]);
+    }
+    if (r < end) dot<1, NV>(r, end, x, v0, out, ldo);
+  }
+
+  // Row r's product with an activation row of scale `x_scale` from the two accumulators of
+  // w * (a + 128) and w * b: sum(w a) = sum(w (a + 128)) - 128 sum(w); sum(w q) = 128 sum(w a)
+  // + sum(w b).
+  float result(__m512i high, __m512i low, int64_t r, float x_scale) const {
+    const int64_t wa = (int64_t)_mm512_reduce_add_epi32(high) - 128 * row_sum[r];
+    const int64_t wq = 128 * wa + _mm512_reduce_add_epi32(low);
+    return (float)wq * scale[r] * x_scale;
+  }
+
+  // Row after row, as Bf16Matrix::rows (int8 rows are half as long, so this matters more).
+  template <int U, int NV>
+  void rows(int64_t begin, int64_t end, const Activations& x, int64_t v0, float* out,
+            int64_t ldo) const {
+    const int64_t K = x.K, Kp = x.Kp;
+    const uint8_t* A = x.high.data() + v0 * Kp;
+    const uint8_t* B = x.low.data() + v0 * Kp;
+    for (int64_t r = begin; r < end; r++) {
+      const int8_t* w = data + r * ld;
+      __m512i hi[U][NV], lo[U][NV];
+      for (int u = 0; u < U; u++)
+        for (int v = 0; v < NV; v++) hi[u][v] = lo[u][v] = _mm512_setzero_si512();
+      auto step = [&](int u, int64_t k, __m512i wv) {
+        for (int v = 0; v < NV; v++) {
+          hi[u][v] = _mm512_dpbusd_epi32(hi[u][v], _mm512_loadu_si512(A + v * Kp + k), wv);
+          lo[u][v] = _mm512_dpbusd_epi32(lo[u][v], _mm512_loadu_si512(B + v * Kp + k), wv);
+        }
+      };
+      int64_t k = 0;
+      for (; k + 64 * U <= K; k += 64 * U)
+        for (int u = 0; u < U; u++) step(u, k + 64 * u, _mm512_loadu_si512(w + k + 64 * u));
+      for (; k < K; k += 64) step(0, k, load_bytes(w + k, K - k));
+      for (int v = 0; v < NV; v++) {
+        __m512i h = hi[0][v], l = lo[0][v];
+        for (int u = 1; u < U; u++) {
+          h = _mm512_add_epi32(h, hi[u][v]);
+          l = _mm512_add_epi32(l, lo[u][v]);
+        }
+        out[v * ldo + r] = result(h, l, r, x.scale[v0 + v]);
+      }
+    }
+  }
+};
+
+// Rows [begin, end) of W times activation rows [v0, v0 + nv). Up to 4 activation rows, row
+// after row (one sequential stream); from 5 on, the work per weight byte is high enough that
+// reusing each activation load for two weight rows pays more (measured on one Zen 4 core, 8 MB
+// and 4 MB matrices: see `rows`).
+template <class Matrix>
+void gemv(const Matrix& W, int64_t begin, int64_t end, const typename Matrix::Activations& x,
+          int64_t v0, int64_t nv, float* out, int64_t ldo) {
+  for (int64_t v = 0; v < nv; v += kMaxVectors) {
+    float* o = out + v * ldo;
+    switch (std::min<int64_t>(nv - v, kMaxVectors)) {
+      case 1: W.template rows<Matrix::kSingleUnroll, 1>(begin, end, x, v0 + v, o, ldo); break;
+      case 2: W.template rows<4, 2>(begin, end, x, v0 + v, o, ldo); break;
+      case 3: W.template rows<2, 3>(begin, end, x, v0 + v, o, ldo); break;
+      case 4: W.template rows<2, 4>(begin, end, x, v0 + v, o, ldo); break;
+      case 5: W.template dot<Matrix::kWideRows, 5>(begin, end, x, v0 + v, o, ldo); break;
+      case 6: W.template dot<Matrix::kWideRows, 6>(begin, end, x, v0 + v, o, ldo); break;
+      case 7: W.template dot<Matrix::kWideRows, 7>(begin, end, x, v0 + v, o, ldo); break;
+      default: W.template dot<Matrix::kWideRows, 8>(begin, end, x, v0 + v, o, ldo); break;
+    }
+  }
+}
+
+// Runs f(i) for i in [0, n) on all threads, each taking the next item when it is free: a thread
+// that starts late (waking up) or runs slow does not hold the others at the end.
+template <class F>
+void parallel_items(int64_t n, const F& f) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) f(i);
+  });
+}
+
+// Rows per work item: each item reads about 1 MB of weights. The items go to whichever thread
+// is free, so a thread's reads jump elsewhere after every item. With the 32-row items (64-128
+// KB) used before, a batch-1 decode step took 18% longer in bf16 and 9% longer in int8
+// (alternating the two token by token in one process, released architecture cut to 8 layers):
+// each streamed region (q/k/v, the experts' gate/up and down) ran 15-30% slower. Larger items
+// (4 MB) gained nothing more, and splitting the last items finer to even out the threads' finish
+// did not help either; at the end of a region a thread waits at most one item (about 50 us).
+// A matrix smaller than that (the router's 256 KB) is still shared by all threads.
+constexpr int64_t kItemBytes = 1 << 20;
+inline int64_t rows_per_item(int64_t rows, int64_t row_bytes) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t share = (rows + threads - 1) / threads;
+  return std::max<int64_t>(1, std::min(kItemBytes / row_bytes, share));
+}
+
+void check(const torch::Tensor& t, const char* name, int dim, torch::ScalarType type) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+  TORCH_CHECK(t.scalar_type() == type, name, " must be ", c10::toString(type));
+  TORCH_CHECK(t.dim() == dim && t.is_contiguous(), name, " must be a contiguous ", dim,
+              "-d tensor");
+}
+
+// A weight matrix (or a stack of them) as either kind, from the Python-side tensors.
+struct Weights {
+  torch::Tensor data, scale, row_sum;  // scale/row_sum undefined for bf16
+  bool is_int8() const { return data.scalar_type() == torch::kChar; }
+};
+
+Weights weights_from(const torch::Tensor& data, const c10::optional<torch::Tensor>& scale,
+                     const c10::optional<torch::Tensor>& row_sum, int dim, const char* name) {
+  Weights w{data, {}, {}};
+  if (data.scalar_type() == torch::kChar) {
+    TORCH_CHECK(scale.has_value() && row_sum.has_value(), name, ": int8 needs scale and row_sum");
+    check(data, name, dim, torch::kChar);
+    check(*scale, "scale", dim - 1, torch::kFloat32);
+    check(*row_sum, "row_sum", dim - 1, torch::kInt32);
+    w.scale = *scale;
+    w.row_sum = *row_sum;
+  } else {
+    check(data, name, dim, torch::kBFloat16);
+  }
+  return w;
+}
+
+Bf16Matrix bf16_matrix(const Weights& w, int64_t index, int64_t rows, int64_t cols) {
+  return {reinterpret_cast<const bf16*>(w.data.data_ptr()) + index * rows * cols, cols};
+}
+
+Int8Matrix int8_matrix(const Weights& w, int64_t index, int64_t rows, int64_t cols) {
+  return {w.data.data_ptr<int8_t>() + index * rows * cols, cols,
+          w.scale.data_ptr<float>() + index * rows, w.row_sum.data_ptr<int32_t>() + index * rows};
+}
+
+// ------------------------------------------------------------------------- linear
+// out[m] (T, N_m) bf16 = x (T, K) @ W_m^T (+ bias_m, float32) for several matrices that share
+// their input, in one parallel region (one wait for the slowest thread, not one per matrix);
+// each result rounded to bf16 once, in the item that computed it.
+template <class Matrix>
+std::vector<torch::Tensor> linear_impl(const torch::Tensor& x, const std::vector<Matrix>& W,
+                                       const std::vector<int64_t>& N,
+                                       const std::vector<const float*>& bias) {
+  const int64_t T = x.size(0), K = x.size(1);
+  typename Matrix::Activations act;
+  act.resize(T, K);
+  const bf16* X = reinterpret_cast<const bf16*>(x.data_ptr());
+  for (int64_t t = 0; t < T; t++) act.set_row(t, X + t * K);
+  struct Item { size_t matrix; int64_t begin, end; };
+  std::vector<Item> items;
+  std::vector<torch::Tensor> out;
+  std::vector<std::vector<float>> acc;
+  for (size_t m = 0; m < W.size(); m++) {
+    const int64_t step = rows_per_item(N[m], K * Matrix::kBytesPerWeight);
+    for (int64_t b = 0; b < N[m]; b += step) items.push_back({m, b, std::min(N[m], b + step)});
+    out.push_back(torch::empty({T, N[m]}, x.options()));
+    acc.emplace_back(T * N[m]);
+  }
+  parallel_items((int64_t)items.size(), [&](int64_t i) {
+    const Item& it = items[i];
+    const int64_t n = N[it.matrix];
+    float* a = acc[it.matrix].data();
+    gemv(W[it.matrix], it.begin, it.end, act, 0, T, a, n);
+    bf16* o = reinterpret_cast<bf16*>(out[it.matrix].data_ptr());
+    const float* add = bias[it.matrix];
+    for (int64_t t = 0; t < T; t++)
+      for (int64_t r = it.begin; r < it.end; r += 16) {
+        __m512 value = load_floats(a + t * n + r, it.end - r);
+        if (add) value = _mm512_add_ps(value, load_floats(add + r, it.end - r));
+        _mm256_mask_storeu_epi16(o + t * n + r, first(it.end - r), (__m256i)_mm512_cvtneps_pbh(value));
+      }
+  });
+  return out;
+}
+
+// ------------------------------------------------------------------------- MoE
+template <class Matrix, class GateUpOf, class DownOf>
+torch::Tensor moe_impl(const torch::Tensor& x, int64_t E, int64_t I, const GateUpOf& gate_up_of,
+                       const DownOf& down_of, const torch::Tensor& idx,
+                       const torch::Tensor& weights) {
+  const int64_t T = x.size(0), H = x.size(1), K = idx.size(1), S = T * K;
+  auto idx64 = idx.to(torch::kInt64).contiguous();
+  auto mix32 = weights.to(torch::kFloat32).contiguous();
+  const int64_t* chosen = idx64.data_ptr<int64_t>();
+  const float* mix = mix32.data_ptr<float>();
+
+  // Slots (t, k) grouped by expert: slot_of[j] is the flat index t * K + k of the j-th slot.
+  std::vector<int64_t> count(E, 0), start(E + 1, 0), slot_of(S), position(S);
+  for (int64_t s = 0; s < S; s++) {
+    TORCH_CHECK(chosen[s] >= 0 && chosen[s] < E, "expert index ", chosen[s], " out of range");
+    count[chosen[s]]++;
+  }
+  for (int64_t e = 0; e < E; e++) start[e + 1] = start[e] + count[e];
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t s = 0; s < S; s++) slot_of[fill[chosen[s]]++] = s;
+  }
+  for (int64_t j = 0; j < S; j++) position[slot_of[j]] = j;
+  std::vector<int64_t> hit;
+  for (int64_t e = 0; e < E; e++)
+    if (count[e]) hit.push_back(e);
+
+  // Each expert's tokens side by side, so one pass over its rows serves all of them.
+  typename Matrix::Activations xs, act;
+  xs.resize(S, H);
+  act.resize(S, I);
+  const bf16* X = reinterpret_cast<const bf16*>(x.data_ptr());
+  for (int64_t j = 0; j < S; j++) xs.set_row(j, X + (slot_of[j] / K) * H);
+  std::vector<float> gate_up(S * 2 * I), part(S * H);
+
+  struct Item { int64_t expert, begin, end; };
+  auto items_for = [&](int64_t rows, int64_t row_bytes) {
+    const int64_t step = rows_per_item(rows, row_bytes);
+    std::vector<Item> items;
+    for (int64_t e : hit)
+      for (int64_t b = 0; b < rows; b += step) items.push_back({e, b, std::min(rows, b + step)});
+    return items;
+  };
+
+  // Gate rows [b, e) and the matching up rows I + [b, e) in one item.
+  auto up_items = items_for(I, 2 * H * Matrix::kBytesPerWeight);  // a gate and an up row each
+  parallel_items((int64_t)up_items.size(), [&](int64_t i) {
+    const Item& it = up_items[i];
+    const int64_t s0 = start[it.expert], n = count[it.expert];
+    const Matrix W = gate_up_of(it.expert);
+    float* G = gate_up.data() + s0 * 2 * I;
+    gemv(W, it.begin, it.end, xs, s0, n, G, 2 * I);
+    gemv(W, I + it.begin, I + it.end, xs, s0, n, G, 2 * I);
+  });
+  at::parallel_for(0, S, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> silu(I);
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int64_t j = b; j < e; j++) {
+      const float* G = gate_up.data() + j * 2 * I;  // gate then up
+      for (int64_t r = 0; r < I; r += 16) {  // silu(gate) * up = gate * up / (1 + e^-gate)
+        const __m512 gate = load_floats(G + r, I - r), up = load_floats(G + I + r, I - r);
+        const __m512 denominator = _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gate)));
+        _mm512_mask_storeu_ps(silu.data() + r, first(I - r),
+                              _mm512_div_ps(_mm512_mul_ps(gate, up), denominator));
+      }
+      act.set_row(j, silu.data());
+    }
+  });
+
+  auto down_items = items_for(H, I * Matrix::kBytesPerWeight);
+  parallel_items((int64_t)down_items.size(), [&](int64_t i) {
+    const Item& it = down_items[i];
+    const int64_t s0 = start[it.expert];
+    gemv(down_of(it.expert), it.begin, it.end, act, s0, count[it.expert], part.data() + s0 * H,
+         H);
+  });
+
+  // out[t] = sum over its K slots, in top-k order, of weight * expert output.
+  auto out = torch::zeros({T, H}, x.options().dtype(torch::kFloat32));
+  float* O = out.data_ptr<float>();
+  for (int64_t t = 0; t < T; t++)
+    for (int64_t k = 0; k < K; k++) {
+      const float m = mix[t * K + k];
+      const float* p = part.data() + position[t * K + k] * H;
+      for (int64_t h = 0; h < H; h++) O[t * H + h] += m * p[h];
+    }
+  return out;
+}
+
+}  // namespace
+
+// y (T, N) = x (T, K) @ W (N, K)^T [+ bias] for a handful of bf16 rows x; W bf16, or int8 with
+// per-row `scale` and `row_sum`.
+torch::Tensor linear(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias,
+                     c10::optional<torch::Tensor> scale, c10::optional<torch::Tensor> row_sum) {
+  check(x, "x", 2, torch::kBFloat16);
+  const Weights w = weights_from(weight, scale, row_sum, 2, "weight");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " features but the weight expects ", K);
+  torch::Tensor bias32;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == N, "bias has ", bias->numel(), " entries for ", N, " outputs");
+    bias32 = bias->to(torch::kFloat32).contiguous();
+  }
+  const float* add = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
+  auto out = w.is_int8() ? linear_impl(x, std::vector{int8_matrix(w, 0, N, K)}, {N}, {add})
+                         : linear_impl(x, std::vector{bf16_matrix(w, 0, N, K)}, {N}, {add});
+  return out[0];
+}
+
+// x @ W^T for bf16 matrices without bias that share their input (q, k and v), in one region.
+std::vector<torch::Tensor> linears(const torch::Tensor& x, const std::vector<torch::Tensor>& weights) {
+  std::vector<Bf16Matrix> W;
+  std::vector<int64_t> N;
+  for (const auto& weight : weights) {
+    check(weight, "weight", 2, torch::kBFloat16);
+    TORCH_CHECK(weight.size(1) == x.size(1), "x has ", x.size(1), " features but a weight expects ",
+                weight.size(1));
+    W.push_back(bf16_matrix(Weights{weight, {}, {}}, 0, weight.size(0), weight.size(1)));
+    N.push_back(weight.size(0));
+  }
+  return linear_impl(x, W, N, std::vector<const float*>(W.size(), nullptr));
+}
+
+// The MoE block's experts for a few bf16 tokens: out[t] = sum_k w[t,k] * down_e(silu(gate_e(x_t))
+// * up_e(x_t)), e = idx[t,k]. gate_up (E, 2I, H) holds each expert's gate rows then its up rows;
+// down (E, H, I). Only chosen experts are read, each once for all of its tokens.
+torch::Tensor moe(torch::Tensor x, torch::Tensor gate_up, torch::Tensor down, torch::Tensor idx,
+                  torch::Tensor weights, c10::optional<torch::Tensor> gate_up_scale,
+                  c10::optional<torch::Tensor> gate_up_sum, c10::optional<torch::Tensor> down_scale,
+                  c10::optional<torch::Tensor> down_sum) {
+  check(x, "x", 2, torch::kBFloat16);
+  const Weights gu = weights_from(gate_up, gate_up_scale, gate_up_sum, 3, "gate_up");
+  const Weights dn = weights_from(down, down_scale, down_sum, 3, "down");
+  const int64_t H = x.size(1), E = gate_up.size(0), I = gate_up.size(1) / 2;
+  TORCH_CHECK(gate_up.size(2) == H && down.size(0) == E && down.size(1) == H &&
+                  down.size(2) == I && gu.is_int8() == dn.is_int8(),
+              "expert weights do not match x or each other");
+  TORCH_CHECK(idx.dim() == 2 && idx.size(0) == x.size(0) && weights.sizes() == idx.sizes(),
+              "indices and weights must both be (tokens, top_k)");
+  torch::Tensor out;
+  if (gu.is_int8()) {
+    out = moe_impl<Int8Matrix>(
+        x, E, I, [&](int64_t e) { return int8_matrix(gu, e, 2 * I, H); },
+        [&](int64_t e) { return int8_matrix(dn, e, H, I); }, idx, weights);
+  } else {
+    out = moe_impl<Bf16Matrix>(
+        x, E, I, [&](int64_t e) { return bf16_matrix(gu, e, 2 * I, H); },
+        [&](int64_t e) { return bf16_matrix(dn, e, H, I); }, idx, weights);
+  }
+  return out.to(torch::kBFloat16);
+}
+
+// Grouped products for prefill and training: out (S, N) holds the rows of x (S, K) in
+// consecutive groups, group e (counts[e] rows) times weight[e] (E, N, K) transposed. The groups
+// run side by side, each a whole oneDNN GEMM on one thread (nested in this parallel region, it
+// runs single-threaded), largest first. With ~64-128 rows per expert that beats splitting each
+// small GEMM over the threads, which pays a synchronisation per expert and shares out too
+// little work.
+// Runs f(e, first row, rows) for every group that has rows, largest first, side by side.
+template <class F>
+void for_each_group(const torch::Tensor& counts, int64_t rows, const F& f) {
+  TORCH_CHECK(counts.dim() == 1, "counts must be 1-d");
+  auto count64 = counts.to(torch::kInt64).contiguous();
+  const int64_t* count = count64.data_ptr<int64_t>();
+  const int64_t E = counts.size(0);
+  std::vector<int64_t> start(E + 1, 0), order;
+  for (int64_t e = 0; e < E; e++) {
+    start[e + 1] = start[e] + count[e];
+    if (count[e]) order.push_back(e);
+  }
+  TORCH_CHECK(start[E] == rows, "counts sum to ", start[E], " but there are ", rows, " rows");
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return count[a] > count[b]; });
+  parallel_items((int64_t)order.size(), [&](int64_t i) {
+    // Below autograd, which refuses out= arguments that require grad even when no graph is
+    // recorded (the Python side owns the gradients). The guard is thread-local: per item.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const int64_t e = order[i];
+    f(e, start[e], count[e]);
+  });
+}
+
+// Group e's weights as a bf16 (N, K) matrix: weight[e] itself, or for int8 weights (with
+// `scale`, (E, N) float32 per row) a copy dequantised by the calling thread, rounding as
+// olmoe.quantize.dequantize does (bf16(float(q) * scale)): a layer's experts never exist in bf16
+// all at once.
+torch::Tensor group_weight(const torch::Tensor& weight, const c10::optional<torch::Tensor>& scale,
+                           int64_t e) {
+  if (weight.scalar_type() != torch::kChar) return weight[e];
+  const int64_t N = weight.size(1), K = weight.size(2);
+  auto w = torch::empty({N, K}, weight.options().dtype(torch::kBFloat16));
+  const int8_t* q = weight.data_ptr<int8_t>() + e * N * K;
+  const float* s = scale->data_ptr<float>() + e * N;
+  bf16* to = reinterpret_cast<bf16*>(w.data_ptr());
+  for (int64_t r = 0; r < N; r++)
+    for (int64_t k = 0; k < K; k += 16) {
+      const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+          _mm_maskz_loadu_epi8(first(K - k), q + r * K + k)));
+      _mm256_mask_storeu_epi16(to + r * K + k, first(K - k),
+                               (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(v, _mm512_set1_ps(s[r]))));
+    }
+  return w;
+}
+
+void check_grouped_weight(const torch::Tensor& weight, const c10::optional<torch::Tensor>& scale,
+                          const char* name) {
+  if (weight.scalar_type() != torch::kChar) return;
+  TORCH_CHECK(scale.has_value(), name, ": int8 weights need their scale");
+  check(weight, name, 3, torch::kChar);
+  check(*scale, "scale", 2, torch::kFloat32);
+}
+
+torch::Tensor grouped_linear(torch::Tensor x, torch::Tensor weight, torch::Tensor counts,
+                             c10::optional<torch::Tensor> scale) {
+  const bool int8 = weight.scalar_type() == torch::kChar;
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 3 && x.size(1) == weight.size(2) &&
+                  (int8 ? x.scalar_type() == torch::kBFloat16 : x.scalar_type() == weight.scalar_type()) &&
+                  counts.size(0) == weight.size(0),
+              "x (S, K), weight (E, N, K) and counts (E,) must match");
+  check_grouped_weight(weight, scale, "weight");
+  auto out = torch::empty({x.size(0), weight.size(1)}, x.options());
+  for_each_group(counts, x.size(0), [&](int64_t e, int64_t first_row, int64_t n) {
+    auto rows = out.narrow(0, first_row, n);
+    at::mm_out(rows, x.narrow(0, first_row, n), group_weight(weight, scale, e).t());
+  });
+  return out;
+}
+
+// The experts of a prefill (inference) in one pass per expert: for the routing slots of each
+// expert (`slot_order`, the flat slots t * K + k sorted by expert, counts[e] of them for expert
+// e), gather the tokens' rows of x (T, H), gate/up GEMM, silu(gate) * up, down GEMM, times each
+// slot's routing weight; every result row lands at its slot in the returned (T * K, H). The same
+// GEMMs and elementwise ATen ops as moe.grouped_experts' separate steps, so the same bits, but
+// each expert's intermediates stay in its thread's caches and no pass over all slots is serial.
+torch::Tensor grouped_experts(torch::Tensor x, torch::Tensor gate_up, torch::Tensor down,
+                              torch::Tensor slot_order, torch::Tensor counts,
+                              torch::Tensor top_k_weights, c10::optional<torch::Tensor> gate_up_scale,
+                              c10::optional<torch::Tensor> down_scale) {
+  check(x, "x", 2, torch::kBFloat16);
+  check_grouped_weight(gate_up, gate_up_scale, "gate_up");
+  check_grouped_weight(down, down_scale, "down");
+  const int64_t T = x.size(0), H = x.size(1), K = top_k_weights.size(1), S = T * K;
+  const int64_t E = gate_up.size(0), I = down.size(2);
+  TORCH_CHECK(gate_up.dim() == 3 && down.dim() == 3 && gate_up.size(1) == 2 * I &&
+                  gate_up.size(2) == H && down.size(0) == E && down.size(1) == H &&
+                  counts.size(0) == E,
+              "gate_up (E, 2I, H), down (E, H, I) and counts (E,) must match x (T, H)");
+  TORCH_CHECK(top_k_weights.dim() == 2 && top_k_weights.size(0) == T &&
+                  top_k_weights.scalar_type() == torch::kBFloat16 && slot_order.numel() == S,
+              "top_k_weights must be bf16 (T, K) and slot_order hold T * K slots");
+  const auto order64 = slot_order.to(torch::kInt64).contiguous();
+  const int64_t* slot = order64.data_ptr<int64_t>();
+  for (int64_t j = 0; j < S; j++)
+    TORCH_CHECK(slot[j] >= 0 && slot[j] < S, "slot_order holds ", slot[j], ", not a slot");
+  const auto mix = top_k_weights.contiguous().view({S, 1});
+  auto out = torch::empty({S, H}, x.options());
+  const bf16* X = reinterpret_cast<const bf16*>(x.data_ptr());
+  for_each_group(counts, S, [&](int64_t e, int64_t first_row, int64_t n) {
+    const int64_t* slots = slot + first_row;
+    auto rows = torch::empty({n, H}, x.options());
+    bf16* R = reinterpret_cast<bf16*>(rows.data_ptr());
+    for (int64_t j = 0; j < n; j++) std::copy_n(X + (slots[j] / K) * H, H, R + j * H);
+    const auto gate_and_up = at::mm(rows, group_weight(gate_up, gate_up_scale, e).t());  // (n, 2I)
+    const auto act = at::silu(gate_and_up.narrow(1, 0, I)).mul_(gate_and_up.narrow(1, I, I));
+    auto y = at::mm(act, group_weight(down, down_scale, e).t());  // (n, H)
+    y.mul_(mix.index_select(0, order64.narrow(0, first_row, n)));  // y * weight, rounded once
+    const bf16* Y = reinterpret_cast<const bf16*>(y.data_ptr());
+    bf16* O = reinterpret_cast<bf16*>(out.data_ptr());
+    for (int64_t j = 0; j < n; j++) std::copy_n(Y + j * H, H, O + slots[j] * H);
+  });
+  return out;
+}
+
+// The weight gradient of grouped_linear: (E, N, K), group e's grad (n, N) transposed times its
+// x rows (n, K); zero for groups without rows.
+torch::Tensor grouped_weight_grad(torch::Tensor grad, torch::Tensor x, torch::Tensor counts) {
+  TORCH_CHECK(grad.dim() == 2 && x.dim() == 2 && grad.size(0) == x.size(0) &&
+                  grad.scalar_type() == x.scalar_type(),
+              "grad (S, N) and x (S, K) must match in rows and dtype");
+  auto out = torch::zeros({counts.size(0), grad.size(1), x.size(1)}, x.options());
+  for_each_group(counts, x.size(0), [&](int64_t e, int64_t first, int64_t n) {
+    auto slice = out[e];
+    at::mm_out(slice, grad.narrow(0, first, n).t(), x.narrow(0, first, n));
+  });
+  return out;
+}
+
+// RMSNorm of a few bf16 rows, rounding where the PyTorch module does: the normalised row is
+// rounded to bf16, then multiplied by the weight and rounded again.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  check(x, "x", 2, torch::kBFloat16);
+  check(weight, "weight", 1, torch::kBFloat16);
+  const int64_t T = x.size(0), H = x.size(1);
+  TORCH_CHECK(weight.size(0) == H, "weight has ", weight.size(0), " entries for rows of ", H);
+  auto out = torch::empty_like(x);
+  const c10::BFloat16* X = x.data_ptr<c10::BFloat16>();
+  const c10::BFloat16* W = weight.data_ptr<c10::BFloat16>();
+  c10::BFloat16* O = out.data_ptr<c10::BFloat16>();
+  for (int64_t t = 0; t < T; t++) {
+    float sum = 0.0f;
+    for (int64_t h = 0; h < H; h++) sum += (float)X[t * H + h] * (float)X[t * H + h];
+    const float inv = 1.0f / std::sqrt(sum / (float)H + (float)eps);
+    for (int64_t h = 0; h < H; h++)
+      O[t * H + h] = c10::BFloat16((float)W[h] * (float)c10::BFloat16((float)X[t * H + h] * inv));
+  }
+  return out;
+}
+
+// Attention of one new query per sequence over the cached keys: q (B, N, D); k, v (B, G, P, D)
+// with any strides but the last (views of the cache); mask (B, P) additive float32 or empty.
+// Scores (exact bf16 products, float32 sums), softmax and the weighted sum in float32; heads
+// share key/value heads in groups. Vectorised: at a few hundred cached positions a scalar loop
+// here cost as much as streaming a tenth of the layer's weights.
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                               c10::optional<torch::Tensor> mask, double scale) {
+  check(q, "q", 3, torch::kBFloat16);
+  TORCH_CHECK(k.scalar_type() == torch::kBFloat16 && v.scalar_type() == torch::kBFloat16 &&
+                  k.dim() == 4 && v.sizes() == k.sizes() && k.stride(3) == 1 && v.stride(3) == 1,
+              "k and v must be bf16 (B, G, P, D) with contiguous rows");
+  const int64_t B = q.size(0), N = q.size(1), D = q.size(2), G = k.size(1), P = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D && N % G == 0, "q, k and v do not match");
+  const float* M = nullptr;
+  torch::Tensor mask32;
+  if (mask.has_value()) {
+    mask32 = mask->to(torch::kFloat32).contiguous();
+    TORCH_CHECK(mask32.numel() == B * P, "mask must be (B, P)");
+    M = mask32.data_ptr<float>();
+  }
+  auto out = torch::empty_like(q);
+  const bf16* Q = reinterpret_cast<const bf16*>(q.data_ptr());
+  const bf16* Kp = reinterpret_cast<const bf16*>(k.data_ptr());
+  const bf16* Vp = reinterpret_cast<const bf16*>(v.data_ptr());
+  bf16* O = reinterpret_cast<bf16*>(out.data_ptr());
+  constexpr int64_t kDims = 64;  // output dimensions accumulated in registers per pass over P
+  at::parallel_for(0, B * N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> score(P);
+    for (int64_t bn = begin; bn < end; bn++) {
+      const int64_t b = bn / N, g = (bn % N) / (N / G);
+      const bf16* K0 = Kp + b * k.stride(0) + g * k.stride(1);
+      const bf16* V0 = Vp + b * v.stride(0) + g * v.stride(1);
+      const bf16* query = Q + bn * D;
+      float peak = -INFINITY;
+      for (int64_t p = 0; p < P; p++) {
+        const bf16* key = K0 + p * k.stride(2);
+        __m512 dot = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 32)
+          dot = _mm512_dpbf16_ps(dot, load_bf16(query + d, D - d), load_bf16(key + d, D - d));
+        score[p] = _mm512_reduce_add_ps(dot) * (float)scale + (M ? M[b * P + p] : 0.0f);
+        peak = std::max(peak, score[p]);
+      }
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t p = 0; p < P; p += 16) {
+        const __m512 e = exp_ps(_mm512_sub_ps(load_floats(score.data() + p, P - p), _mm512_set1_ps(peak)));
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(first(P - p), e));
+        _mm512_mask_storeu_ps(score.data() + p, first(P - p), e);
+      }
+      const float total = _mm512_reduce_add_ps(sum);
+      for (int64_t p = 0; p < P; p++) score[p] /= total;
+      for (int64_t d0 = 0; d0 < D; d0 += kDims) {
+        __m512 acc[kDims / 16];
+        for (auto& a : acc) a = _mm512_setzero_ps();
+        for (int64_t p = 0; p < P; p++) {
+          const bf16* value = V0 + p * v.stride(2) + d0;
+          const __m512 w = _mm512_set1_ps(score[p]);
+          for (int64_t c = 0; c < kDims / 16 && d0 + 16 * c < D; c++)
+            acc[c] = _mm512_fmadd_ps(w, load_floats(value + 16 * c, D - d0 - 16 * c), acc[c]);
+        }
+        for (int64_t c = 0; c < kDims / 16 && d0 + 16 * c < D; c++)
+          _mm256_mask_storeu_epi16(O + bn * D + d0 + 16 * c, first(D - d0 - 16 * c),
+                                   (__m256i)_mm512_cvtneps_pbh(acc[c]));
+      }
+    }
+  });
+  return out;
+}
+
+// ------------------------------------------------------------------------- decoder layer
+// a + b for bf16 tensors of one shape, rounded once (PyTorch's bf16 add).
+torch::Tensor add_bf16(const torch::Tensor& a, const torch::Tensor& b) {
+  auto out = torch::empty_like(a);
+  const bf16* A = reinterpret_cast<const bf16*>(a.data_ptr());
+  const bf16* B = reinterpret_cast<const bf16*>(b.data_ptr());
+  bf16* O = reinterpret_cast<bf16*>(out.data_ptr());
+  const int64_t n = a.numel();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512 sum = _mm512_add_ps(load_floats(A + i, n - i), load_floats(B + i, n - i));
+    _mm256_mask_storeu_epi16(O + i, first(n - i), (__m256i)_mm512_cvtneps_pbh(sum));
+  }
+  return out;
+}
+
+// Rotary embedding of x (B, heads * D) in place, rounding as PyTorch's bf16 ops do in
+// `x * cos + rotate_half(x) * sin`: each product once, then the sum.
+void rotate_in_place(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                     int64_t D) {
+  const int64_t B = x.size(0), heads = x.size(1) / D, half = D / 2;
+  auto* X = x.data_ptr<c10::BFloat16>();
+  const auto* C = cos.data_ptr<c10::BFloat16>();
+  const auto* S = sin.data_ptr<c10::BFloat16>();
+  std::vector<float> row(D);
+  for (int64_t b = 0; b < B; b++)
+    for (int64_t h = 0; h < heads; h++) {
+      c10::BFloat16* v = X + (b * heads + h) * D;
+      for (int64_t d = 0; d < D; d++) row[d] = (float)v[d];
+      for (int64_t d = 0; d < D; d++) {
+        const float rotated = d < half ? -row[d + half] : row[d - half];
+        const float a = (float)c10::BFloat16(row[d] * (float)C[b * D + d]);
+        const float c = (float)c10::BFloat16(rotated * (float)S[b * D + d]);
+        v[d] = c10::BFloat16(a + c);
+      }
+    }
+}
+
+// One OLMoE decoder layer for one new token per sequence (decoding), in one call: the same
+// operations, in the same order and with the same bf16 roundings, as OlmoeDecoderLayer's
+// PyTorch path, without a Python round trip per operation. x (B, H) bf16; attention weights
+// bf16 without bias; experts bf16 or int8 (with scales and row sums). The new key and value
+// are written at each row's own position (B,) of the (B, G, C, D) caches, and attention runs
+// over the first kv_length positions (a mask hides what a row has not written).
+// Returns the layer's output (B, H) and the router's logits (B, E).
+std::vector<torch::Tensor> decode_layer(
+    torch::Tensor x, torch::Tensor input_norm, torch::Tensor q_weight, torch::Tensor k_weight,
+    torch::Tensor v_weight, torch::Tensor o_weight, torch::Tensor q_norm, torch::Tensor k_norm,
+    torch::Tensor post_norm, torch::Tensor router, torch::Tensor gate_up, torch::Tensor down,
+    c10::optional<torch::Tensor> gate_up_scale, c10::optional<torch::Tensor> gate_up_sum,
+    c10::optional<torch::Tensor> down_scale, c10::optional<torch::Tensor> down_sum,
+    torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache, torch::Tensor v_cache,
+    torch::Tensor positions, int64_t kv_length, c10::optional<torch::Tensor> mask, double eps,
+    double clip_qkv, int64_t top_k, bool norm_topk_prob) {
+  check(x, "x", 2, torch::kBFloat16);
+  check(k_cache, "k_cache", 4, torch::kBFloat16);
+  check(v_cache, "v_cache", 4, torch::kBFloat16);
+  check(cos, "cos", 2, torch::kBFloat16);
+  check(sin, "sin", 2, torch::kBFloat16);
+  check(positions, "positions", 1, torch::kInt64);
+  const int64_t B = x.size(0), G = k_cache.size(1), C = k_cache.size(2), D = k_cache.size(3);
+  TORCH_CHECK(k_cache.size(0) == B && positions.size(0) == B && cos.size(1) == D &&
+                  kv_length <= C,
+              "caches, positions and rotary tables do not match x");
+  const int64_t* position = positions.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; b++)
+    TORCH_CHECK(position[b] >= 0 && position[b] < kv_length, "position out of the cache");
+  const c10::optional<torch::Tensor> none;
+
+  // attention: h = x + o(attend(rope(norm(q(n))), rope(norm(k(n))), v(n))), n = norm(x)
+  const auto n = rms_norm(x, input_norm, eps);
+  const auto qkv = linears(n, {q_weight, k_weight, v_weight});
+  auto q = rms_norm(qkv[0], q_norm, eps);  // (B, N*D)
+  auto k = rms_norm(qkv[1], k_norm, eps);  // (B, G*D)
+  auto v = qkv[2];
+  if (clip_qkv > 0) {
+    q.clamp_(-clip_qkv, clip_qkv);
+    k.clamp_(-clip_qkv, clip_qkv);
+    v.clamp_(-clip_qkv, clip_qkv);
+  }
+  rotate_in_place(q, cos, sin, D);
+  rotate_in_place(k, cos, sin, D);
+  const auto write = [&](torch::Tensor& cache, const torch::Tensor& rows) {  // contiguous both
+    const bf16* from = reinterpret_cast<const bf16*>(rows.data_ptr());
+    bf16* to = reinterpret_cast<bf16*>(cache.data_ptr());
+    for (int64_t b = 0; b < B; b++)
+      for (int64_t g = 0; g < G; g++)
+        std::copy_n(from + (b * G + g) * D, D, to + ((b * G + g) * C + position[b]) * D);
+  };
+  write(k_cache, k);
+  write(v_cache, v);
+  const auto attended =
+      decode_attention(q.view({B, -1, D}), k_cache.narrow(2, 0, kv_length),
+                       v_cache.narrow(2, 0, kv_length), mask, 1.0 / std::sqrt((double)D));
+  const auto h = add_bf16(x, linear(attended.view({B, -1}), o_weight, none, none, none));
+
+  // experts: out = h + moe(m), m = norm(h), routed by softmax(router(m)) over all experts
+  const auto m = rms_norm(h, post_norm, eps);
+  const auto logits = linear(m, router, none, none, none);  // (B, E)
+  auto chosen = at::topk(at::softmax(logits, -1, torch::kFloat32), top_k);
+  auto weights = std::get<0>(chosen);
+  if (norm_topk_prob) weights = weights / weights.sum(-1, true);
+  weights = weights.to(torch::kBFloat16);
+  const auto indices = std::get<1>(chosen);
+  const auto out = add_bf16(h, moe(m, gate_up, down, indices, weights, gate_up_scale,
+                                   gate_up_sum, down_scale, down_sum));
+  return {out, logits};
+}
+
+// Tensors per layer in decode_layers' `weights`: decode_layer's from input_norm to down (the
+// required ones), then the four int8 extras (None for bf16 experts).
+constexpr size_t kRequiredWeights = 11, kWeightsPerLayer = kRequiredWeights + 4;
+
+// Whether every layer's weights are what decode_layer takes (dtype, device, layout), checked
+// before any layer writes its cache entries: weights that do not fit fall back to the per-module
+// path instead of failing halfway through a step.
+bool decode_weights_fit(const std::vector<c10::optional<torch::Tensor>>& weights) {
+  for (size_t i = 0; i < weights.size(); i++) {
+    const auto& w = weights[i];
+    const size_t slot = i % kWeightsPerLayer;
+    const bool int8_experts = weights[i - slot + kRequiredWeights - 2]->scalar_type() == torch::kChar;
+    if (slot >= kRequiredWeights) {  // the int8 extras: there exactly for int8 experts
+      if (w.has_value() != int8_experts) return false;
+      if (w.has_value() && !w->device().is_cpu()) return false;
+      continue;
+    }
+    const bool expert = slot >= kRequiredWeights - 2;
+    if (!w.has_value() || !w->device().is_cpu() || !w->is_contiguous() ||
+        w->scalar_type() != (expert && int8_experts ? torch::kChar : torch::kBFloat16))
+      return false;
+  }
+  return true;
+}
+
+// Every decoder layer of one decode step, one after the other in one call. Returning to Python
+// between layers cost about 0.3 ms a layer on the released shape: the weights streamed through
+// the caches evict the interpreter's state, so every attribute lookup there misses. Returns the
+// last layer's output (B, H), then each layer's router logits (B, E); nothing when the weights
+// no longer fit (see decode_weights_fit), before anything is written.
+std::vector<torch::Tensor> decode_layers(
+    torch::Tensor x, std::vector<c10::optional<torch::Tensor>> weights,
+    std::vector<torch::Tensor> k_caches, std::vector<torch::Tensor> v_caches, torch::Tensor cos,
+    torch::Tensor sin, torch::Tensor positions, int64_t kv_length,
+    c10::optional<torch::Tensor> mask, double eps, double clip_qkv, int64_t top_k,
+    bool norm_topk_prob) {
+  const size_t L = k_caches.size();
+  TORCH_CHECK(v_caches.size() == L && weights.size() == kWeightsPerLayer * L,
+              "decode_layers: ", kWeightsPerLayer, " weights and a key and a value cache per layer");
+  for (size_t l = 0; l < L; l++)
+    for (size_t i = 0; i < kRequiredWeights; i++)
+      TORCH_CHECK(weights[l * kWeightsPerLayer + i].has_value(), "layer ", l, ": weight ", i,
+                  " is missing");
+  if (!decode_weights_fit(weights)) return {};
+  std::vector<torch::Tensor> out{x};
+  for (size_t l = 0; l < L; l++) {
+    const c10::optional<torch::Tensor>* w = weights.data() + l * kWeightsPerLayer;
+    const auto result = decode_layer(
+        out[0], *w[0], *w[1], *w[2], *w[3], *w[4], *w[5], *w[6], *w[7], *w[8], *w[9], *w[10],
+        w[11], w[12], w[13], w[14], cos, sin, k_caches[l], v_caches[l], positions, kv_length, mask,
+        eps, clip_qkv, top_k, norm_topk_prob);
+    out[0] = result[0];
+    out.push_back(result[1]);
+  }
+  return out;
+}
+
+// Reads `buffer` once with 512-bit loads on all threads; returns a checksum so that the reads
+// cannot be optimised away. The benchmark times it to measure the memory read bandwidth.
+int64_t read_all(torch::Tensor buffer) {
+  TORCH_CHECK(buffer.is_contiguous() && buffer.nbytes() % 64 == 0 &&
+                  reinterpret_cast<uintptr_t>(buffer.data_ptr()) % 64 == 0,
+              "buffer: contiguous, 64-byte aligned, a multiple of 64 bytes");
+  const __m512i* p = reinterpret_cast<const __m512i*>(buffer.data_ptr());
+  const int64_t n = buffer.nbytes() / 64;
+  std::vector<int64_t> sums(at::get_num_threads(), 0);
+  at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t i = b;
+    for (; i + 4 <= e; i += 4) {
+      a0 = _mm512_xor_si512(a0, _mm512_load_si512(p + i));
+      a1 = _mm512_xor_si512(a1, _mm512_load_si512(p + i + 1));
+      a2 = _mm512_xor_si512(a2, _mm512_load_si512(p + i + 2));
+      a3 = _mm512_xor_si512(a3, _mm512_load_si512(p + i + 3));
+    }
+    for (; i < e; i++) a0 = _mm512_xor_si512(a0, _mm512_load_si512(p + i));
+    const __m512i a = _mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3));
+    sums[at::get_thread_num()] ^= _mm512_reduce_add_epi64(a);
+  });
+  int64_t total = 0;
+  for (int64_t s : sums) total ^= s;
+  return total;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear", &linear, "x @ weight.T (+ bias) for a few bf16 rows; bf16 or int8 weight");
+  m.def("moe", &moe, "sparse MoE experts for a few bf16 tokens; bf16 or int8 experts");
+  m.def("grouped_linear", &grouped_linear, "per-group x @ weight[e].T, the groups side by side");
+  m.def("grouped_experts", &grouped_experts, "a prefill's experts, one pass per expert, side by side");
+  m.def("grouped_weight_grad", &grouped_weight_grad, "per-group grad.T @ x, side by side");
+  m.def("rms_norm", &rms_norm, "RMSNorm of a few bf16 rows");
+  m.def("decode_attention", &decode_attention, "one query per sequence over the KV cache");
+  m.def("decode_layers", &decode_layers, "every decoder layer for one new token per sequence");
+  m.def("read_all", &read_all, "read a buffer once (memory bandwidth probe)");
+}

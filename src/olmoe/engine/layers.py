@@ -1,0 +1,192 @@
+"""The engine's modules: subclasses of the reference modules that send the calls the native
+kernels do well to them, and every other call to the reference `forward` they inherit.
+
+This is the one place that decides which path runs. The rules:
+
+- Decode-sized calls (at most `MAX_TOKENS` rows) on bf16 activations with no gradient recorded
+  stream their weights through the native matrix-vector kernels: linear layers (bf16 or int8),
+  the router, RMSNorm, one query's attention, the experts.
+- A prefill's or a training step's experts (bf16, more than one thread) run their GEMMs side by
+  side, one expert per thread: without a gradient as one fused native pass per expert (bf16 or
+  int8 weights), with one as an autograd function of grouped GEMMs (bf16 weights).
+- Everything else (float32, float16, other activations, attention probabilities asked for) is
+  the reference code itself.
+
+The subclasses add no state and no parameters: `olmoe.engine.apply` swaps a module's class in
+place, and `olmoe.engine.remove` swaps it back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from olmoe.engine import native
+from olmoe.model import OlmoeAttention, OlmoeRMSNorm
+from olmoe.moe import (
+    OlmoeExperts,
+    OlmoeRouter,
+    RouterOutput,
+    autocast_experts,
+    grouped_experts,
+    slots_by_expert,
+)
+from olmoe.quantize import Int8Experts, Int8Linear
+
+# Up to this many rows a call streams its weights (the kernels); beyond it, it is a GEMM, which
+# oneDNN does well.
+MAX_TOKENS = 16
+
+
+# ---------------------------------------------------------------------------- the rules
+def decode_sized(x: torch.Tensor) -> bool:
+    """At most `MAX_TOKENS` rows of the last dimension: a decode step, not a prefill."""
+    return x.numel() <= MAX_TOKENS * x.shape[-1]
+
+
+def records_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def streams(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `x @ weight.T` goes to the streaming kernels: a few bf16 rows on the CPU, bf16 or
+    int8 weights, no gradient."""
+    return (
+        x.dtype == torch.bfloat16
+        and weight.dtype in (torch.bfloat16, torch.int8)
+        and x.device.type == "cpu"
+        and decode_sized(x)
+        and not records_grad(x, weight)
+    )
+
+
+def small_bf16(x: torch.Tensor) -> bool:
+    """Whether an activation-only op (a norm, one query's attention) on `x` goes native."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled()
+
+
+def side_by_side(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether an expert's GEMMs run one expert per thread: bf16 activations on the CPU with
+    more than one thread, and bf16 weights, or int8 ones without a gradient."""
+    return (
+        x.dtype == torch.bfloat16
+        and (
+            weight.dtype == torch.bfloat16
+            or (weight.dtype == torch.int8 and not records_grad(x))
+        )
+        and x.device.type == "cpu"
+        and torch.get_num_threads() > 1
+    )
+
+
+def row_sum(module: nn.Module, name: str) -> torch.Tensor:
+    """The int32 row sums of an int8 weight, which the int8 kernels need; computed once and kept
+    until the weight changes (a new tensor, or written in place)."""
+    weight = getattr(module, name)
+    key = (weight.data_ptr(), weight._version)
+    cache = module.__dict__.setdefault("_engine_row_sums", {})
+    if name not in cache or cache[name][0] != key:
+        cache[name] = key, weight.sum(dim=-1, dtype=torch.int32)
+    return cache[name][1]
+
+
+def fused_experts(
+    x: torch.Tensor,
+    routing: RouterOutput,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """SiLU experts as one native pass per expert (gather, gate/up GEMM, SiLU, down GEMM,
+    routing weight), the experts side by side; the same ATen products as `grouped_experts`."""
+    t, k = routing.top_k_indices.shape
+    weighted = native.grouped_experts(
+        x, gate_up, down, slots_by_expert(routing), routing.tokens_per_expert,
+        routing.top_k_weights, scales,
+    )  # fmt: skip
+    return weighted.view(t, k, -1).sum(dim=1)
+
+
+# ---------------------------------------------------------------------------- the modules
+class CpuLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if streams(x, self.weight):
+            return native.linear(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+class CpuRMSNorm(OlmoeRMSNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype == torch.bfloat16 and decode_sized(x) and small_bf16(x):
+            return native.rms_norm(x, self.weight, self.eps)  # one call, not eight
+        return super().forward(x)
+
+
+class CpuRouter(OlmoeRouter):
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        if streams(x, self.weight):  # oneDNN is at its slowest at this narrow shape
+            return native.linear(x, self.weight)
+        return super().logits(x)
+
+
+class CpuAttention(OlmoeAttention):
+    def attend(self, q, k, v, mask, dropout: float, output_attentions: bool):
+        one_query = q.shape[2] == 1 and not output_attentions and dropout == 0.0
+        if one_query and small_bf16(q):  # the kernel has no dropout and no probabilities out
+            return native.decode_attention(q, k, v, mask, 1 / math.sqrt(self.head_dim)), None
+        return super().attend(q, k, v, mask, dropout, output_attentions)
+
+
+class CpuExperts(OlmoeExperts):
+    def forward(self, x: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
+        silu = self.act_fn is F.silu
+        if silu and streams(x, self.gate_up_proj):
+            return native.moe(
+                x, self.gate_up_proj, self.down_proj, routing.top_k_indices, routing.top_k_weights
+            )
+        x, gate_up, down = autocast_experts(x, self.gate_up_proj, self.down_proj)
+        if not side_by_side(x, gate_up):
+            return super().forward(x, routing)
+        if silu and not records_grad(x, gate_up):
+            return fused_experts(x, routing, gate_up, down)
+        return grouped_experts(x, routing, gate_up, down, self.act_fn, native.GroupedLinear.apply)
+
+
+class CpuInt8Linear(Int8Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if streams(x, self.weight):
+            return native.linear(
+                x, self.weight, self.bias, self.weight_scale, row_sum(self, "weight")
+            )
+        return super().forward(x)
+
+
+class CpuInt8Experts(Int8Experts):
+    def forward(self, x: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
+        if self.act_fn is not F.silu:
+            return super().forward(x, routing)
+        if streams(x, self.gate_up_proj):
+            return native.moe(
+                x, self.gate_up_proj, self.down_proj, routing.top_k_indices,
+                routing.top_k_weights, self.gate_up_proj_scale, row_sum(self, "gate_up_proj"),
+                self.down_proj_scale, row_sum(self, "down_proj"),
+            )  # fmt: skip
+        if side_by_side(x, self.gate_up_proj):  # a prefill: each expert dequantised by its thread
+            scales = (self.gate_up_proj_scale, self.down_proj_scale)
+            return fused_experts(x, routing, self.gate_up_proj, self.down_proj, scales)
+        return super().forward(x, routing)
+
+
+# Each reference module class and the engine's class that replaces it.
+ENGINE_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Linear: CpuLinear,
+    OlmoeRMSNorm: CpuRMSNorm,
+    OlmoeRouter: CpuRouter,
+    OlmoeAttention: CpuAttention,
+    OlmoeExperts: CpuExperts,
+    Int8Linear: CpuInt8Linear,
+    Int8Experts: CpuInt8Experts,
+}
