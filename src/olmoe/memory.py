@@ -3,13 +3,11 @@ kept for reuse.
 
 Huge pages. Decoding streams every active weight from memory once per token. With 4 KB pages
 that is one TLB miss per page, and a 4 KB row of an expert matrix is a page of its own; with
-2 MB pages the same kernels stream faster (measured on the 2-core EPYC, released shape: the
-attention projections 27 -> 31 GB/s and the LM head 29 -> 34 GB/s per call; decoding +9% on one
-thread). Linux gives huge pages to memory that asks for them (`madvise(MADV_HUGEPAGE)`) before
+2 MB pages the same kernels stream faster (docs/inference.md has the measurements). Linux gives huge pages to memory that asks for them (`madvise(MADV_HUGEPAGE)`) before
 it is first touched, which is why the loader advises the freshly allocated, still untouched
 weight storage before reading into it. Only the weights ask: PyTorch's global switch
 (THP_MEM_ALLOC_ENABLE) also gives huge pages to every short-lived activation, and decoding then
-ran ten times slower here.
+runs several times slower.
 
 Freed memory. glibc hands every block above 32 MB (and, after a trim, the top of its heap) back
 to the kernel when it is freed, so a training step that allocates and frees the same gigabytes

@@ -119,8 +119,8 @@ struct Bf16Matrix {
   // Rows per pass with 5-8 activation rows: 2 x 8 accumulators + 8 activations fit in the 32
   // vector registers, and each activation load then serves two weight rows.
   static constexpr int kWideRows = 2;
-  // Loads in flight per row for one activation row: 2 (128 bytes) streamed up to 20% faster than
-  // 4 on one core (4 KB and 2 KB rows, huge pages), and no slower on two.
+  // Loads in flight per row for one activation row: 2 (128 bytes) streamed faster than 4 on one
+  // core and no slower on two (docs/inference.md has the measurements).
   static constexpr int kSingleUnroll = 2;
   const bf16* data;
   int64_t ld;
@@ -153,8 +153,8 @@ struct Bf16Matrix {
 
   // The same products, one row after the other, each read front to back with U loads in
   // flight: a single sequential stream per thread, which the hardware prefetchers follow far
-  // better than R interleaved rows when the rows are short (2 KB rows of a down projection:
-  // 28 GB/s against 18 on one core) or the activation rows few.
+  // better than R interleaved rows when the rows are short (the 2 KB rows of a down
+  // projection) or the activation rows few.
   template <int U, int NV>
   void rows(int64_t begin, int64_t end, const Activations& x, int64_t v0, float* out,
             int64_t ldo) const {
@@ -270,8 +270,7 @@ struct Int8Matrix {
 
 // Rows [begin, end) of W times activation rows [v0, v0 + nv). Up to 4 activation rows, row
 // after row (one sequential stream); from 5 on, the work per weight byte is high enough that
-// reusing each activation load for two weight rows pays more (measured on one Zen 4 core, 8 MB
-// and 4 MB matrices: see `rows`).
+// reusing each activation load for two weight rows pays more (see `rows`).
 template <class Matrix>
 void gemv(const Matrix& W, int64_t begin, int64_t end, const typename Matrix::Activations& x,
           int64_t v0, int64_t nv, float* out, int64_t ldo) {
@@ -301,13 +300,11 @@ void parallel_items(int64_t n, const F& f) {
 }
 
 // Rows per work item: each item reads about 1 MB of weights. The items go to whichever thread
-// is free, so a thread's reads jump elsewhere after every item. With the 32-row items (64-128
-// KB) used before, a batch-1 decode step took 18% longer in bf16 and 9% longer in int8
-// (alternating the two token by token in one process, released architecture cut to 8 layers):
-// each streamed region (q/k/v, the experts' gate/up and down) ran 15-30% slower. Larger items
-// (4 MB) gained nothing more, and splitting the last items finer to even out the threads' finish
-// did not help either; at the end of a region a thread waits at most one item (about 50 us).
-// A matrix smaller than that (the router's 256 KB) is still shared by all threads.
+// is free, so a thread's reads jump elsewhere after every item, and short items (tens of KB)
+// cut each thread's stream into pieces the prefetchers keep restarting on; larger items gained
+// nothing more, and at the end of a region a thread waits at most one item (docs/inference.md
+// has the measurements). A matrix smaller than that (the router) is still shared by all
+// threads.
 constexpr int64_t kItemBytes = 1 << 20;
 inline int64_t rows_per_item(int64_t rows, int64_t row_bytes) {
   const int64_t threads = at::get_num_threads();
@@ -904,8 +901,8 @@ bool decode_weights_fit(const std::vector<c10::optional<torch::Tensor>>& weights
 }
 
 // Every decoder layer of one decode step, one after the other in one call. Returning to Python
-// between layers cost about 0.3 ms a layer on the released shape: the weights streamed through
-// the caches evict the interpreter's state, so every attribute lookup there misses. Returns the
+// between layers is slow: the weights streamed through the caches evict the interpreter's
+// state, so every attribute lookup there misses. Returns the
 // last layer's output (B, H), then each layer's router logits (B, E); nothing when the weights
 // no longer fit (see decode_weights_fit), before anything is written.
 std::vector<torch::Tensor> decode_layers(
