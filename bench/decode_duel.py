@@ -3,7 +3,7 @@
     .venv/bin/python bench/decode_duel.py                  # 250 tokens each, about 3 minutes
     .venv/bin/python bench/decode_duel.py --int8           # olmoe int8 against llama.cpp Q8_0
 
-This machine's memory bandwidth moves in phases (see the README's CPU speed section), so
+This machine's memory bandwidth moves in phases (see bench/README.md), so
 engines measured minutes apart in separate processes can each draw a different one. Here both
 decode side by side, token for token, and see the same phases. Both must fit in memory at once,
 so the checkpoint is the released architecture cut to 8 of its 16 layers (6.9 GB of bf16

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from olmoe import engine
 from olmoe.errors import ConfigError, DataError, InputError
 from olmoe.fileio import atomic_path
 
@@ -330,7 +331,9 @@ def collect_routing(
     Each array is cut into chunks of `chunk_length` (the paper: 2,048; at most the model's
     context), `batch_size` chunks per forward pass. `vocabulary=True` (or a list of kinds)
     also counts routings per token id, which for `predicted` computes the vocabulary logits.
+    The model runs on the CPU engine where it applies (olmoe.engine).
     """
+    engine.apply(model)
     config = model.config
     if chunk_length > config.max_position_embeddings:
         raise ConfigError(

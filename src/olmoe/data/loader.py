@@ -25,19 +25,115 @@ def as_instances(tokens: np.ndarray, seq_len: int) -> np.ndarray:
     return tokens[: count * seq_len].reshape(count, seq_len)
 
 
-class InstanceLoader:
-    """Batches of instances: each `next_batch()` takes the next `batch_size * world_size`
-    instances of the epoch's order and returns this rank's `batch_size` of them.
+class SeededOrder:
+    """Which items each rank takes at each step: every epoch visits the items in the order of a
+    permutation drawn from (seed, epoch) alone; each step takes the next `batch_size *
+    world_size` of them, and this rank its `batch_size`.
 
     The global batch at step s is the same for any split of it into ranks: one process with
-    batch_size 2B sees exactly the instances two processes with B see together, in the same
-    order. Each epoch uses the largest multiple of `instances_per_step` instances of its order
-    (default: one global batch) and skips the rest; the next epoch starts from a new
-    permutation. A trainer that accumulates gradients passes the instances of a whole optimizer
-    step (micro-batch x ranks x accumulation), so that runs splitting the same step differently
-    (2 ranks x 1 micro-batch, or 1 rank x 2) share their epochs' ends and see the same
-    instances throughout.
+    batch_size 2B sees exactly the items two processes with B see together, in the same order.
+    Each epoch uses the largest multiple of `items_per_step` items of its order (default: one
+    global batch) and skips the rest; the next epoch starts from a new permutation. A trainer
+    that accumulates gradients passes the items of a whole optimizer step (micro-batch x ranks x
+    accumulation), so that runs splitting the same step differently (2 ranks x 1 micro-batch,
+    or 1 rank x 2) share their epochs' ends and see the same items throughout. A resumed run
+    needs only (seed, epoch, position) to continue exactly where it stopped.
     """
+
+    def __init__(
+        self,
+        num_items: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        items_per_step: int | None = None,
+        what: str = "",
+    ) -> None:
+        for name, value in (("batch_size", batch_size), ("world_size", world_size)):
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.num_items = int(num_items)
+        self.batch_size = int(batch_size)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.global_batch_size = self.batch_size * self.world_size
+        step = self.global_batch_size if items_per_step is None else items_per_step
+        if not isinstance(step, (int, np.integer)) or step < 1 or step % self.global_batch_size:
+            raise ConfigError(
+                "the items of a step must be a multiple of batch_size x world_size = "
+                f"{self.global_batch_size}, got {items_per_step!r}"
+            )
+        if self.num_items < step:
+            raise DataError(
+                f"{what or f'{self.num_items:,} items'}, fewer than one step's {step} "
+                f"({batch_size} per rank x {world_size} ranks x {step // self.global_batch_size} "
+                "micro-batches): use more data, or a shorter sequence or smaller batch"
+            )
+        self.items_per_epoch = self.num_items // step * step
+        if not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
+        self.seed = int(seed)
+        self.epoch = 0
+        self.position = 0  # items of this epoch's order already consumed (all ranks)
+        self._order: np.ndarray | None = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.items_per_epoch // self.global_batch_size
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The permutation of item indices epoch `epoch` visits: a function of (seed, epoch)."""
+        # uint32 where it fits: the order is held in memory for the whole epoch (4 bytes per
+        # item, 1.2B instances for OLMoE's 5T tokens at 4096). Same order as permutation().
+        dtype = np.uint32 if self.num_items <= 2**32 else np.int64
+        order = np.arange(self.num_items, dtype=dtype)
+        np.random.default_rng([self.seed, epoch]).shuffle(order)
+        return order
+
+    def next_indices(self) -> np.ndarray:
+        """This rank's item indices for the next step."""
+        if self.position + self.global_batch_size > self.items_per_epoch:
+            self.epoch += 1
+            self.position = 0
+            self._order = None
+        if self._order is None:
+            self._order = self.epoch_order(self.epoch)
+        start = self.position + self.rank * self.batch_size
+        self.position += self.global_batch_size
+        return self._order[start : start + self.batch_size]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the order stands: restoring it continues with exactly the next items."""
+        return {
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "position": self.position,
+            "num_instances": self.num_items,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict()`'s output; the data must be the one it came from (the
+        per-rank batch size may differ as long as the global order is the same)."""
+        missing = {"seed", "epoch", "position"} - set(state)
+        if missing:
+            raise CheckpointError(f"loader state lacks {', '.join(sorted(missing))}")
+        if "num_instances" in state and state["num_instances"] != self.num_items:
+            raise ConfigError(
+                f"the loader state is for num_instances={state['num_instances']}, this data "
+                f"gives {self.num_items}: resume with the same data (and sequence length)"
+            )
+        if not 0 <= int(state["position"]) <= self.num_items or int(state["epoch"]) < 0:
+            raise CheckpointError(f"loader state out of range: {state}")
+        self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
+        self.position = int(state["position"])
+        self._order = None
+
+
+class InstanceLoader(SeededOrder):
+    """Batches of fixed-length instances of a token stream (see SeededOrder for the order):
+    each `next_batch()` returns this rank's `batch_size` instances of the next step."""
 
     def __init__(
         self,
@@ -49,94 +145,39 @@ class InstanceLoader:
         world_size: int = 1,
         instances_per_step: int | None = None,
     ) -> None:
-        for name, value in (("seq_len", seq_len), ("batch_size", batch_size),
-                            ("world_size", world_size)):  # fmt: skip
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-        if not 0 <= rank < world_size:
-            raise ConfigError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
+            raise ConfigError(f"seq_len must be an integer >= 1, got {seq_len!r}")
         tokens = np.asarray(tokens)  # a memory map stays one (no copy)
         if tokens.ndim != 1:
             raise InputError(f"tokens must be a flat array, got shape {tuple(tokens.shape)}")
         self.instances = as_instances(tokens, seq_len)
-        self.seq_len, self.batch_size = int(seq_len), int(batch_size)
-        self.rank, self.world_size = int(rank), int(world_size)
-        self.global_batch_size = self.batch_size * self.world_size
-        step = self.global_batch_size if instances_per_step is None else instances_per_step
-        if not isinstance(step, (int, np.integer)) or step < 1 or step % self.global_batch_size:
-            raise ConfigError(
-                "instances_per_step must be a multiple of batch_size x world_size = "
-                f"{self.global_batch_size}, got {instances_per_step!r}"
-            )
-        if len(self.instances) < step:
-            raise DataError(
-                f"{len(tokens):,} tokens make {len(self.instances):,} instances of {seq_len} "
-                f"tokens, fewer than one step's {step} ({batch_size} per rank x {world_size} "
-                f"ranks x {step // self.global_batch_size} micro-batches): use more data, or a "
-                "shorter sequence or smaller batch"
-            )
-        self.instances_per_epoch = len(self.instances) // step * step
-        if not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
-        self.seed = int(seed)
-        self.epoch = 0
-        self.position = 0  # instances of this epoch's order already consumed (all ranks)
-        self._order: np.ndarray | None = None
+        self.seq_len = int(seq_len)
+        what = (
+            f"{len(tokens):,} tokens make {len(self.instances):,} instances of {seq_len} tokens"
+        )
+        super().__init__(
+            len(self.instances), batch_size, seed, rank, world_size, instances_per_step, what
+        )
 
     @property
     def num_instances(self) -> int:
-        return len(self.instances)
+        return self.num_items
 
     @property
-    def batches_per_epoch(self) -> int:
-        return self.instances_per_epoch // self.global_batch_size
-
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """The permutation of instance indices epoch `epoch` visits: a function of (seed, epoch)."""
-        # uint32 where it fits: the order is held in memory for the whole epoch (4 bytes per
-        # instance, 1.2B instances for OLMoE's 5T tokens at 4096). Same order as permutation().
-        dtype = np.uint32 if self.num_instances <= 2**32 else np.int64
-        order = np.arange(self.num_instances, dtype=dtype)
-        np.random.default_rng([self.seed, epoch]).shuffle(order)
-        return order
+    def instances_per_epoch(self) -> int:
+        return self.items_per_epoch
 
     def next_batch(self) -> torch.Tensor:
         """This rank's next (batch_size, seq_len) LongTensor."""
-        if self.position + self.global_batch_size > self.instances_per_epoch:
-            self.epoch += 1
-            self.position = 0
-            self._order = None
-        if self._order is None:
-            self._order = self.epoch_order(self.epoch)
-        start = self.position + self.rank * self.batch_size
-        rows = self.instances[self._order[start : start + self.batch_size]].astype(np.int64)
-        self.position += self.global_batch_size
-        return torch.from_numpy(rows)
+        return torch.from_numpy(self.instances[self.next_indices()].astype(np.int64))
 
     def state_dict(self) -> dict[str, Any]:
-        """Where the loader stands: restoring it continues with exactly the next instances."""
-        return {
-            "seed": self.seed,
-            "epoch": self.epoch,
-            "position": self.position,
-            "num_instances": self.num_instances,
-            "seq_len": self.seq_len,
-        }
+        return {**super().state_dict(), "seq_len": self.seq_len}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from `state_dict()`'s output; the data and seq_len must be the ones it came
-        from (the per-rank batch size may differ as long as the global order is the same)."""
-        missing = {"seed", "epoch", "position"} - set(state)
-        if missing:
-            raise CheckpointError(f"loader state lacks {', '.join(sorted(missing))}")
-        for key, mine in (("num_instances", self.num_instances), ("seq_len", self.seq_len)):
-            if key in state and state[key] != mine:
-                raise ConfigError(
-                    f"the loader state is for {key}={state[key]}, this data gives {mine}: "
-                    "resume with the same token files and sequence length"
-                )
-        if not 0 <= int(state["position"]) <= self.num_instances or int(state["epoch"]) < 0:
-            raise CheckpointError(f"loader state out of range: {state}")
-        self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
-        self.position = int(state["position"])
-        self._order = None
+        if "seq_len" in state and state["seq_len"] != self.seq_len:
+            raise ConfigError(
+                f"the loader state is for seq_len={state['seq_len']}, this data gives "
+                f"{self.seq_len}: resume with the same token files and sequence length"
+            )
+        super().load_state_dict(state)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 
+from olmoe import engine
 from olmoe.errors import ConfigError, DataError
 from olmoe.eval import scoring
 from olmoe.eval.runner import DEFAULT_MAX_LENGTH, score_requests
@@ -134,10 +135,12 @@ def evaluate(
     model_info: dict | None = None,
 ) -> dict[str, Any]:
     """Score `tasks` (names, task files or `Task`s) in both OLMES formats and return the results
-    (see the README's "Evaluate" section for the shape). Accuracies are percentages; each task's
-    `primary_score` is the better format's primary metric, as OLMES reports it."""
+    (docs/evaluation.md shows their shape). Accuracies are percentages; each task's
+    `primary_score` is the better format's primary metric, as OLMES reports it. The model runs
+    on the CPU engine where it applies (olmoe.engine)."""
     from tqdm.auto import tqdm
 
+    engine.apply(model)
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be >= 1, got {limit}")
     # A model trained on shorter sequences sees no more than its own window.

@@ -103,8 +103,8 @@ def _spec(directory, variant, split, rc_metric, dataset, license):
 # checks it against the full val_* files); ARC-Easy's test split (2,376 items) ships whole, so
 # the sample is drawn here. SciQ is not in OLMES v0.1; it uses the files' own "olmo3" settings.
 # The wheel records no dataset licences (its dataset_info.json "license" fields are empty); the
-# licences here are the datasets' own, from their cards and repositories (README: "Where the
-# data comes from").
+# licences here are the datasets' own, from their cards and repositories (docs/evaluation.md,
+# "Where the data comes from").
 BUILTIN_REQUEST_TASKS: dict[str, RequestFileSpec] = {
     "arc_challenge": _spec("arc_challenge", "test_", "test", "acc_uncond", "allenai/ai2_arc ARC-Challenge", "CC-BY-SA-4.0"),
     "arc_easy": _spec("arc_easy", "test_", "test", "acc_per_char", "allenai/ai2_arc ARC-Easy", "CC-BY-SA-4.0"),

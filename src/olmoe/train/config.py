@@ -24,6 +24,8 @@ import yaml
 
 from olmoe.errors import ConfigError
 
+OBJECTIVES = ("pretrain", "sft", "dpo", "kto")
+OPTIMIZERS = ("adamw", "rmsprop")
 PRECISIONS = ("bf16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant")
 STRATEGIES = ("fsdp", "ddp")
@@ -82,7 +84,10 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    """Token files (`olmoe data prepare` output, a .npy file, or OLMo raw memmaps)."""
+    """Pretraining: token files (`olmoe data prepare` output, a .npy file, or OLMo raw
+    memmaps). sft, dpo, kto: chat or preference data (a .jsonl, .json, .parquet file or
+    save_to_disk directory, prepared into the run directory; or a directory prepared by
+    `olmoe data chat`), whose sequences are cut to `seq_len` tokens."""
 
     path: str = ""
     # Validation tokens; by default the `valid` split of `path` when it is a prepared directory.
@@ -97,8 +102,10 @@ class DataSection:
 
 @dataclass
 class OptimSection:
-    """AdamW with fp32 state; `no_decay` exempts parameters whose name contains a given string."""
+    """AdamW (or RMSprop, as OLMoE's KTO run used) with fp32 state; `no_decay` exempts
+    parameters whose name contains a given string."""
 
+    name: str = "adamw"
     lr: float = 4e-4
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
@@ -107,6 +114,9 @@ class OptimSection:
     grad_clip: float | None = 1.0  # global norm; null turns clipping off
 
     def validate(self) -> None:
+        _require(
+            self.name in OPTIMIZERS, f"optim.name must be one of {OPTIMIZERS}, got {self.name!r}"
+        )
         _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
         _require(
             all(0 <= b < 1 for b in self.betas), f"optim.betas must lie in [0, 1), got {self.betas}"
@@ -129,6 +139,8 @@ class ScheduleSection:
 
     name: str = "cosine"
     warmup_steps: int = 2500
+    # Warmup as a share of train.max_steps (the adaptation recipes' way); replaces warmup_steps.
+    warmup_ratio: float | None = None
     decay_steps: int | None = None
     final_lr_ratio: float = 0.1
 
@@ -140,6 +152,10 @@ class ScheduleSection:
             self.warmup_steps >= 0, f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}"
         )
         _require(
+            self.warmup_ratio is None or 0 <= self.warmup_ratio < 1,
+            f"schedule.warmup_ratio must lie in [0, 1) or be null, got {self.warmup_ratio}",
+        )
+        _require(
             0 <= self.final_lr_ratio <= 1,
             f"schedule.final_lr_ratio must lie in [0, 1], got {self.final_lr_ratio}",
         )
@@ -147,23 +163,35 @@ class ScheduleSection:
 
 @dataclass
 class LossSection:
-    """Total loss = CE + lb_coef * LB + z_coef * Z (olmoe.train.losses)."""
+    """Total loss = CE (or the objective's loss) + lb_coef * LB + z_coef * Z
+    (olmoe.train.losses). Unset, the coefficients are the released runs': 0.01 and 0.001 for
+    pretraining, 0 for sft, dpo and kto."""
 
-    lb_coef: float = 0.01
-    z_coef: float = 0.001
+    lb_coef: float | None = None
+    z_coef: float | None = None
     # Divide the z-loss by top-k as the released OLMoE code did; false gives the paper's (and
     # OLMo-core's) scale, K times larger.
     z_loss_per_slot: bool = True
 
     def validate(self) -> None:
-        _require(self.lb_coef >= 0, f"loss.lb_coef must be >= 0, got {self.lb_coef}")
-        _require(self.z_coef >= 0, f"loss.z_coef must be >= 0, got {self.z_coef}")
+        for name in ("lb_coef", "z_coef"):
+            value = getattr(self, name)
+            _require(value is None or value >= 0, f"loss.{name} must be >= 0, got {value}")
+
+    def resolve(self, objective: str) -> None:
+        """Fill the unset coefficients with `objective`'s defaults."""
+        pretraining = objective == "pretrain"
+        if self.lb_coef is None:
+            self.lb_coef = 0.01 if pretraining else 0.0
+        if self.z_coef is None:
+            self.z_coef = 0.001 if pretraining else 0.0
 
 
 @dataclass
 class TrainSection:
     max_steps: int = 1_200_000
-    global_batch_tokens: int = 4_194_304  # per optimizer step, over all ranks and micro-batches
+    global_batch_tokens: int = 4_194_304  # pretraining: per optimizer step, all ranks
+    global_batch_examples: int = 128  # sft, dpo, kto: examples (pairs) per optimizer step
     micro_batch_size: int = 4  # instances per forward pass on one rank
     precision: str = "bf16"  # bf16 autocast over fp32 weights and optimizer state, or fp32
     seed: int = 6198  # model initialisation and any randomness in the step
@@ -175,6 +203,10 @@ class TrainSection:
         _require(
             self.global_batch_tokens >= 1,
             f"train.global_batch_tokens must be >= 1, got {self.global_batch_tokens}",
+        )
+        _require(
+            self.global_batch_examples >= 1,
+            f"train.global_batch_examples must be >= 1, got {self.global_batch_examples}",
         )
         _require(
             self.micro_batch_size >= 1,
@@ -227,8 +259,44 @@ class DistributedSection:
 
 
 @dataclass
+class PreferenceSection:
+    """The adaptation objectives' settings (olmoe.train.preference has the formulas)."""
+
+    sft_reduction: str = "sum"  # summed token CE, as the released SFT; or mean
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # DPO: sigmoid, sigmoid_norm, ipo, hinge (TRL's names)
+    label_smoothing: float = 0.0
+    desirable_weight: float = 1.0  # KTO's lambda_D and lambda_U
+    undesirable_weight: float = 1.0
+    # The reference model whose log-probabilities DPO and KTO compare against (computed once,
+    # before the first step); null: the model training starts from.
+    reference: str | None = None
+
+    def validate(self) -> None:
+        from olmoe.train.preference import DPO_LOSS_TYPES, SFT_REDUCTIONS
+
+        _require(
+            self.sft_reduction in SFT_REDUCTIONS,
+            f"preference.sft_reduction must be one of {SFT_REDUCTIONS}, got {self.sft_reduction!r}",
+        )
+        _require(
+            self.loss_type in DPO_LOSS_TYPES,
+            f"preference.loss_type must be one of {DPO_LOSS_TYPES}, got {self.loss_type!r}",
+        )
+        _require(self.beta > 0, f"preference.beta must be > 0, got {self.beta}")
+        _require(
+            0 <= self.label_smoothing < 0.5,
+            f"preference.label_smoothing must lie in [0, 0.5), got {self.label_smoothing}",
+        )
+        for name in ("desirable_weight", "undesirable_weight"):
+            _require(getattr(self, name) > 0, f"preference.{name} must be > 0")
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/olmoe"  # log, checkpoints and the final model go here
+    # pretrain: next-token loss on token files; sft, dpo, kto: fine-tuning on chat data
+    objective: str = "pretrain"
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
@@ -238,13 +306,23 @@ class TrainConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
+    preference: PreferenceSection = field(default_factory=PreferenceSection)
 
     def validate(self) -> None:
+        _require(
+            self.objective in OBJECTIVES,
+            f"objective must be one of {OBJECTIVES}, got {self.objective!r}",
+        )
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
                 value.validate()
         _require(bool(self.run_dir), "run_dir must be a directory path")
+        _require(
+            self.objective == "pretrain" or self.model.init_from is not None,
+            f"objective {self.objective} fine-tunes a model: set model.init_from to its checkpoint",
+        )
+        self.loss.resolve(self.objective)
         decay = self.schedule.decay_steps
         _require(
             decay is None or decay > self.schedule.warmup_steps,

@@ -96,6 +96,12 @@ def gradient_sync(model: torch.nn.Module, enabled: bool):
         yield
 
 
+def barrier(env: Environment) -> None:
+    """Wait until every rank gets here (nothing to wait for when alone)."""
+    if env.distributed:
+        dist.barrier()
+
+
 def all_reduce_sum(tensor: torch.Tensor, env: Environment) -> torch.Tensor:
     """The sum of `tensor` over the ranks (in place; the tensor itself when alone)."""
     if env.distributed:

@@ -6,9 +6,14 @@ summed over its micro-batches (each loss divided by their number) and averaged o
 The auxiliary losses are computed per micro-batch (T is the local micro-batch, as in megablocks),
 so one process with twice the micro-batches sees the very same sums as two processes.
 
+The fine-tuning objectives (sft, dpo, kto; olmoe.train.adaptation) run the same loop on chat or
+preference data: a step is `train.global_batch_examples` examples, and the objective computes
+each micro-batch's loss.
+
 RUN/log.jsonl gets one JSON line per step (loss, ce, lb, z, grad_norm, lr, tokens, tokens_per_s,
 and per layer: load_max = max/mean tokens per expert, router_entropy = mean entropy of the
-router's softmax in nats, expert_counts) and one per evaluation (val_loss).
+router's softmax in nats, expert_counts; DPO and KTO add TRL's rewards/* and logps/*) and one
+per evaluation (val_loss, or the objective's val_* values).
 """
 
 from __future__ import annotations
@@ -68,6 +73,58 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _load_data(self) -> None:
+        self.objective = self.valid_objective = None
+        if self.config.objective == "pretrain":
+            self._load_tokens()
+        else:
+            self._load_chat()
+
+    def _load_chat(self) -> None:
+        """Chat or preference examples for a fine-tuning objective (prepared into the run
+        directory from a data file, or read from a prepared directory), and the objective."""
+        from olmoe.train.adaptation import build_objective
+
+        data, train, env = self.config.data, self.config.train, self.env
+        self.metadata = None
+        tokenizer = self._tokenizer()
+        micro, world = train.micro_batch_size, env.world_size
+        if train.global_batch_examples % (micro * world):
+            raise ConfigError(
+                f"train.global_batch_examples ({train.global_batch_examples}) must be a multiple "
+                f"of micro_batch_size x ranks = {micro} x {world}"
+            )
+        self.accumulation = train.global_batch_examples // (micro * world)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        examples = self._chat_examples(data.path, "train", tokenizer)
+        self.objective = build_objective(
+            self.config, examples, env, pad_id, micro, micro * world * self.accumulation
+        )
+        self.loader = self.objective.order
+        self.eval_batches = 0
+        if data.valid_path:
+            valid = self._chat_examples(data.valid_path, "valid", tokenizer)
+            self.valid_objective = build_objective(self.config, valid, env, pad_id, micro,
+                                                   micro * world, seed=0)  # fmt: skip
+            self.eval_batches = len(valid) // (micro * world)
+            if self.eval_batches == 0:
+                raise ConfigError(
+                    f"data.valid_path holds {len(valid)} examples, fewer than one batch of "
+                    f"{micro * world}: give more, or lower train.micro_batch_size"
+                )
+
+    def _chat_examples(self, path: str, split: str, tokenizer):
+        from olmoe.data.chat import METADATA_FILE, ChatExamples, prepare_chat
+
+        source = Path(path)
+        if (source / METADATA_FILE).is_file():
+            return ChatExamples(source)
+        prepared = self.run_dir / f"data-{split}"
+        if self.env.is_main and not (prepared / METADATA_FILE).is_file():
+            prepare_chat(source, tokenizer, prepared, self.config.data.seq_len, force=True)
+        distributed.barrier(self.env)
+        return ChatExamples(prepared)
+
+    def _load_tokens(self) -> None:
         from olmoe.data import InstanceLoader, load_tokens, read_metadata
 
         data, train = self.config.data, self.config.train
@@ -137,6 +194,8 @@ class Trainer:
             )
         model.train()
         self.model_config = model.config
+        if self.config.objective in ("dpo", "kto"):
+            self._reference_logps(model)
         engine.apply(model)  # before sharding: FSDP wraps the engine's module classes
         self.model = distributed.wrap(model, cfg.distributed.strategy, env)
         self.optimizer = build_optimizer(self.model, cfg.optim)
@@ -148,6 +207,32 @@ class Trainer:
             self.step, self.tokens_seen = saved["step"], saved["tokens"]
         elif init_checkpoint is not None:
             state.load_optimizer(init_checkpoint, self.model, self.optimizer)
+
+    def _reference_logps(self, model) -> None:
+        """DPO's and KTO's reference log-probabilities: computed once, before the first step,
+        by the model training starts from (or `preference.reference`), and kept in the run
+        directory for every later step and a resumed run."""
+        from olmoe.model import OlmoeForCausalLM
+        from olmoe.train.adaptation import REFERENCE_NAME
+
+        pairs = [(self.objective, self.run_dir / REFERENCE_NAME)]
+        if self.valid_objective is not None:
+            pairs.append((self.valid_objective, self.run_dir / f"valid-{REFERENCE_NAME}"))
+        if self.resume_from is not None and not all(path.is_file() for _, path in pairs):
+            raise state.CheckpointError(
+                f"{self.run_dir} lacks the reference log-probabilities ({REFERENCE_NAME}) its "
+                "checkpoints were trained against: resume in the run directory that made them"
+            )
+        reference = model
+        if self.config.preference.reference is not None and self.resume_from is None:
+            reference = OlmoeForCausalLM.from_pretrained(
+                self.config.preference.reference, dtype=torch.float32, device=self.env.device
+            )
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        micro = self.config.train.micro_batch_size
+        for objective, path in pairs:
+            objective.compute_reference(reference, path, self._autocast, micro)
 
     def _trim_log(self) -> None:
         """A resumed run rewrites the log up to its checkpoint's step (a run killed after it
@@ -180,6 +265,15 @@ class Trainer:
         total = ce + cfg.lb_coef * lb + cfg.z_coef * z
         return total, ce, lb, z, routing_statistics(out.routing)
 
+    def _micro_batch(self):
+        """The next micro-batch's total loss, its named values to sum, and routing statistics."""
+        if self.objective is not None:
+            indices = self.objective.next_batch()
+            return self.objective.losses(self.model, indices, self._autocast)
+        batch = self.loader.next_batch().to(self.env.device)
+        total, ce, lb, z, stats = self._losses(batch)
+        return total, {"loss": total, "ce": ce, "lb": lb, "z": z}, stats
+
     def train_step(self) -> dict:
         cfg, env = self.config, self.env
         self.step += 1
@@ -187,14 +281,14 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         started = time.perf_counter()
-        sums = torch.zeros(4, dtype=torch.float64)  # loss, ce, lb, z over micro-batches
-        routing = None
+        sums = routing = names = None  # the micro-batches' values, summed
         for micro in range(self.accumulation):
-            batch = self.loader.next_batch().to(env.device)
             with distributed.gradient_sync(self.model, micro == self.accumulation - 1):
-                total, ce, lb, z, stats = self._losses(batch)
+                total, values, stats = self._micro_batch()
                 (total / self.accumulation).backward()
-            sums += torch.stack([t.detach().double().cpu() for t in (total, ce, lb, z)])
+            names = list(values)
+            vector = torch.stack([torch.as_tensor(v).detach().double().cpu() for v in values.values()])
+            sums = vector if sums is None else sums + vector
             routing = stats.cpu() if routing is None else routing + stats.cpu()
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
@@ -204,23 +298,25 @@ class Trainer:
         if env.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
-        step_tokens = cfg.train.global_batch_tokens
-        self.tokens_seen += step_tokens
 
         reduced = torch.cat([sums, routing.reshape(-1)]).to(env.device)
         reduced = distributed.all_reduce_sum(reduced, env).cpu()
         micro_batches = self.accumulation * env.world_size
-        loss, ce, lb, z = (reduced[:4] / micro_batches).tolist()
-        routing = reduced[4:].reshape(routing.shape)
+        summed = dict(zip(names, reduced[: len(names)].tolist()))
+        if self.objective is None:
+            step_tokens = cfg.train.global_batch_tokens
+            values = {k: v / micro_batches for k, v in summed.items()}
+        else:
+            step_tokens = int(summed["tokens"])
+            values = self.objective.summarize(summed, micro_batches)
+        self.tokens_seen += step_tokens
+        routing = reduced[len(names) :].reshape(routing.shape)
         counts, entropy = routing[:, :-1], routing[:, -1]
         tokens_routed = counts.sum(dim=1) / self.model_config.num_experts_per_tok  # tokens/layer
         mean_load = counts.sum(dim=1) / counts.shape[1]
         return {
             "step": self.step,
-            "loss": loss,
-            "ce": ce,
-            "lb": lb,
-            "z": z,
+            **values,
             "grad_norm": float(grad_norm),
             "lr": lr,
             "tokens": self.tokens_seen,
@@ -229,6 +325,33 @@ class Trainer:
             "router_entropy": (entropy / tokens_routed).tolist(),
             "expert_counts": counts.long().tolist(),
         }
+
+    def validation(self) -> dict[str, float]:
+        """The validation values to log: val_loss (and unigram_loss when pretraining, or the
+        objective's values, prefixed val_, when fine-tuning)."""
+        if self.objective is None:
+            val, unigram = self.evaluate()
+            return {"val_loss": val, "unigram_loss": unigram}
+        return self._evaluate_objective()
+
+    @torch.no_grad()
+    def _evaluate_objective(self) -> dict[str, float]:
+        """The objective on the held-out examples, each once, in a fixed order."""
+        objective, env = self.valid_objective, self.env
+        objective.order.load_state_dict({"seed": 0, "epoch": 0, "position": 0})
+        self.model.eval()
+        sums = names = None
+        for _ in range(self.eval_batches):
+            _, values, _ = objective.losses(self.model, objective.next_batch(), self._autocast)
+            names = list(values)
+            vector = torch.stack([torch.as_tensor(v).double().cpu() for v in values.values()])
+            sums = vector if sums is None else sums + vector
+        self.model.train()
+        reduced = distributed.all_reduce_sum(sums.to(env.device), env).cpu()
+        values = objective.summarize(dict(zip(names, reduced.tolist())), self.eval_batches * env.world_size)
+        record = {f"val_{name}": value for name, value in values.items()}
+        record["val_loss"] = values["ce"] if "ce" in values else values["loss"]
+        return record
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float | None]:
@@ -291,13 +414,15 @@ class Trainer:
                 if self.eval_batches and (
                     last or (cfg.eval.every and self.step % cfg.eval.every == 0)
                 ):
-                    val, unigram = self.evaluate()
-                    self._log({"step": self.step, "val_loss": val, "unigram_loss": unigram})
+                    values = self.validation()
+                    val, unigram = values["val_loss"], values.get("unigram_loss")
+                    self._log({"step": self.step, **values})
                     bar.write(f"step {self.step}: validation loss {val:.4f}")
                 if last or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
                     self.save(tokenizer)
         if self.eval_batches and val is None:  # resumed at the end: still report the model
-            val, unigram = self.evaluate()
+            values = self.validation()
+            val, unigram = values["val_loss"], values.get("unigram_loss")
         exported = state.export_model(self.model, self.run_dir, env, tokenizer)
         sample = None
         if exported is not None and tokenizer is not None and cfg.eval.sample_prompt:
@@ -323,12 +448,15 @@ class Trainer:
 
     def _tokenizer(self):
         """The tokenizer the data was prepared with (saved beside the model, used for the
-        sample), or None for token files without metadata."""
-        if self.metadata is None:
-            return None
+        sample), or None for token files without metadata. Fine-tuning: the tokenizer of the
+        model it starts from (its chat template included), else the OLMo one."""
         from olmoe.data.prepare import OLMO_TOKENIZER_NAME
         from olmoe.tokenizer import Tokenizer
 
+        if self.config.objective != "pretrain":
+            return Tokenizer.from_pretrained(self.config.model.init_from)
+        if self.metadata is None:
+            return None
         name = self.metadata.get("tokenizer")
         return Tokenizer.from_pretrained(None if name == OLMO_TOKENIZER_NAME else name)
 

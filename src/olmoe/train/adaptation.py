@@ -1,0 +1,259 @@
+"""Fine-tuning objectives for the trainer: supervised fine-tuning (sft), DPO and KTO, as OLMoE's
+SFT and Instruct models were trained.
+
+Each objective serves the trainer one micro-batch at a time from prepared chat data
+(olmoe.data.chat), right-padded to its longest sequence (padding comes after a sequence's
+tokens, so causal attention never lets it change them, and its labels are -100), and returns the
+micro-batch's loss and the sums the trainer logs. DPO's and KTO's reference log-probabilities
+are computed once, before the first step, with the starting model (or `preference.reference`),
+and stored beside the run, so a resumed run reads them instead of recomputing.
+
+The micro-batch metrics are sums; `summarize` turns the sums over a step's micro-batches and
+ranks into the logged means (TRL's names: rewards/chosen, rewards/rejected, rewards/accuracies,
+rewards/margins, logps/chosen, logps/rejected, and KTO's kl).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from olmoe.data.chat import ChatExamples
+from olmoe.data.loader import SeededOrder
+from olmoe.errors import ConfigError, DataError
+from olmoe.fileio import atomic_path
+from olmoe.train.losses import megablocks_lb_loss, router_z_loss, routing_statistics
+from olmoe.train.preference import AVERAGED_LOSS_TYPES, dpo_loss, kto_loss, sft_loss, token_logps
+
+REFERENCE_NAME = "reference_logps.npy"
+
+
+def pad_batch(sequences: list[tuple[np.ndarray, np.ndarray]], pad_id: int):
+    """(input_ids, labels) LongTensors (B, L), right-padded to the longest sequence."""
+    length = max(len(ids) for ids, _ in sequences)
+    input_ids = np.full((len(sequences), length), pad_id, dtype=np.int64)
+    labels = np.full((len(sequences), length), -100, dtype=np.int64)
+    for row, (ids, target) in enumerate(sequences):
+        input_ids[row, : len(ids)] = ids
+        labels[row, : len(ids)] = target
+    return torch.from_numpy(input_ids), torch.from_numpy(labels)
+
+
+def split_prompt(ids: np.ndarray, labels: np.ndarray) -> int:
+    """Where a prompt/completion sequence's completion starts: its first labelled token."""
+    trained = np.flatnonzero(labels != -100)
+    return int(trained[0]) if len(trained) else len(ids)
+
+
+class Adaptation:
+    """What sft, dpo and kto share: the examples, their order, padding, the auxiliary losses."""
+
+    name = kind = ""  # the objective, and the kind of prepared data it trains on
+    sums: tuple[str, ...] = ()  # the names of the values `losses` returns
+
+    def __init__(
+        self, config, examples: ChatExamples, env, pad_id: int, micro: int, steps_of: int,
+        seed: int | None = None,
+    ):  # fmt: skip
+        if examples.kind != self.kind:
+            raise DataError(
+                f"objective {config.objective} trains on {self.kind} data, but the data given "
+                f"holds {examples.kind} data"
+            )
+        self.config, self.examples, self.env, self.pad_id = config, examples, env, pad_id
+        self.order = SeededOrder(
+            len(examples), micro, config.data.seed if seed is None else seed, env.rank,
+            env.world_size, steps_of, what=f"{len(examples):,} examples",
+        )  # fmt: skip
+        self.reference: np.ndarray | None = None  # (sequences, 2): summed log-prob, token count
+
+    def next_batch(self) -> list[int]:
+        return [int(i) for i in self.order.next_indices()]
+
+    def aux_losses(self, routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        loss = self.config.loss
+        lb = megablocks_lb_loss(routing)
+        z = router_z_loss(routing, per_slot=loss.z_loss_per_slot)
+        return loss.lb_coef * lb + loss.z_coef * z, lb, z
+
+    def forward(self, model, sequences, autocast):
+        input_ids, labels = pad_batch(sequences, self.pad_id)
+        device = self.env.device
+        with autocast():
+            out = model(input_ids=input_ids.to(device), output_routing=True, use_cache=False)
+        return out, labels.to(device)
+
+    # ------------------------------------------------------------------ reference
+    def reference_sequences(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Every sequence whose reference log-probability a step needs, in a fixed order."""
+        return [self.examples.sequence(i) for i in range(len(self.examples.offsets) - 1)]
+
+    @torch.no_grad()
+    def compute_reference(self, model, path: Path, autocast, batch_size: int) -> None:
+        """The reference model's (summed log-prob, token count) of every sequence, computed
+        once and kept at `path` (read back when it is there: a resumed run)."""
+        sequences = self.reference_sequences()
+        if path.is_file():
+            reference = np.load(path)
+            if reference.shape == (len(sequences), 2):
+                self.reference = reference
+                return
+        model.eval()
+        rows = []
+        for start in range(0, len(sequences), batch_size):
+            input_ids, labels = pad_batch(sequences[start : start + batch_size], self.pad_id)
+            with autocast():
+                logits = model(input_ids=input_ids.to(self.env.device), use_cache=False).logits
+            sums, counts = token_logps(logits, labels.to(self.env.device))
+            rows.append(torch.stack([sums.double(), counts.double()], -1).cpu().numpy())
+        model.train()
+        self.reference = np.concatenate(rows)
+        if self.env.is_main:
+            with atomic_path(path) as temporary, open(temporary, "wb") as handle:
+                np.save(handle, self.reference)
+
+    def reference_logps(self, sequence_ids: list[int], averaged: bool) -> torch.Tensor:
+        rows = torch.from_numpy(self.reference[sequence_ids])
+        logps = rows[:, 0] / rows[:, 1].clamp_min(1) if averaged else rows[:, 0]
+        return logps.to(self.env.device, torch.float32)
+
+    def summarize(self, sums: dict[str, float], micro_batches: int) -> dict[str, float]:
+        """The logged means of a step's (or an evaluation's) summed values."""
+        return {k: v / micro_batches for k, v in sums.items() if k != "tokens"}
+
+
+class SupervisedFineTuning(Adaptation):
+    """Next-token loss on the assistant tokens; logs `ce`, their mean loss per token."""
+
+    name = kind = "sft"
+    sums = ("loss", "lb", "z", "tokens", "nll", "trained")
+
+    def losses(self, model, indices, autocast):
+        sequences = [s for i in indices for s in self.examples[i]]
+        out, labels = self.forward(model, sequences, autocast)
+        loss = sft_loss(out.logits, labels, self.config.preference.sft_reduction)
+        aux, lb, z = self.aux_losses(out.routing)
+        total = loss + aux
+        trained = (labels[:, 1:] != -100).sum()
+        nll = loss.detach() * (trained if self.config.preference.sft_reduction == "mean" else 1)
+        values = dict(
+            loss=total, lb=lb, z=z, nll=nll, trained=trained.float(),
+            tokens=torch.tensor(float(sum(len(ids) for ids, _ in sequences))),
+        )  # fmt: skip
+        return total, values, routing_statistics(out.routing)
+
+    def summarize(self, sums, micro_batches):
+        record = {k: sums[k] / micro_batches for k in ("loss", "lb", "z")}
+        record["ce"] = sums["nll"] / max(sums["trained"], 1)
+        return record
+
+
+class DirectPreference(Adaptation):
+    name = kind = "dpo"
+    sums = ("loss", "lb", "z", "tokens", "rewards/chosen", "rewards/rejected",
+            "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")  # fmt: skip
+
+    def losses(self, model, indices, autocast):
+        pref = self.config.preference
+        chosen = [self.examples[i][0] for i in indices]
+        rejected = [self.examples[i][1] for i in indices]
+        out, labels = self.forward(model, chosen + rejected, autocast)  # one forward for both
+        sums, counts = token_logps(out.logits, labels)
+        averaged = pref.loss_type in AVERAGED_LOSS_TYPES
+        policy = sums / counts.clamp_min(1) if averaged else sums
+        n = len(indices)
+        ids = [2 * i for i in indices] + [2 * i + 1 for i in indices]
+        reference = self.reference_logps(ids, averaged)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            policy[:n], policy[n:], reference[:n], reference[n:], pref.beta, pref.loss_type,
+            pref.label_smoothing,
+        )  # fmt: skip
+        aux, lb, z = self.aux_losses(out.routing)
+        total = losses.mean() + aux
+        values = {
+            "loss": total,
+            "lb": lb,
+            "z": z,
+            "tokens": torch.tensor(float(sum(len(ids) for ids, _ in chosen + rejected))),
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "logps/chosen": sums[:n].detach().mean(),
+            "logps/rejected": sums[n:].detach().mean(),
+        }
+        return total, values, routing_statistics(out.routing)
+
+
+class KahnemanTversky(Adaptation):
+    """KTO: each example's completion, and the same prompt with the previous example's
+    completion (in the data's order, wrapping around) for the KL estimate."""
+
+    name = kind = "kto"
+    sums = ("loss", "lb", "z", "tokens", "kl", "rewards/chosen_sum", "rewards/chosen_count",
+            "rewards/rejected_sum", "rewards/rejected_count")  # fmt: skip
+
+    def mismatched(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        ids, labels = self.examples.sequence(index)
+        other_ids, other_labels = self.examples.sequence((index - 1) % len(self.examples))
+        cut, other_cut = split_prompt(ids, labels), split_prompt(other_ids, other_labels)
+        room = max(0, self.config.data.seq_len - cut)
+        return (
+            np.concatenate([ids[:cut], other_ids[other_cut:][:room]]),
+            np.concatenate([labels[:cut], other_labels[other_cut:][:room]]),
+        )
+
+    def reference_sequences(self):
+        count = len(self.examples)
+        return [self.examples.sequence(i) for i in range(count)] + [
+            self.mismatched(i) for i in range(count)
+        ]
+
+    def losses(self, model, indices, autocast):
+        pref = self.config.preference
+        matched = [self.examples.sequence(i) for i in indices]
+        mismatched = [self.mismatched(i) for i in indices]
+        out, labels = self.forward(model, matched + mismatched, autocast)
+        sums, _ = token_logps(out.logits, labels)
+        n, count = len(indices), len(self.examples)
+        reference = self.reference_logps(list(indices) + [count + i for i in indices], False)
+        desirable = torch.from_numpy(self.examples.desirable[indices]).to(sums.device)
+        losses, rewards, kl = kto_loss(
+            sums[:n], reference[:n], desirable, sums[n:], reference[n:], pref.beta,
+            pref.desirable_weight, pref.undesirable_weight,
+        )  # fmt: skip
+        aux, lb, z = self.aux_losses(out.routing)
+        total = losses.mean() + aux
+        values = {
+            "loss": total,
+            "lb": lb,
+            "z": z,
+            "tokens": torch.tensor(float(sum(len(ids) for ids, _ in matched + mismatched))),
+            "kl": kl,
+            "rewards/chosen_sum": rewards[desirable].sum(),
+            "rewards/chosen_count": desirable.sum().float(),
+            "rewards/rejected_sum": rewards[~desirable].sum(),
+            "rewards/rejected_count": (~desirable).sum().float(),
+        }
+        return total, values, routing_statistics(out.routing)
+
+    def summarize(self, sums, micro_batches):
+        record = {
+            k: v / micro_batches for k, v in sums.items() if "rewards/" not in k and k != "tokens"
+        }
+        for side in ("chosen", "rejected"):
+            count = sums[f"rewards/{side}_count"]
+            if count:
+                record[f"rewards/{side}"] = sums[f"rewards/{side}_sum"] / count
+        return record
+
+
+OBJECTIVES = {cls.name: cls for cls in (SupervisedFineTuning, DirectPreference, KahnemanTversky)}
+
+
+def build_objective(config, examples, env, pad_id, micro, steps_of, seed=None) -> Adaptation:
+    if config.objective not in OBJECTIVES:
+        raise ConfigError(f"no adaptation objective {config.objective!r}")
+    return OBJECTIVES[config.objective](config, examples, env, pad_id, micro, steps_of, seed)

@@ -1,0 +1,151 @@
+"""Fine-tuning runs (sft, dpo, kto) on a tiny model with the OLMo tokenizer: they learn what
+their objective asks, DPO starts at ln 2, and a resumed run ends with the same weights."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from olmoe import OlmoeConfig, OlmoeForCausalLM, Tokenizer
+from olmoe.errors import ConfigError, DataError
+from olmoe.train import load_config, state, train
+
+COLOURS = ["red", "blue", "green", "black", "white", "yellow", "purple", "orange"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A tiny random model with OLMoE's vocabulary, its tokenizer (Tulu chat template) beside."""
+    directory = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    config = OlmoeConfig.tiny(vocab_size=50304, eos_token_id=50279, pad_token_id=1)
+    OlmoeForCausalLM(config).save_pretrained(directory)
+    Tokenizer.olmo().save_pretrained(directory)
+    return directory
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def sft_records(count=16):
+    return [
+        {"messages": [{"role": "user", "content": f"Name colour {i % 8}."},
+                      {"role": "assistant", "content": COLOURS[i % 8]}]}  # fmt: skip
+        for i in range(count)
+    ]
+
+
+def dpo_records(count=16):
+    return [
+        {"prompt": f"Name colour {i % 8}.", "chosen": COLOURS[i % 8],
+         "rejected": COLOURS[(i + 3) % 8]}  # fmt: skip
+        for i in range(count)
+    ]
+
+
+def kto_records(count=16):
+    return [
+        {"prompt": f"Name colour {i % 8}.",
+         "completion": COLOURS[i % 8] if i % 2 else COLOURS[(i + 3) % 8], "label": bool(i % 2)}
+        for i in range(count)
+    ]  # fmt: skip
+
+
+def config_file(folder: Path, base: Path, objective: str, records, steps=6, **extra) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    data = write_jsonl(folder / f"{objective}.jsonl", records)
+    valid = write_jsonl(folder / f"{objective}-valid.jsonl", records[:4])
+    lines = [
+        f"run_dir: {folder / 'run'}",
+        f"objective: {objective}",
+        f"model: {{init_from: {base}}}",
+        f"data: {{path: {data}, valid_path: {valid}, seq_len: 64}}",
+        "optim: {lr: 1.0e-3, weight_decay: 0.0}",
+        "schedule: {name: linear, warmup_ratio: 0.1, final_lr_ratio: 0.0}",
+        f"train: {{max_steps: {steps}, global_batch_examples: 4, micro_batch_size: 2, "
+        "precision: fp32, threads: 1}",
+        "eval: {every: 0, batches: 1, unigram_baseline: false}",
+        "checkpoint: {every: 3, keep: 0}",
+        *extra.get("lines", []),
+    ]
+    path = folder / f"{objective}.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def log(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
+
+
+def test_sft_learns_the_answers_and_saves_a_chat_model(base, tmp_path):
+    result = train(load_config(config_file(tmp_path, base, "sft", sft_records(), steps=16,
+                                           lines=["optim: {lr: 2.0e-2, weight_decay: 0.0}"])),
+                   progress=False)  # fmt: skip
+    steps, evaluations = log(result.run_dir)
+    assert [r["step"] for r in steps] == list(range(1, 17))
+    assert steps[-1]["ce"] < steps[0]["ce"] - 1.0
+    assert steps[0]["lb"] > 0 and all(r["z"] >= 0 for r in steps)  # logged, not added (coef 0)
+    assert evaluations and evaluations[-1]["val_loss"] < steps[0]["ce"]
+    tokenizer = Tokenizer.from_pretrained(result.run_dir)
+    assert "<|assistant|>" in tokenizer.chat_template  # the chat template travels with it
+    assert (result.run_dir / "data-train" / "metadata.json").is_file()
+
+
+def test_dpo_starts_at_ln2_and_separates_chosen_from_rejected(base, tmp_path):
+    config = load_config(config_file(tmp_path, base, "dpo", dpo_records(), steps=10))
+    assert config.loss.lb_coef == 0 and config.loss.z_coef == 0  # the adaptation default
+    result = train(config, progress=False)
+    steps, evaluations = log(result.run_dir)
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert steps[0]["rewards/chosen"] == pytest.approx(0, abs=1e-5)
+    assert steps[-1]["rewards/margins"] > 0 and steps[-1]["loss"] < math.log(2)
+    for key in ("rewards/accuracies", "logps/chosen", "logps/rejected"):
+        assert key in steps[-1]
+    assert "val_rewards/accuracies" in evaluations[-1]
+    assert (result.run_dir / "reference_logps.npy").is_file()
+
+
+def test_kto_logs_its_kl_and_rewards(base, tmp_path):
+    result = train(load_config(config_file(tmp_path, base, "kto", kto_records(), steps=4,
+                                           lines=["optim: {name: rmsprop, lr: 1.0e-4}"])),
+                   progress=False)  # fmt: skip
+    steps, _ = log(result.run_dir)
+    assert steps[0]["loss"] == pytest.approx(0.5, abs=1e-5)  # 1 - sigmoid(0) at the start
+    assert all(r["kl"] >= 0 for r in steps)
+    assert "rewards/chosen" in steps[-1] or "rewards/rejected" in steps[-1]
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_a_resumed_run_reproduces_the_uninterrupted_one_exactly(base, tmp_path, objective):
+    """Steps 4-6 resumed from the step-3 checkpoint (a copy of the run, its prepared data and
+    reference log-probabilities included) come out bit for bit, in float32 on the CPU."""
+    records = sft_records() if objective == "sft" else dpo_records()
+    config = load_config(config_file(tmp_path, base, objective, records))
+    straight = train(config, progress=False)
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(straight.run_dir, resumed_dir)
+    checkpoint = resumed_dir / "checkpoints" / state.checkpoint_name(3)
+    config.run_dir = str(resumed_dir)
+    resumed = train(config, resume=checkpoint, progress=False)
+    a = load_file(straight.run_dir / "model.safetensors")
+    b = load_file(resumed.run_dir / "model.safetensors")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    curve = [(r["step"], r["loss"], r["grad_norm"]) for r in log(straight.run_dir)[0]]
+    assert [(r["step"], r["loss"], r["grad_norm"]) for r in log(resumed_dir)[0]] == curve
+
+
+def test_wrong_data_and_missing_model_are_config_errors(base, tmp_path):
+    path = config_file(tmp_path, base, "dpo", sft_records())
+    with pytest.raises(DataError, match="dpo data"):
+        train(load_config(path), progress=False)
+    with pytest.raises(ConfigError, match="model.init_from"):
+        load_config(None, ["--objective=sft", f"--data.path={path}"])
