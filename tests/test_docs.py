@@ -47,9 +47,7 @@ def test_readme_and_docs_show_python():
         assert page in pages_with_code
 
 
-@pytest.mark.parametrize(
-    "page", [p for p in PAGES if python_blocks(p)], ids=lambda p: _name(p)
-)
+@pytest.mark.parametrize("page", [p for p in PAGES if python_blocks(p)], ids=lambda p: _name(p))
 def test_python_blocks_run(page, tmp_path, monkeypatch, one_torch_thread):
     monkeypatch.chdir(tmp_path)  # examples write their checkpoints into the working directory
     namespace: dict = {"__name__": "__docs__"}

@@ -275,7 +275,9 @@ def test_routing_is_returned_from_one_call_decoding():
     fast, slow = outs
     assert len(fast.routing) == model.config.num_hidden_layers
     for a, b in zip(fast.routing, slow.routing):
-        assert a.top_k_indices.shape == b.top_k_indices.shape == (1, model.config.num_experts_per_tok)
+        assert (
+            a.top_k_indices.shape == b.top_k_indices.shape == (1, model.config.num_experts_per_tok)
+        )
         assert int(a.tokens_per_expert.sum()) == model.config.num_experts_per_tok
 
 
@@ -343,8 +345,9 @@ def test_prefill_experts_take_the_fused_pass_without_a_gradient_and_autograd_wit
     calls = count_calls(monkeypatch, ["grouped_experts"])
     grouped = []
     monkeypatch.setattr(
-        native.GroupedLinear, "apply", lambda *a, _o=native.GroupedLinear.apply: grouped.append(1)
-        or _o(*a)
+        native.GroupedLinear,
+        "apply",
+        lambda *a, _o=native.GroupedLinear.apply: grouped.append(1) or _o(*a),
     )
     with torch.no_grad():
         experts(x, routing)
@@ -392,7 +395,9 @@ def test_int8_modules_on_the_engine_match_the_reference(two_threads):
             ("experts", (prefill_x, prefill_routing)),  # a prefill: one pass per expert
         ):
             fast = model.lm_head if module == "lm_head" else model.model.layers[0].mlp.experts
-            slow = reference.lm_head if module == "lm_head" else reference.model.layers[0].mlp.experts
+            slow = (
+                reference.lm_head if module == "lm_head" else reference.model.layers[0].mlp.experts
+            )
             assert relative_error(fast(*args), slow(*args)) < 1e-2, module
 
 

@@ -67,7 +67,9 @@ def test_forward_hidden_and_logits_from_hidden_give_the_forward_logits():
         logits = model.logits_from_hidden(chosen)
     assert hidden.shape == (*IDS.shape, model.config.hidden_size)
     # the same products; a GEMM of another shape may sum in another order
-    assert_close(logits, full[torch.tensor([0, 1, 1]), torch.tensor([2, 0, 5])], rtol=1e-6, atol=1e-6)
+    assert_close(
+        logits, full[torch.tensor([0, 1, 1]), torch.tensor([2, 0, 5])], rtol=1e-6, atol=1e-6
+    )
 
 
 def test_routing_follows_the_gradient_of_the_training_losses():

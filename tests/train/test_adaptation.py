@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ from olmoe import OlmoeConfig, OlmoeForCausalLM, Tokenizer
 from olmoe.errors import ConfigError, DataError
 from olmoe.train import load_config, state, train
 
+TORCHRUN = Path(sys.executable).parent / "torchrun"
 COLOURS = ["red", "blue", "green", "black", "white", "yellow", "purple", "orange"]
 
 
@@ -37,16 +41,23 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 def sft_records(count=16):
     return [
-        {"messages": [{"role": "user", "content": f"Name colour {i % 8}."},
-                      {"role": "assistant", "content": COLOURS[i % 8]}]}  # fmt: skip
+        {
+            "messages": [
+                {"role": "user", "content": f"Name colour {i % 8}."},
+                {"role": "assistant", "content": COLOURS[i % 8]},
+            ]
+        }  # fmt: skip
         for i in range(count)
     ]
 
 
 def dpo_records(count=16):
     return [
-        {"prompt": f"Name colour {i % 8}.", "chosen": COLOURS[i % 8],
-         "rejected": COLOURS[(i + 3) % 8]}  # fmt: skip
+        {
+            "prompt": f"Name colour {i % 8}.",
+            "chosen": COLOURS[i % 8],
+            "rejected": COLOURS[(i + 3) % 8],
+        }  # fmt: skip
         for i in range(count)
     ]
 
@@ -149,3 +160,23 @@ def test_wrong_data_and_missing_model_are_config_errors(base, tmp_path):
         train(load_config(path), progress=False)
     with pytest.raises(ConfigError, match="model.init_from"):
         load_config(None, ["--objective=sft", f"--data.path={path}"])
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_two_processes_match_one(base, tmp_path, objective):
+    """torchrun with 2 FSDP ranks of 2 examples each against one process accumulating the same
+    two micro-batches per step: the same losses within float32 summation order."""
+    records = sft_records() if objective == "sft" else dpo_records()
+    config_path = config_file(tmp_path, base, objective, records, steps=4)
+    one = train(load_config(config_path, [f"--run_dir={tmp_path / 'one'}"]), progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
+    command = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "olmoe", "train"]
+    command += [str(config_path), f"--run_dir={tmp_path / 'two'}"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ones, twos = log(one.run_dir)[0], log(tmp_path / "two")[0]
+    assert [r["step"] for r in twos] == [1, 2, 3, 4]
+    keys = ["loss", "grad_norm", "lr"] + (["ce"] if objective == "sft" else ["rewards/margins"])
+    for a, b in zip(ones, twos):
+        for key in keys:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)

@@ -151,10 +151,7 @@ def _messages(value: Any, role: str) -> list[dict[str, str]]:
 def _split_implicit_prompt(chosen, rejected) -> tuple[list, list, list]:
     """A pair given as two whole conversations: their shared leading messages are the prompt."""
     shared = 0
-    while (
-        shared < min(len(chosen), len(rejected)) - 1
-        and chosen[shared] == rejected[shared]
-    ):
+    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
         shared += 1
     return chosen[:shared], chosen[shared:], rejected[shared:]
 
@@ -223,10 +220,14 @@ def encode_record(record: dict[str, Any], tokenizer, max_length: int) -> tuple[s
             prompt = _messages(record["prompt"], "user")
         else:
             prompt, chosen, rejected = _split_implicit_prompt(chosen, rejected)
-        return kind, [
-            encode_conversation(prompt + chosen, tokenizer, max_length, len(prompt)),
-            encode_conversation(prompt + rejected, tokenizer, max_length, len(prompt)),
-        ], None
+        return (
+            kind,
+            [
+                encode_conversation(prompt + chosen, tokenizer, max_length, len(prompt)),
+                encode_conversation(prompt + rejected, tokenizer, max_length, len(prompt)),
+            ],
+            None,
+        )
     prompt = _messages(record["prompt"], "user")
     completion = _messages(record["completion"], "assistant")
     sequence = encode_conversation(prompt + completion, tokenizer, max_length, len(prompt))

@@ -152,9 +152,7 @@ class InstanceLoader(SeededOrder):
             raise InputError(f"tokens must be a flat array, got shape {tuple(tokens.shape)}")
         self.instances = as_instances(tokens, seq_len)
         self.seq_len = int(seq_len)
-        what = (
-            f"{len(tokens):,} tokens make {len(self.instances):,} instances of {seq_len} tokens"
-        )
+        what = f"{len(tokens):,} tokens make {len(self.instances):,} instances of {seq_len} tokens"
         super().__init__(
             len(self.instances), batch_size, seed, rank, world_size, instances_per_step, what
         )

@@ -73,10 +73,7 @@ def side_by_side(x: torch.Tensor, weight: torch.Tensor) -> bool:
     more than one thread, and bf16 weights, or int8 ones without a gradient."""
     return (
         x.dtype == torch.bfloat16
-        and (
-            weight.dtype == torch.bfloat16
-            or (weight.dtype == torch.int8 and not records_grad(x))
-        )
+        and (weight.dtype == torch.bfloat16 or (weight.dtype == torch.int8 and not records_grad(x)))
         and x.device.type == "cpu"
         and torch.get_num_threads() > 1
     )

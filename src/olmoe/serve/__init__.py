@@ -1,8 +1,8 @@
 """`olmoe serve` (olmoe.cli.serve): an OpenAI-compatible HTTP server (needs the `serve` extra: FastAPI, uvicorn).
 
-    engine.py    the continuous-batching scheduler: one thread decodes all running sequences
-    slots.py     the KV cache whose rows hold sequences of different lengths
-    protocol.py  OpenAI's request bodies (pydantic) and error body
-    app.py       the FastAPI routes, server-sent events, errors
-    metrics.py   /metrics in Prometheus text format
+engine.py    the continuous-batching scheduler: one thread decodes all running sequences
+slots.py     the KV cache whose rows hold sequences of different lengths
+protocol.py  OpenAI's request bodies (pydantic) and error body
+app.py       the FastAPI routes, server-sent events, errors
+metrics.py   /metrics in Prometheus text format
 """

@@ -286,9 +286,7 @@ class Trainer:
             with distributed.gradient_sync(self.model, micro == self.accumulation - 1):
                 total, values, stats = self._micro_batch()
                 (total / self.accumulation).backward()
-            names = list(values)
-            vector = torch.stack([torch.as_tensor(v).detach().double().cpu() for v in values.values()])
-            sums = vector if sums is None else sums + vector
+            names, sums = list(values), _add_values(sums, values)
             routing = stats.cpu() if routing is None else routing + stats.cpu()
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
@@ -343,12 +341,12 @@ class Trainer:
         sums = names = None
         for _ in range(self.eval_batches):
             _, values, _ = objective.losses(self.model, objective.next_batch(), self._autocast)
-            names = list(values)
-            vector = torch.stack([torch.as_tensor(v).double().cpu() for v in values.values()])
-            sums = vector if sums is None else sums + vector
+            names, sums = list(values), _add_values(sums, values)
         self.model.train()
         reduced = distributed.all_reduce_sum(sums.to(env.device), env).cpu()
-        values = objective.summarize(dict(zip(names, reduced.tolist())), self.eval_batches * env.world_size)
+        values = objective.summarize(
+            dict(zip(names, reduced.tolist())), self.eval_batches * env.world_size
+        )
         record = {f"val_{name}": value for name, value in values.items()}
         record["val_loss"] = values["ce"] if "ce" in values else values["loss"]
         return record
@@ -462,6 +460,12 @@ class Trainer:
 
     def close(self) -> None:
         distributed.shutdown(self.env)
+
+
+def _add_values(sums: torch.Tensor | None, values: dict) -> torch.Tensor:
+    """`sums` plus a micro-batch's named values, as one float64 vector in their order."""
+    vector = torch.stack([torch.as_tensor(v).detach().double().cpu() for v in values.values()])
+    return vector if sums is None else sums + vector
 
 
 def _sample(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
