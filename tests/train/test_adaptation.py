@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 
 from olmoe import OlmoeConfig, OlmoeForCausalLM, Tokenizer
@@ -108,6 +109,13 @@ def test_sft_learns_the_answers_and_saves_a_chat_model(base, tmp_path):
     assert evaluations and evaluations[-1]["val_loss"] < steps[0]["ce"]
     tokenizer = Tokenizer.from_pretrained(result.run_dir)
     assert "<|assistant|>" in tokenizer.chat_template  # the chat template travels with it
+    theirs = transformers.AutoTokenizer.from_pretrained(result.run_dir)
+    chat = sft_records()[0]["messages"][:1]
+    ours_ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True)
+    their_ids = theirs.apply_chat_template(chat, add_generation_prompt=True)
+    their_ids = their_ids if isinstance(their_ids, list) else their_ids["input_ids"]
+    assert ours_ids == list(their_ids)
+    assert transformers.OlmoeForCausalLM.from_pretrained(result.run_dir) is not None
     assert (result.run_dir / "data-train" / "metadata.json").is_file()
 
 

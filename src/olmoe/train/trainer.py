@@ -120,7 +120,21 @@ class Trainer:
             return ChatExamples(source)
         prepared = self.run_dir / f"data-{split}"
         if self.env.is_main and not (prepared / METADATA_FILE).is_file():
-            prepare_chat(source, tokenizer, prepared, self.config.data.seq_len, force=True)
+            from tqdm.auto import tqdm
+
+            show = self.progress is not False
+            with tqdm(desc=f"Preparing {source.name}", unit=" records", disable=None if show
+                      else True) as bar:  # fmt: skip
+                summary = prepare_chat(
+                    source, tokenizer, prepared, self.config.data.seq_len, True, bar.update
+                )
+            meta = summary.metadata
+            bar.write(
+                f"{split}: {meta['examples']:,} {meta['kind']} examples, "
+                f"{meta['trained_tokens']:,} trained tokens; {meta['truncated']:,} sequences cut "
+                f"to {meta['max_length']} tokens, {meta['dropped_no_assistant_tokens']:,} "
+                "examples dropped with no assistant token left"
+            )
         distributed.barrier(self.env)
         return ChatExamples(prepared)
 
