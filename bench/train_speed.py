@@ -29,9 +29,10 @@ import time
 import torch
 
 from olmoe import OlmoeConfig, OlmoeForCausalLM
+from olmoe import engine as olmoe_engine
 from olmoe.model import causal_lm_loss
 from olmoe.train.config import OptimSection
-from olmoe.train.losses import load_balancing_loss, router_z_loss
+from olmoe.train.losses import megablocks_lb_loss, router_z_loss
 from olmoe.train.optim import build_optimizer
 
 SHAPES = {
@@ -58,14 +59,12 @@ SHAPES = {
 
 
 def olmoe_step(model, optimizer, ids):
-    k = model.config.num_experts_per_tok
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(input_ids=ids, output_router_logits=True, use_cache=False)
-    logits = out.router_logits
+        out = model(input_ids=ids, output_routing=True, use_cache=False)
     loss = (
         causal_lm_loss(out.logits, ids)
-        + 0.01 * load_balancing_loss(logits, k)
-        + 0.001 * router_z_loss(logits, k)
+        + 0.01 * megablocks_lb_loss(out.routing)
+        + 0.001 * router_z_loss(out.routing)
     )
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -85,8 +84,8 @@ def transformers_step(model, optimizer, ids):
 
 
 def build(engine: str, directory: str):
-    if engine == "olmoe":
-        model = OlmoeForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    if engine == "olmoe":  # on the CPU engine, as the trainer runs it
+        model = olmoe_engine.apply(OlmoeForCausalLM.from_pretrained(directory, dtype=torch.float32))
         step = olmoe_step
     else:
         import transformers

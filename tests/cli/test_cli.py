@@ -202,6 +202,109 @@ def test_info_reports_counts_dtype_and_size(checkpoint):
     assert info["config"]["vocab_size"] == 50304
 
 
+# ---------------------------------------------------------------------------- data chat
+CHAT_RECORDS = {
+    "sft": [
+        {"messages": [{"role": "user", "content": "Name a colour."},
+                      {"role": "assistant", "content": "Blue."}]},
+        {"prompt": "Say hi.", "completion": "Hi!"},
+        {"messages": [{"role": "user", "content": "A question with no answer?"}]},  # dropped
+    ],
+    "dpo": [
+        {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Soup."},
+        {"chosen": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hi!"}],
+         "rejected": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "No."}]},
+    ],
+    "kto": [
+        {"prompt": "Name a colour.", "completion": "Blue.", "label": True},
+        {"prompt": "Name a colour.", "completion": "Soup.", "label": False},
+        {"prompt": "Name a fruit.", "completion": "Pear.", "label": True},
+    ],
+}  # fmt: skip
+
+
+def write_records(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    return path
+
+
+def test_data_chat_prepares_sft_data_and_reports_it_in_one_line(tmp_path):
+    from olmoe.data.chat import ChatExamples
+
+    source = write_records(tmp_path / "sft.jsonl", CHAT_RECORDS["sft"])
+    result = olmoe("data", "chat", str(source), "--out", str(tmp_path / "sft"))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1, result.stdout
+    for fragment in ("sft: 2 examples", "0 of 2 sequences cut to 4,096", "1 dropped", "trained"):
+        assert fragment in lines[0], lines[0]
+    examples, tokenizer = ChatExamples(tmp_path / "sft"), Tokenizer.olmo()
+    assert len(examples) == 2 and examples.metadata["records"] == 3
+    ((ids, labels),) = examples[0]
+    assert tokenizer.decode(ids.tolist()) == (
+        "<|endoftext|><|user|>\nName a colour.\n<|assistant|>\nBlue.<|endoftext|>"
+    )  # the Tulu template by default; the assistant's content and eos are all it learns
+    assert tokenizer.decode(labels[labels != -100].tolist()) == "Blue.<|endoftext|>"
+    info = olmoe("data", "info", str(tmp_path / "sft"))
+    assert info.returncode == 0, info.stderr
+    assert lines[0].split(";")[0] in info.stdout and "3 records" in info.stdout
+    as_json = json.loads(olmoe("data", "info", str(tmp_path / "sft"), "--json").stdout)
+    assert as_json["kind"] == "sft" and as_json["dropped_no_assistant_tokens"] == 1
+
+
+def test_data_chat_takes_preferences_a_tokenizer_and_a_length(tmp_path):
+    """dpo pairs with the OLMo tokenizer; kto with a checkpoint's own chat template, cut short."""
+    from olmoe.data.chat import ChatExamples
+
+    dpo = olmoe("data", "chat", str(write_records(tmp_path / "dpo.jsonl", CHAT_RECORDS["dpo"])),
+                "--out", str(tmp_path / "dpo"), "--quiet")  # fmt: skip
+    assert dpo.returncode == 0, dpo.stderr
+    assert dpo.stdout.startswith("dpo: 2 examples,") and "of 4 sequences" in dpo.stdout
+    assert len(ChatExamples(tmp_path / "dpo")[1]) == 2  # chosen, rejected
+
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ 'Q: ' + m['content'] + '\\n' }}"
+        "{% else %}{{ 'A:\\n' + m['content'] + eos_token + '\\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'A:\\n' }}{% endif %}"
+    )
+    model_dir = tmp_path / "model"
+    tokenizer = Tokenizer.olmo()
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(model_dir)
+    source = write_records(tmp_path / "kto.jsonl", CHAT_RECORDS["kto"])
+    kto = olmoe("data", "chat", str(source), "--out", str(tmp_path / "kto"),
+                "--tokenizer", str(model_dir), "--max-length", "11")  # fmt: skip
+    assert kto.returncode == 0, kto.stderr
+    assert kto.stdout.startswith("kto: 3 examples (2 desirable),")
+    assert "3 of 3 sequences cut to 11" in kto.stdout
+    examples = ChatExamples(tmp_path / "kto")
+    ((ids, labels),) = examples[0]
+    assert tokenizer.decode(ids.tolist()) == "Q: Name a colour.\nA:\nBlue"
+    assert tokenizer.decode(labels[labels != -100].tolist()) == "Blue"
+    assert examples.desirable.tolist() == [True, False, True]
+
+
+def test_data_chat_mistakes_are_one_line(tmp_path):
+    good = write_records(tmp_path / "sft.jsonl", CHAT_RECORDS["sft"])
+    mixed = write_records(tmp_path / "mixed.jsonl", CHAT_RECORDS["sft"] + CHAT_RECORDS["dpo"])
+    unknown = write_records(tmp_path / "odd.jsonl", [{"question": "?", "answer": "!"}])
+    assert_one_line_error(olmoe("data", "chat", str(mixed), "--out", str(tmp_path / "m")),
+                          "dpo data among sft data")  # fmt: skip
+    assert_one_line_error(olmoe("data", "chat", str(unknown), "--out", str(tmp_path / "u")),
+                          "no known format")  # fmt: skip
+    assert_one_line_error(olmoe("data", "chat", str(tmp_path / "none.jsonl"), "--out",
+                                str(tmp_path / "n")), "none.jsonl")  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mixed.jsonl", "odd.jsonl", "sft.jsonl"]
+    # --force replaces a prepared directory, never one that holds something else
+    keep = tmp_path / "notes"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    assert_one_line_error(olmoe("data", "chat", str(good), "--out", str(keep)), "--force")
+    assert_one_line_error(olmoe("data", "chat", str(good), "--out", str(keep), "--force"),
+                          "will not replace it")  # fmt: skip
+    assert (keep / "notes.txt").read_text() == "mine"
+
+
 # ---------------------------------------------------------------------------- user mistakes
 def test_missing_directory_is_one_line(tmp_path):
     result = olmoe("generate", str(tmp_path / "nowhere"), "hello")

@@ -120,10 +120,10 @@ def _read_saved_dataset(directory: Path) -> Iterator[dict[str, Any]]:
 def record_format(record: dict[str, Any]) -> str:
     """Which of the formats in this module's doc a record is in, from its keys."""
     keys = set(record)
+    if {"chosen", "rejected"} <= keys:  # before messages: some preference sets carry both
+        return "preference"
     if "messages" in keys:
         return "messages"
-    if {"chosen", "rejected"} <= keys:
-        return "preference"
     if {"prompt", "completion", "label"} <= keys:
         return "unpaired"
     if {"prompt", "completion"} <= keys:
@@ -154,6 +154,10 @@ def _split_implicit_prompt(chosen, rejected) -> tuple[list, list, list]:
     while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
         shared += 1
     return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def _without_prefix(messages: list, prefix: list) -> list:
+    return messages[len(prefix) :] if messages[: len(prefix)] == prefix else messages
 
 
 # ---------------------------------------------------------------------------- encoding
@@ -218,6 +222,8 @@ def encode_record(record: dict[str, Any], tokenizer, max_length: int) -> tuple[s
         rejected = _messages(record["rejected"], "assistant")
         if "prompt" in record:
             prompt = _messages(record["prompt"], "user")
+            # Conversations that repeat the prompt (UltraFeedback's files): keep their answers.
+            chosen, rejected = (_without_prefix(c, prompt) for c in (chosen, rejected))
         else:
             prompt, chosen, rejected = _split_implicit_prompt(chosen, rejected)
         return (
@@ -257,7 +263,7 @@ def prepare_chat(
 ) -> ChatSummary:
     """Encode every record of `source` (all of one kind) into `out_dir`, streaming; examples
     with no trained token after truncation are dropped and counted. `progress(n)` is called
-    with the number of records read."""
+    with the number of records read. `force` replaces whatever `out_dir` holds."""
     if max_length < 2:
         raise ConfigError(f"max_length must be >= 2, got {max_length}")
     out_dir = Path(out_dir)
@@ -278,7 +284,12 @@ def prepare_chat(
             end = 0
             for record in read_records(source):
                 counts["records"] += 1
-                record_kind, sequences, extra = encode_record(record, tokenizer, max_length)
+                if progress is not None:
+                    progress(1)
+                try:
+                    record_kind, sequences, extra = encode_record(record, tokenizer, max_length)
+                except DataError as exc:
+                    raise DataError(f"{source}: record {counts['records']}: {exc}") from None
                 if kind is None:
                     kind = record_kind
                 elif record_kind != kind:
@@ -301,8 +312,6 @@ def prepare_chat(
                 if extra is not None:
                     writers["desirable"].write(np.asarray([extra]))
                     counts["desirable"] += int(extra)
-                if progress is not None:
-                    progress(1)
         except BaseException:
             for writer in writers.values():
                 writer.discard()

@@ -114,6 +114,12 @@ class Adaptation:
             with atomic_path(path) as temporary, open(temporary, "wb") as handle:
                 np.save(handle, self.reference)
 
+    def mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        from olmoe.train import distributed
+
+        total = distributed.all_reduce_sum(value.detach().clone(), self.env)
+        return total / self.env.world_size
+
     def reference_logps(self, sequence_ids: list[int], averaged: bool) -> torch.Tensor:
         rows = torch.from_numpy(self.reference[sequence_ids])
         logps = rows[:, 0] / rows[:, 1].clamp_min(1) if averaged else rows[:, 0]
@@ -188,8 +194,9 @@ class DirectPreference(Adaptation):
 
 
 class KahnemanTversky(Adaptation):
-    """KTO: each example's completion, and the same prompt with the previous example's
-    completion (in the data's order, wrapping around) for the KL estimate."""
+    """KTO: each example's completion, and for the KL estimate the same prompt with the
+    completion of the example half the data set away (in the data's order, wrapping around):
+    far enough that the two answers of one prompt, often on adjacent rows, never pair up."""
 
     name = kind = "kto"
     sums = ("loss", "lb", "z", "tokens", "kl", "rewards/chosen_sum", "rewards/chosen_count",
@@ -197,7 +204,8 @@ class KahnemanTversky(Adaptation):
 
     def mismatched(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         ids, labels = self.examples.sequence(index)
-        other_ids, other_labels = self.examples.sequence((index - 1) % len(self.examples))
+        other = (index + max(1, len(self.examples) // 2)) % len(self.examples)
+        other_ids, other_labels = self.examples.sequence(other)
         cut, other_cut = split_prompt(ids, labels), split_prompt(other_ids, other_labels)
         room = max(0, self.config.data.seq_len - cut)
         return (
@@ -222,7 +230,7 @@ class KahnemanTversky(Adaptation):
         desirable = torch.from_numpy(self.examples.desirable[indices]).to(sums.device)
         losses, rewards, kl = kto_loss(
             sums[:n], reference[:n], desirable, sums[n:], reference[n:], pref.beta,
-            pref.desirable_weight, pref.undesirable_weight,
+            pref.desirable_weight, pref.undesirable_weight, self.mean_over_ranks,
         )  # fmt: skip
         aux, lb, z = self.aux_losses(out.routing)
         total = losses.mean() + aux

@@ -88,13 +88,17 @@ def kto_loss(
     beta: float = 0.1,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
+    mean_over_ranks=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-example KTO losses (B,), rewards (B,) and the KL estimate (a scalar). policy and
     reference: each completion's summed log-probability; desirable (B,) bool; policy_kl and
-    reference_kl: the same for mismatched prompt/completion pairs (the batch's completions
-    shifted by one), whose mean difference estimates the KL term (trl 0.9.6; across ranks the
-    caller averages it first)."""
-    kl = (policy_kl - reference_kl).mean().clamp(min=0).detach()
+    reference_kl: the same for mismatched prompt/completion pairs, whose mean difference
+    estimates the KL term; `mean_over_ranks` averages that mean over the processes before the
+    clamp, as trl 0.9.6 does."""
+    kl = (policy_kl - reference_kl).mean().detach()
+    if mean_over_ranks is not None:
+        kl = mean_over_ranks(kl)
+    kl = kl.clamp(min=0)
     ratio = policy - reference
     losses = torch.where(
         desirable,

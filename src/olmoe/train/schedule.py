@@ -11,8 +11,9 @@ from olmoe.train.config import ScheduleSection
 def learning_rate(step: int, peak: float, schedule: ScheduleSection, max_steps: int) -> float:
     """LR for optimizer step `step` (1 = the first update).
 
-    Linear warmup reaches `peak` at step `warmup_steps` (or `warmup_ratio` of `max_steps`); then cosine (or linear) decay reaches
-    `final_lr_ratio * peak` at `decay_steps` (default `max_steps`) and stays there. OLMoE's
+    Linear warmup reaches `peak` at step `warmup_steps` (or `warmup_ratio` of `max_steps`);
+    then cosine (or linear) decay reaches `final_lr_ratio * peak` at `decay_steps` (default
+    `max_steps`) and stays there. OLMoE's
     pretraining: warmup 2,500, cosine to 10%; its annealing stage: linear, no warmup, to 0.
     """
     if step < 1:

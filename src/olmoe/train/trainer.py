@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,7 +120,15 @@ class Trainer:
         if (source / METADATA_FILE).is_file():
             return ChatExamples(source)
         prepared = self.run_dir / f"data-{split}"
-        if self.env.is_main and not (prepared / METADATA_FILE).is_file():
+        if (prepared / METADATA_FILE).is_file():  # a resumed run: the data it was prepared from
+            meta = ChatExamples(prepared).metadata
+            if (meta["source"], meta["max_length"]) != (str(source), self.config.data.seq_len):
+                raise ConfigError(
+                    f"{prepared} was prepared from {meta['source']} cut to {meta['max_length']} "
+                    f"tokens, not {source} cut to {self.config.data.seq_len}: use another "
+                    "run_dir, or delete it to prepare the new data"
+                )
+        elif self.env.is_main:
             from tqdm.auto import tqdm
 
             show = self.progress is not False
@@ -129,12 +138,14 @@ class Trainer:
                     source, tokenizer, prepared, self.config.data.seq_len, True, bar.update
                 )
             meta = summary.metadata
-            bar.write(
-                f"{split}: {meta['examples']:,} {meta['kind']} examples, "
-                f"{meta['trained_tokens']:,} trained tokens; {meta['truncated']:,} sequences cut "
-                f"to {meta['max_length']} tokens, {meta['dropped_no_assistant_tokens']:,} "
-                "examples dropped with no assistant token left"
-            )
+            if show:
+                bar.write(
+                    f"{split}: {meta['examples']:,} {meta['kind']} examples, "
+                    f"{meta['trained_tokens']:,} trained tokens; {meta['truncated']:,} sequences "
+                    f"cut to {meta['max_length']} tokens, {meta['dropped_no_assistant_tokens']:,} "
+                    "examples dropped with no assistant token left",
+                    file=sys.stderr,
+                )
         distributed.barrier(self.env)
         return ChatExamples(prepared)
 
