@@ -54,6 +54,14 @@ class RouterOutput:
             )
         return self._tokens_per_expert
 
+    def select(self, tokens: torch.Tensor) -> RouterOutput:
+        """The routing of the tokens `tokens` (a (T,) boolean mask or indices) picks, such as a
+        padded batch's real tokens."""
+        return RouterOutput(
+            self.logits[tokens], self.probs[tokens], self.top_k_indices[tokens],
+            self.top_k_weights[tokens],
+        )  # fmt: skip
+
     def entropy(self) -> torch.Tensor:
         """(T,) entropy in nats of each token's softmax over all experts; log E for a router with
         no preference. From log-softmax, so that a probability that underflows to 0 adds 0."""

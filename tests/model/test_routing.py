@@ -81,3 +81,13 @@ def test_routing_follows_the_gradient_of_the_training_losses():
     out = model(IDS, output_routing=True)
     megablocks_lb_loss(out.routing).backward()
     assert model.model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
+
+
+def test_select_keeps_the_chosen_tokens_routing():
+    routing = route(torch.randn(6, 8), 2)
+    real = torch.tensor([True, True, False, True, False, False])
+    chosen = routing.select(real)
+    assert torch.equal(chosen.top_k_indices, routing.top_k_indices[real])
+    assert torch.equal(chosen.probs, routing.probs[real])
+    expected = torch.bincount(routing.top_k_indices[real].flatten(), minlength=8)
+    assert torch.equal(chosen.tokens_per_expert, expected)

@@ -188,3 +188,16 @@ def test_two_processes_match_one(base, tmp_path, objective):
     for a, b in zip(ones, twos):
         for key in keys:
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
+
+
+def test_padding_is_left_out_of_the_routing_statistics(base, tmp_path):
+    """Examples of different lengths in one micro-batch: the expert counts cover exactly the
+    real tokens of the step, not the padding."""
+    records = sft_records(4)
+    records[0]["messages"][1]["content"] = "a much longer answer " * 5
+    config = load_config(config_file(tmp_path, base, "sft", records[:4], steps=1))
+    result = train(config, progress=False)
+    step = log(result.run_dir)[0][0]
+    tokens = step["tokens"]  # the real tokens of the step's four examples
+    k = 2  # OlmoeConfig.tiny's top-k
+    assert all(sum(layer) == tokens * k for layer in step["expert_counts"])

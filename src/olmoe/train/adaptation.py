@@ -79,10 +79,16 @@ class Adaptation:
         return loss.lb_coef * lb + loss.z_coef * z, lb, z
 
     def forward(self, model, sequences, autocast):
+        """The model's output on the padded batch, with `routing` cut to the real tokens (the
+        padding's routing would count in the auxiliary losses and the routing statistics), and
+        the labels."""
         input_ids, labels = pad_batch(sequences, self.pad_id)
         device = self.env.device
         with autocast():
             out = model(input_ids=input_ids.to(device), output_routing=True, use_cache=False)
+        lengths = torch.tensor([len(ids) for ids, _ in sequences], device=device)
+        real = (torch.arange(input_ids.shape[1], device=device) < lengths[:, None]).reshape(-1)
+        out.routing = tuple(layer.select(real) for layer in out.routing)
         return out, labels.to(device)
 
     # ------------------------------------------------------------------ reference
