@@ -201,3 +201,13 @@ def test_padding_is_left_out_of_the_routing_statistics(base, tmp_path):
     tokens = step["tokens"]  # the real tokens of the step's four examples
     k = 2  # OlmoeConfig.tiny's top-k
     assert all(sum(layer) == tokens * k for layer in step["expert_counts"])
+
+
+def test_plot_draws_the_preference_metrics(base, tmp_path):
+    from olmoe.train.plot import plot_run
+
+    result = train(load_config(config_file(tmp_path, base, "dpo", dpo_records(), steps=2)),
+                   progress=False)  # fmt: skip
+    written = plot_run(result.run_dir, tmp_path / "plots")
+    assert [p.name for p in written] == ["curves.png", "expert_load.png", "preference.png"]
+    assert all(p.stat().st_size > 10_000 for p in written)

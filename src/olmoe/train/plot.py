@@ -32,9 +32,10 @@ def read_log(run_dir: str | os.PathLike) -> tuple[list[dict], list[dict]]:
 
 
 def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Write curves.png (losses, LB, z-loss, grad norm, lr, tokens/s, load imbalance) and
+    """Write curves.png (losses, LB, z-loss, grad norm, lr, tokens/s, load imbalance),
     expert_load.png (each layer's share of routing slots per expert over the whole run,
-    relative to uniform) into `out_dir` (default: the run directory). Returns the paths."""
+    relative to uniform) and, for DPO and KTO runs, preference.png (TRL's rewards/* and
+    logps/*) into `out_dir` (default: the run directory). Returns the paths."""
     try:
         import matplotlib
 
@@ -49,13 +50,15 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
 
     fig, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
     ax = axes[0, 0]
-    ax.plot(x, [r["ce"] for r in steps], label="train CE", lw=1)
+    main = "ce" if "ce" in steps[0] else "loss"  # DPO and KTO log their own loss, no CE
+    title = "cross-entropy (nats/token)" if main == "ce" else "loss"
+    ax.plot(x, [r[main] for r in steps], label=f"train {main}", lw=1)
     if evals:
-        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="valid CE")
+        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="valid")
         unigram = [r.get("unigram_loss") for r in evals if r.get("unigram_loss") is not None]
         if unigram:
             ax.axhline(unigram[-1], color="grey", ls="--", label="unigram baseline")
-    ax.set(title="cross-entropy (nats/token)", xlabel="step")
+    ax.set(title=title, xlabel="step")
     ax.legend()
     panels = [
         (axes[0, 1], "lb", "load-balancing loss (1 = balanced)"),
@@ -88,4 +91,32 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     heatmap = out / "expert_load.png"
     fig.savefig(heatmap, dpi=100)
     plt.close(fig)
-    return [curves, heatmap]
+    written = [curves, heatmap]
+    if any(key.startswith("rewards/") for key in steps[-1]):
+        written.append(_plot_preference(plt, steps, out / "preference.png"))
+    return written
+
+
+# TRL's preference metrics, in the panels TRL users read them in.
+PREFERENCE_PANELS = (
+    (("rewards/chosen", "rewards/rejected"), "rewards: beta (log pi - log ref)"),
+    (("rewards/accuracies",), "reward accuracy (chosen > rejected)"),
+    (("rewards/margins", "kl"), "reward margin (DPO) / KL estimate (KTO)"),
+    (("logps/chosen", "logps/rejected"), "policy log-probabilities (summed)"),
+)
+
+
+def _plot_preference(plt, steps: list[dict], path: Path) -> Path:
+    """preference.png: DPO's or KTO's rewards, accuracy, margin or KL, and log-probabilities."""
+    fig, axes = plt.subplots(1, len(PREFERENCE_PANELS), figsize=(20, 4), constrained_layout=True)
+    for ax, (keys, title) in zip(axes, PREFERENCE_PANELS):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in steps if key in r]
+            if points:
+                ax.plot(*zip(*points), lw=1, label=key)
+        ax.set(title=title, xlabel="step")
+        if ax.lines:
+            ax.legend(fontsize="small")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
