@@ -41,6 +41,38 @@ def pad_batch(sequences: list[tuple[np.ndarray, np.ndarray]], pad_id: int):
     return torch.from_numpy(input_ids), torch.from_numpy(labels)
 
 
+def pack_batch(sequences: list[tuple[np.ndarray, np.ndarray]], row_length: int, pad_id: int):
+    """The sequences packed greedily into rows of at most `row_length` tokens: (input_ids,
+    labels, position_ids) LongTensors (R, L), a boolean attention mask (R, 1, L, L) that lets
+    each token see only the earlier tokens of its own sequence, and each row's count of real
+    tokens (R,). Positions restart at 0 with each sequence, so every sequence is computed as it
+    would be alone."""
+    rows: list[list[tuple[np.ndarray, np.ndarray]]] = []
+    for sequence in sequences:
+        if rows and sum(len(ids) for ids, _ in rows[-1]) + len(sequence[0]) <= row_length:
+            rows[-1].append(sequence)
+        else:
+            rows.append([sequence])
+    length = max(sum(len(ids) for ids, _ in row) for row in rows)
+    input_ids, labels = pad_batch([_concatenated(row) for row in rows], pad_id)
+    positions = torch.zeros(len(rows), length, dtype=torch.long)
+    mask = torch.zeros(len(rows), 1, length, length, dtype=torch.bool)
+    for r, row in enumerate(rows):
+        start = 0
+        for ids, _ in row:
+            end = start + len(ids)
+            positions[r, start:end] = torch.arange(len(ids))
+            mask[r, 0, start:end, start:end] = torch.ones(len(ids), len(ids)).tril().bool()
+            start = end
+        mask[r, 0, start:, start:] = torch.eye(length - start, dtype=torch.bool)  # padding
+    lengths = torch.tensor([sum(len(ids) for ids, _ in row) for row in rows])
+    return input_ids, labels, positions, mask, lengths
+
+
+def _concatenated(row):
+    return np.concatenate([ids for ids, _ in row]), np.concatenate([lab for _, lab in row])
+
+
 def split_prompt(ids: np.ndarray, labels: np.ndarray) -> int:
     """Where a prompt/completion sequence's completion starts: its first labelled token."""
     trained = np.flatnonzero(labels != -100)
@@ -144,7 +176,10 @@ class SupervisedFineTuning(Adaptation):
 
     def losses(self, model, indices, autocast):
         sequences = [s for i in indices for s in self.examples[i]]
-        out, labels = self.forward(model, sequences, autocast)
+        if self.config.data.packing:
+            out, labels = self.forward_packed(model, sequences, autocast)
+        else:
+            out, labels = self.forward(model, sequences, autocast)
         loss = sft_loss(out.logits, labels, self.config.preference.sft_reduction)
         aux, lb, z = self.aux_losses(out.routing)
         total = loss + aux
@@ -155,6 +190,21 @@ class SupervisedFineTuning(Adaptation):
             tokens=torch.tensor(float(sum(len(ids) for ids, _ in sequences))),
         )  # fmt: skip
         return total, values, routing_statistics(out.routing)
+
+    def forward_packed(self, model, sequences, autocast):
+        """As `forward`, on the sequences packed into rows (`pack_batch`)."""
+        input_ids, labels, positions, mask, lengths = pack_batch(
+            sequences, self.config.data.seq_len, self.pad_id
+        )
+        device = self.env.device
+        with autocast():
+            out = model(
+                input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                position_ids=positions.to(device), output_routing=True, use_cache=False,
+            )  # fmt: skip
+        real = (torch.arange(input_ids.shape[1]) < lengths[:, None]).reshape(-1).to(device)
+        out.routing = tuple(layer.select(real) for layer in out.routing)
+        return out, labels.to(device)
 
     def summarize(self, sums, micro_batches):
         record = {k: sums[k] / micro_batches for k in ("loss", "lb", "z")}

@@ -94,6 +94,9 @@ class DataSection:
     valid_path: str | None = None
     seq_len: int = 4096
     seed: int = 6198  # the data order (a seeded permutation per epoch)
+    # sft: pack a micro-batch's examples into rows of up to seq_len tokens, each example
+    # attending only to itself, instead of padding every example to the longest
+    packing: bool = False
 
     def validate(self) -> None:
         _require(bool(self.path), "data.path is required: a directory from `olmoe data prepare`")
