@@ -478,3 +478,22 @@ def test_command_modules_import_heavy_libraries_only_inside_functions():
                     if name.split(".")[0] in HEAVY_MODULES
                 ]
     assert not offenders, offenders
+
+
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_a_person_loading_bf16_on_a_cpu_without_bf16_matmul_is_told(
+    checkpoint, monkeypatch, capsys, native_bf16
+):
+    import argparse
+
+    from olmoe.cli import common
+
+    monkeypatch.setattr(common, "cpu_has_bf16_matmul", lambda: native_bf16)
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    directory = checkpoint[0]
+    args = argparse.Namespace(
+        model=str(directory), revision=None, dtype="bf16", device="cpu", quantize=None
+    )
+    common.load_model(args)
+    note = "--dtype fp32" in capsys.readouterr().err
+    assert note is not native_bf16

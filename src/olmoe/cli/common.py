@@ -76,7 +76,24 @@ def load_model(args):
     )
     model = olmoe.engine.apply(model)
     tokenizer = Tokenizer.from_pretrained(args.model, revision=args.revision)
+    slow_bf16 = args.dtype == "bf16" and device.type == "cpu" and not cpu_has_bf16_matmul()
+    if slow_bf16 and sys.stderr.isatty():  # a note for a person, not for scripts' stderr
+        print(
+            "olmoe: this CPU has no bf16 matrix instructions (AVX-512 BF16 or AMX), so bf16 "
+            "matrix products run far slower than float32 here: pass --dtype fp32 if the model "
+            "fits in memory twice over",
+            file=sys.stderr,
+        )
     return model, tokenizer, time.perf_counter() - started
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """Whether PyTorch's CPU matrix products run bf16 natively (oneDNN on AVX-512 BF16 or AMX);
+    without it they fall back to a scalar path, orders of magnitude slower than float32
+    (docs/inference.md)."""
+    import torch
+
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def wait_passively(command: str) -> None:
