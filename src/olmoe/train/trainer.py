@@ -35,6 +35,7 @@ from olmoe.fileio import write_atomic
 from olmoe.model import causal_lm_loss
 from olmoe.train import distributed, state
 from olmoe.train.config import TrainConfig
+from olmoe.train.lock import RunLock
 from olmoe.train.losses import megablocks_lb_loss, router_z_loss, routing_statistics
 from olmoe.train.optim import build_optimizer
 from olmoe.train.schedule import learning_rate
@@ -63,14 +64,19 @@ class Trainer:
         if config.train.threads:
             torch.set_num_threads(config.train.threads)
         self.run_dir = Path(config.run_dir)
-        self.resume_from = state.find_checkpoint(resume) if resume else None
-        self._load_data()
-        self._build_model_and_optimizer()
-        self.log_path = self.run_dir / LOG_NAME
-        if self.env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.run_dir / RUN_CONFIG_NAME, config.to_yaml())
-            self._trim_log()
+        self.lock = RunLock(self.run_dir).acquire() if self.env.is_main else None
+        try:
+            self.resume_from = state.find_checkpoint(resume) if resume else None
+            self._load_data()
+            self._build_model_and_optimizer()
+            self.log_path = self.run_dir / LOG_NAME
+            if self.env.is_main:
+                write_atomic(self.run_dir / RUN_CONFIG_NAME, config.to_yaml())
+                self._trim_log()
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
 
     # ------------------------------------------------------------------ setup
     def _load_data(self) -> None:
@@ -484,6 +490,8 @@ class Trainer:
         return Tokenizer.from_pretrained(None if name == OLMO_TOKENIZER_NAME else name)
 
     def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
         distributed.shutdown(self.env)
 
 
