@@ -206,3 +206,32 @@ def test_train_command_errors_are_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "optim.lr must be a number" in err
     assert olmoe_main(["train", "--resume", str(tmp_path)]) == 1
     assert "no config.yaml" in capsys.readouterr().err
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(reference, tmp_path, monkeypatch):
+    """ENOSPC while writing step 20's files: one clear error naming the intact checkpoint, no
+    staging left behind, and the run resumes from step 10."""
+    import errno
+
+    config_path, _, _ = reference
+    run_dir = tmp_path / "run"
+    config = load_config(config_path, [f"--run_dir={run_dir}"])
+    real_save_file = state.save_file
+
+    def disk_full_at_step_20(tensors, path, metadata=None):
+        if "00000020" in str(path):
+            Path(path).write_bytes(b"the first bytes")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save_file(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(state, "save_file", disk_full_at_step_20)
+    with pytest.raises(OSError, match=r"step-00000010, is intact") as caught:
+        train(config, progress=False)
+    assert caught.value.errno == errno.ENOSPC and "No space left" in str(caught.value)
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        state.LATEST_NAME,
+        state.checkpoint_name(10),
+    ]
+    monkeypatch.undo()
+    assert train(config, resume=run_dir, progress=False).step == 20

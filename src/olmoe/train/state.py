@@ -80,31 +80,49 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         staging = root / f".{final.name}.partial"
         shutil.rmtree(staging, ignore_errors=True)
-        _model_from_state(_unwrapped_config(model), model_state).save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        (staging / OPTIMIZER_NAME).parent.mkdir()
-        tensors = {}
-        for name, moments in optim_state["state"].items():
-            for key, value in moments.items():
-                tensors[f"state/{name}/{key}"] = _as_tensor(value)
-        for rank, states in enumerate(gathered):
-            for device, value in states.items():
-                tensors[f"rng/{rank}/{device}"] = value
-        save_file(tensors, staging / OPTIMIZER_NAME, metadata={"format": STATE_FORMAT})
-        record = {
-            "format": STATE_FORMAT,
-            **state,
-            "world_size": env.world_size,
-            "param_groups": optim_state["param_groups"],
-        }
-        (staging / STATE_NAME).write_text(json.dumps(_json_safe(record), indent=2) + "\n")
-        replace_directory(staging, final)  # flushes every file of it to disk first
+        try:
+            _write_checkpoint(staging, final, model, model_state, optim_state, gathered, state,
+                              env, tokenizer)  # fmt: skip
+        except OSError as exc:  # a full disk, a lost mount: clean up, keep what was there
+            shutil.rmtree(staging, ignore_errors=True)
+            latest = root / LATEST_NAME
+            kept = (
+                f"the newest complete checkpoint, {latest.read_text().strip()}, is intact"
+                if latest.is_file()
+                else "no earlier checkpoint exists"
+            )
+            reason = exc.strerror or str(exc)
+            raise OSError(exc.errno, f"saving {final.name} failed ({reason}); {kept}") from exc
         write_atomic(root / LATEST_NAME, final.name + "\n")  # last: the checkpoint is complete
         _prune(root, keep, final.name)
     if env.distributed:
         dist.barrier()
     return final
+
+
+def _write_checkpoint(staging, final, model, model_state, optim_state, gathered, state, env,
+                      tokenizer) -> None:  # fmt: skip
+    """The checkpoint's files into `staging`, then `staging` into place as `final`."""
+    _model_from_state(_unwrapped_config(model), model_state).save_pretrained(staging)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+    (staging / OPTIMIZER_NAME).parent.mkdir()
+    tensors = {}
+    for name, moments in optim_state["state"].items():
+        for key, value in moments.items():
+            tensors[f"state/{name}/{key}"] = _as_tensor(value)
+    for rank, states in enumerate(gathered):
+        for device, value in states.items():
+            tensors[f"rng/{rank}/{device}"] = value
+    save_file(tensors, staging / OPTIMIZER_NAME, metadata={"format": STATE_FORMAT})
+    record = {
+        "format": STATE_FORMAT,
+        **state,
+        "world_size": env.world_size,
+        "param_groups": optim_state["param_groups"],
+    }
+    (staging / STATE_NAME).write_text(json.dumps(_json_safe(record), indent=2) + "\n")
+    replace_directory(staging, final)  # flushes every file of it to disk first
 
 
 def export_model(model: torch.nn.Module, directory: Path, env: Environment, tokenizer=None):
