@@ -422,3 +422,11 @@ def test_decoding_sees_int8_weights_written_in_place(monkeypatch):
     model.load_state_dict(other.state_dict())  # copies into the same tensors
     assert torch.equal(logits_per_step(model, prompt), logits_per_step(other, prompt))
     assert made["plans"] == 3  # model's first, model's after the load, other's
+
+
+def test_a_model_in_training_mode_decodes_through_the_modules(monkeypatch):
+    """train() (attention dropout may be on) keeps the one-call step out even without grad."""
+    model = engine.apply(tiny_model(seed=11, attention_dropout=0.0).to(torch.bfloat16)).train()
+    calls = count_calls(monkeypatch, ["decode_layers"])
+    logits_per_step(model, torch.tensor([[5, 17, 42, 7]]), steps=3)
+    assert calls["decode_layers"] == 0

@@ -172,7 +172,10 @@ class CpuOlmoeModel(OlmoeModel):
     ):
         step = None
         one_token = hidden.shape[1] == 1 and not (output_attentions or output_hidden_states)
-        native_step = hidden.dtype == torch.bfloat16 and not torch.is_grad_enabled()
+        # inference only: the kernel has no attention dropout and records no gradient
+        native_step = hidden.dtype == torch.bfloat16 and not (
+            self.training or torch.is_grad_enabled()
+        )
         if one_token and native_step and hasattr(cache, "decode_slot"):
             step = decode_step(self, hidden, rotary, mask, cache, cache_position)
         if step is None:
