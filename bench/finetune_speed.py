@@ -82,23 +82,14 @@ import time
 from pathlib import Path
 
 import torch
+from train_speed import SHAPES as TRAINING_SHAPES  # bench/ is on sys.path: run as a script
 
 from olmoe import OlmoeConfig
 from olmoe.benchmarks import engines
 from olmoe.benchmarks.cpu_inference import MATMUL_SHAPE, machine_info
 
 SHAPES = {
-    # bench/train_speed.py's "mid" (reference.md's training comparison); kept equal by hand
-    "mid": {
-        "hidden_size": 1024,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 16,
-        "num_experts": 64,
-        "intermediate_size": 512,
-        "num_experts_per_tok": 8,
-        "vocab_size": 50304,
-    },
-    # the OLMo vocabulary (the tokenizer needs it) on a toy body: a smoke test in seconds
+    "mid": TRAINING_SHAPES["mid"],  # bench/train_speed.py's (reference.md's training comparison)
     "tiny": {
         "hidden_size": 64,
         "num_hidden_layers": 2,

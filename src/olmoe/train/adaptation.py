@@ -83,7 +83,6 @@ class Adaptation:
     """What sft, dpo and kto share: the examples, their order, padding, the auxiliary losses."""
 
     name = kind = ""  # the objective, and the kind of prepared data it trains on
-    sums: tuple[str, ...] = ()  # the names of the values `losses` returns
 
     def __init__(
         self, config, examples: ChatExamples, env, pad_id: int, micro: int, steps_of: int,
@@ -103,6 +102,14 @@ class Adaptation:
 
     def next_batch(self) -> list[int]:
         return [int(i) for i in self.order.next_indices()]
+
+    def with_aux_losses(self, loss, routing, sequences) -> tuple[torch.Tensor, dict]:
+        """The objective's `loss` plus the weighted auxiliary losses, and the values every
+        objective logs: loss, lb, z and the micro-batch's tokens."""
+        aux, lb, z = self.aux_losses(routing)
+        total = loss + aux
+        tokens = torch.tensor(float(sum(len(ids) for ids, _ in sequences)))
+        return total, {"loss": total, "lb": lb, "z": z, "tokens": tokens}
 
     def aux_losses(self, routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         loss = self.config.loss
@@ -172,7 +179,6 @@ class SupervisedFineTuning(Adaptation):
     """Next-token loss on the assistant tokens; logs `ce`, their mean loss per token."""
 
     name = kind = "sft"
-    sums = ("loss", "lb", "z", "tokens", "nll", "trained")
 
     def losses(self, model, indices, autocast):
         sequences = [s for i in indices for s in self.examples[i]]
@@ -181,14 +187,10 @@ class SupervisedFineTuning(Adaptation):
         else:
             out, labels = self.forward(model, sequences, autocast)
         loss = sft_loss(out.logits, labels, self.config.preference.sft_reduction)
-        aux, lb, z = self.aux_losses(out.routing)
-        total = loss + aux
+        total, values = self.with_aux_losses(loss, out.routing, sequences)
         trained = (labels[:, 1:] != -100).sum()
         nll = loss.detach() * (trained if self.config.preference.sft_reduction == "mean" else 1)
-        values = dict(
-            loss=total, lb=lb, z=z, nll=nll, trained=trained.float(),
-            tokens=torch.tensor(float(sum(len(ids) for ids, _ in sequences))),
-        )  # fmt: skip
+        values |= {"nll": nll, "trained": trained.float()}
         return total, values, routing_statistics(out.routing)
 
     def forward_packed(self, model, sequences, autocast):
@@ -214,8 +216,6 @@ class SupervisedFineTuning(Adaptation):
 
 class DirectPreference(Adaptation):
     name = kind = "dpo"
-    sums = ("loss", "lb", "z", "tokens", "rewards/chosen", "rewards/rejected",
-            "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")  # fmt: skip
 
     def losses(self, model, indices, autocast):
         pref = self.config.preference
@@ -232,13 +232,8 @@ class DirectPreference(Adaptation):
             policy[:n], policy[n:], reference[:n], reference[n:], pref.beta, pref.loss_type,
             pref.label_smoothing,
         )  # fmt: skip
-        aux, lb, z = self.aux_losses(out.routing)
-        total = losses.mean() + aux
-        values = {
-            "loss": total,
-            "lb": lb,
-            "z": z,
-            "tokens": torch.tensor(float(sum(len(ids) for ids, _ in chosen + rejected))),
+        total, values = self.with_aux_losses(losses.mean(), out.routing, chosen + rejected)
+        values |= {
             "rewards/chosen": chosen_rewards.mean(),
             "rewards/rejected": rejected_rewards.mean(),
             "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
@@ -255,8 +250,6 @@ class KahnemanTversky(Adaptation):
     far enough that the two answers of one prompt, often on adjacent rows, never pair up."""
 
     name = kind = "kto"
-    sums = ("loss", "lb", "z", "tokens", "kl", "rewards/chosen_sum", "rewards/chosen_count",
-            "rewards/rejected_sum", "rewards/rejected_count")  # fmt: skip
 
     def mismatched(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         ids, labels = self.examples.sequence(index)
@@ -288,13 +281,8 @@ class KahnemanTversky(Adaptation):
             sums[:n], reference[:n], desirable, sums[n:], reference[n:], pref.beta,
             pref.desirable_weight, pref.undesirable_weight, self.mean_over_ranks,
         )  # fmt: skip
-        aux, lb, z = self.aux_losses(out.routing)
-        total = losses.mean() + aux
-        values = {
-            "loss": total,
-            "lb": lb,
-            "z": z,
-            "tokens": torch.tensor(float(sum(len(ids) for ids, _ in matched + mismatched))),
+        total, values = self.with_aux_losses(losses.mean(), out.routing, matched + mismatched)
+        values |= {
             "kl": kl,
             "rewards/chosen_sum": rewards[desirable].sum(),
             "rewards/chosen_count": desirable.sum().float(),
