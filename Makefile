@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow demo clean
+.PHONY: install test test-slow demo demo-chat clean
 
 install: $(STAMP)
 
@@ -34,6 +34,25 @@ $(DEMO_DATA): $(STAMP)
 
 demo: $(DEMO_DATA)
 	$(PY) -m olmoe train configs/quickstart.yaml
+
+# The instruct quickstart, after `make demo`: requests for the standard library's functions and
+# broken variants of their source (bench/demo_chat.py build, offline), SFT of runs/quickstart into
+# runs/quickstart-sft, DPO of that into runs/quickstart-dpo, the held-out numbers before and after
+# (bench/demo_chat.py report), and one held-out request answered through `olmoe chat`. The run
+# directories start afresh: a DPO run directory keeps its reference log-probabilities and
+# prepared data for --resume, which a new SFT model or data would make stale.
+CHAT_DATA := data/stdlib-chat
+
+demo-chat:
+	$(PY) bench/demo_chat.py build --out $(CHAT_DATA)
+	rm -rf runs/quickstart-sft runs/quickstart-dpo
+	$(PY) -m olmoe train configs/quickstart-sft.yaml
+	$(PY) -m olmoe train configs/quickstart-dpo.yaml
+	$(PY) bench/demo_chat.py report --out $(CHAT_DATA)
+	$(PY) bench/demo_chat.py request --out $(CHAT_DATA) > $(CHAT_DATA)/request.txt
+	@echo "olmoe chat runs/quickstart-dpo answers it:"
+	$(PY) -m olmoe chat runs/quickstart-dpo --max-new-tokens 80 --temperature 0 \
+		< $(CHAT_DATA)/request.txt
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
