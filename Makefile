@@ -38,9 +38,10 @@ demo: $(DEMO_DATA)
 # The instruct quickstart, after `make demo`: requests for the standard library's functions and
 # broken variants of their source (bench/demo_chat.py build, offline), SFT of runs/quickstart into
 # runs/quickstart-sft, DPO of that into runs/quickstart-dpo, the held-out numbers before and after
-# (bench/demo_chat.py report), and one held-out request answered through `olmoe chat`. The run
-# directories start afresh: a DPO run directory keeps its reference log-probabilities and
-# prepared data for --resume, which a new SFT model or data would make stale.
+# (bench/demo_chat.py report), and one held-out request answered through `olmoe chat`: about 10
+# minutes on 2 CPU cores (docs/training.md#instruct-quickstart). The run directories start
+# afresh: a run directory keeps its prepared data and DPO reference log-probabilities for
+# --resume, and a fresh run in it would reuse them, stale after a new SFT model or data.
 CHAT_DATA := data/stdlib-chat
 
 demo-chat:
