@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,23 +66,25 @@ def hub_pieces(name: str, config: OlmoeConfig) -> list[Piece]:
 def resolve_checkpoint_dir(
     path_or_repo_id: str | os.PathLike, revision: str | None = None, weights: bool = True
 ) -> Path:
-    """A local checkpoint directory, or the local snapshot of a hub repo (downloaded if needed)."""
+    """A local checkpoint directory, or the local snapshot of a hub repo (downloaded if needed).
+    In a training run's directory `revision` picks one of its revisions (olmoe.revisions)."""
+    from olmoe.revisions import resolve_local_revision
+
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
-        if revision is not None:
-            raise InputError(
-                f"revision={revision!r} selects a branch of a hub repo, but {path} is a local "
-                "directory: drop revision, or pass the repo id"
-            )
-        return path
+        return path if revision is None else resolve_local_revision(path, revision)
     text = str(path_or_repo_id)
-    looks_local = path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1
-    if looks_local:
+    if path.exists() or looks_local(text):
         raise FileNotFoundError(
             f"no checkpoint directory at {text}: pass a directory holding config.json and "
             "*.safetensors, or a hub repo id such as allenai/OLMoE-1B-7B-0924"
         )
     return _download(text, revision, HUB_FILE_PATTERNS if weights else ["*.json"])
+
+
+def looks_local(text: str) -> bool:
+    """Whether a MODEL argument names a path rather than a hub repo id (`owner/name`)."""
+    return text.startswith((".", "/", "~")) or text.count("/") > 1
 
 
 def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
@@ -392,6 +395,16 @@ def save_pretrained(model, directory: str | os.PathLike, max_shard_size: int | s
     """
     limit = parse_size(max_shard_size)
     config: OlmoeConfig = model.config
+    unsupported = [] if config.is_dense_olmo else config.transformers_unsupported()
+    if unsupported:
+        warnings.warn(
+            # No path in the message: Python shows a repeated warning once, not at every save.
+            f"transformers' OlmoeForCausalLM cannot represent "
+            f"{', '.join(unsupported)} (the paper's design switches); config.json records them "
+            "and olmoe loads this checkpoint exactly, but transformers would load a different "
+            "model",
+            stacklevel=3,
+        )
     tensors = [
         (key, param.detach()[index])
         # a tied lm_head is stored once, as the embedding

@@ -1,7 +1,11 @@
 """`OlmoeConfig`: the model's shape and behaviour, with the Hugging Face `config.json` field names.
 
-The dataclass fields and their defaults are exactly those of transformers' `OlmoeConfig`, so a
-`config.json` written by either library reads in the other. Two generations of that file exist:
+The dataclass fields and their defaults are those of transformers' `OlmoeConfig`, so a
+`config.json` written by either library reads in the other, followed by the OLMoE paper's design
+switches (`DESIGN_SWITCHES`: shared expert, token dropping, expert choice, QK-norm, norm type,
+initialisation, dense layers). Each defaults to the released architecture and is written to
+config.json only when it differs, so a released model's file is unchanged; see
+docs/ablations.md for what each does. Two generations of that file exist:
 transformers 4 (what the released checkpoints carry) writes `rope_theta`, `rope_scaling` and
 `torch_dtype`; transformers 5 writes `rope_parameters` and `dtype`. Both read here, and
 `to_dict()` writes both sets of keys so that either transformers major version loads our files.
@@ -27,6 +31,10 @@ SUPPORTED_ACTIVATIONS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "relu")
 
 # Keys that belong to the file rather than to the model; `to_dict` writes them fresh.
 _GENERATED_KEYS = ("model_type", "architectures", "transformers_version", "rope_parameters")
+
+ROUTING_CHOICES = ("token_choice", "expert_choice")
+EXPERT_CHOICE_GROUPS = ("sequence", "batch")
+NORM_CHOICES = ("rmsnorm", "nonparametric_layernorm")
 
 
 @dataclass
@@ -56,6 +64,30 @@ class OlmoeConfig:
     output_router_logits: bool = False
     router_aux_loss_coef: float = 0.01
     norm_topk_prob: bool = False
+    # ---- the paper's design switches (olmoe only; defaults = the released architecture)
+    # An always-on SwiGLU expert of this width beside the routed ones (0: none); its output is
+    # added to theirs, or with `shared_expert_weighted` mixed as shared/(K+1) + routed*K/(K+1).
+    shared_expert_intermediate_size: int = 0
+    shared_expert_weighted: bool = False
+    # False: megablocks' token dropping, each expert keeping its first
+    # int(moe_capacity_factor * K * T / E) of a micro-batch's T tokens' routing slots.
+    moe_dropless: bool = True
+    moe_capacity_factor: float = 1.25
+    # "expert_choice": each expert takes its top (K * S) // E tokens of a sequence (S tokens) or
+    # of the whole micro-batch (`expert_choice_group: batch`). A training ablation: it reads
+    # future tokens, so it cannot generate.
+    moe_routing: str = "token_choice"
+    expert_choice_group: str = "sequence"
+    qk_norm: bool = True
+    # "nonparametric_layernorm": OLMo's LayerNorm without weight or bias, for every norm.
+    norm_type: str = "rmsnorm"
+    # Initial weights ~ normal(0, initializer_range) cut at this many standard deviations;
+    # None: an untruncated normal.
+    init_cutoff_factor: float | None = 3.0
+    # Layers whose MLP is one dense SwiGLU of `dense_intermediate_size` (None: K * the expert
+    # width, the same active compute) instead of the experts.
+    mlp_only_layers: list[int] = dataclasses.field(default_factory=list)
+    dense_intermediate_size: int | None = None
 
     def __post_init__(self) -> None:
         # Keys of a config.json that have no field here (`torch_dtype`, a third-party tool's
@@ -73,6 +105,42 @@ class OlmoeConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def moe_layer_indices(self) -> list[int]:
+        """The layers that have experts (each returns a RouterOutput), in order."""
+        dense = set(self.mlp_only_layers)
+        return [i for i in range(self.num_hidden_layers) if i not in dense]
+
+    @property
+    def dense_width(self) -> int:
+        """The width of a dense layer's SwiGLU MLP."""
+        if self.dense_intermediate_size is not None:
+            return self.dense_intermediate_size
+        return self.num_experts_per_tok * self.intermediate_size
+
+    def design_changes(self) -> dict[str, Any]:
+        """The design switches set off the released architecture, by name."""
+        return {
+            name: getattr(self, name)
+            for name, default in DESIGN_SWITCHES.items()
+            if getattr(self, name) != default
+        }
+
+    def transformers_unsupported(self) -> list[str]:
+        """The switches transformers' OlmoeForCausalLM cannot represent (it would load such a
+        checkpoint as a different model). Initialisation is not among them: it only decides
+        the starting weights."""
+        changed = self.design_changes()
+        # Settings that only qualify another switch change nothing while that one is off.
+        qualifiers = {
+            "shared_expert_weighted": self.shared_expert_intermediate_size > 0,
+            "moe_capacity_factor": not self.moe_dropless,
+            "expert_choice_group": self.moe_routing == "expert_choice",
+            "dense_intermediate_size": bool(self.mlp_only_layers),
+            "init_cutoff_factor": False,
+        }
+        return [name for name in changed if qualifiers.get(name, True)]
+
     def num_parameters(self, active_only: bool = False) -> int:
         """Parameter count from the shape alone (no model needed).
 
@@ -82,12 +150,17 @@ class OlmoeConfig:
         h, i, e = self.hidden_size, self.intermediate_size, self.num_experts
         kv = self.num_key_value_heads * self.head_dim
         bias = self.attention_bias
-        attention = 2 * h * h + 2 * h * kv + (2 * h + 2 * kv if bias else 0) + h + kv  # + q/k norms
+        norm = h if self.norm_type == "rmsnorm" else 0  # a norm's weight
+        qk_norms = (h + kv) * (norm > 0) if self.qk_norm else 0
+        attention = 2 * h * h + 2 * h * kv + (2 * h + 2 * kv if bias else 0) + qk_norms
         experts_used = e if not active_only else self.num_experts_per_tok
-        moe = h * e + experts_used * 3 * h * i
-        layer = attention + moe + 2 * h  # + the two block norms
+        moe = h * e + experts_used * 3 * h * i + 3 * h * self.shared_expert_intermediate_size
+        moe_layers = len(self.moe_layer_indices)
+        dense_layers = self.num_hidden_layers - moe_layers
+        blocks = self.num_hidden_layers * (attention + 2 * norm) + moe_layers * moe
+        blocks += dense_layers * 3 * h * self.dense_width
         embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_hidden_layers * layer + embeddings + h  # + final norm
+        return blocks + embeddings + norm  # + final norm
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -146,6 +219,7 @@ class OlmoeConfig:
             raise ConfigError(
                 f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef!r}"
             )
+        self._validate_design_switches()
         for name in ("pad_token_id", "bos_token_id"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and value >= 0):
@@ -157,16 +231,66 @@ class OlmoeConfig:
                 f"eos_token_id must be None, a non-negative integer or a list of them, got {eos!r}"
             )
 
+    def _validate_design_switches(self) -> None:
+        for name, choices in (
+            ("moe_routing", ROUTING_CHOICES),
+            ("expert_choice_group", EXPERT_CHOICE_GROUPS),
+            ("norm_type", NORM_CHOICES),
+        ):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        for name in ("qk_norm", "moe_dropless", "shared_expert_weighted"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        size = self.shared_expert_intermediate_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ConfigError(
+                f"shared_expert_intermediate_size must be 0 (no shared expert) or a positive "
+                f"integer, got {size!r}"
+            )
+        dense = self.dense_intermediate_size
+        if dense is not None and (
+            isinstance(dense, bool) or not isinstance(dense, int) or dense <= 0
+        ):
+            raise ConfigError(
+                f"dense_intermediate_size must be null or a positive integer, got {dense!r}"
+            )
+        factor = self.moe_capacity_factor
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 0:
+            raise ConfigError(
+                f"moe_capacity_factor must be a number >= 0 (0: no dropping), got {factor!r}"
+            )
+        cutoff = self.init_cutoff_factor
+        if cutoff is not None and (isinstance(cutoff, bool) or not isinstance(cutoff, (int, float))
+                                   or cutoff <= 0):  # fmt: skip
+            raise ConfigError(
+                f"init_cutoff_factor must be null (a plain normal) or a positive number of "
+                f"standard deviations, got {cutoff!r}"
+            )
+        layers = self.mlp_only_layers
+        if not isinstance(layers, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.num_hidden_layers
+            for i in layers
+        ):
+            raise ConfigError(
+                f"mlp_only_layers must be a list of layer indices in [0, {self.num_hidden_layers})"
+                f", got {layers!r}"
+            )
+        if len(set(layers)) != len(layers):
+            raise ConfigError(f"mlp_only_layers lists a layer twice: {layers!r}")
+
     # ------------------------------------------------------------------ dict / json
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OlmoeConfig:
         """Build from a config.json dictionary of either transformers generation."""
         data = copy.deepcopy(dict(data))
         model_type = data.get("model_type", MODEL_TYPE)
-        if model_type != MODEL_TYPE:
+        if model_type == OLMO_MODEL_TYPE:
+            data = _olmo_as_olmoe(data)
+        elif model_type != MODEL_TYPE:
             raise ConfigError(
-                f"config model_type is {model_type!r}, not {MODEL_TYPE!r}: this is not an OLMoE "
-                "checkpoint"
+                f"config model_type is {model_type!r}, not {MODEL_TYPE!r} or "
+                f"{OLMO_MODEL_TYPE!r}: this is not an OLMoE or OLMo checkpoint"
             )
         if "num_local_experts" in data and "num_experts" not in data:
             data["num_experts"] = data.pop("num_local_experts")  # transformers' attribute alias
@@ -189,12 +313,31 @@ class OlmoeConfig:
         }
         return config
 
+    @property
+    def is_dense_olmo(self) -> bool:
+        """Whether this is a dense OLMo model (transformers' OlmoForCausalLM): no experts in any
+        layer, OLMo's non-parametric LayerNorm, no QK-norm. Saved in OLMo's layout."""
+        return (
+            len(self.mlp_only_layers) == self.num_hidden_layers
+            and self.norm_type == "nonparametric_layernorm"
+            and not self.qk_norm
+        )
+
     def to_dict(self) -> dict[str, Any]:
-        """A config.json dictionary that transformers 4 and 5 both load."""
-        out: dict[str, Any] = {"architectures": ["OlmoeForCausalLM"], "model_type": MODEL_TYPE}
-        out.update(self.extra)
-        for f in dataclasses.fields(self):
-            out[f.name] = copy.deepcopy(getattr(self, f.name))
+        """A config.json dictionary that transformers 4 and 5 both load: OlmoeForCausalLM's,
+        or OlmoForCausalLM's for a dense OLMo model."""
+        if self.is_dense_olmo:
+            out: dict[str, Any] = {"architectures": ["OlmoForCausalLM"], "model_type": "olmo"}
+            out.update(self.extra)
+            out.update({name: copy.deepcopy(getattr(self, name)) for name in OLMO_FIELDS})
+            out["intermediate_size"] = self.dense_width
+        else:
+            out = {"architectures": ["OlmoeForCausalLM"], "model_type": MODEL_TYPE}
+            out.update(self.extra)
+            changed = self.design_changes()
+            for f in dataclasses.fields(self):
+                if f.name not in DESIGN_SWITCHES or f.name in changed:
+                    out[f.name] = copy.deepcopy(getattr(self, f.name))
         rope_parameters: dict[str, Any] = {"rope_theta": self.rope_theta, "rope_type": "default"}
         if self.rope_scaling is not None:
             # transformers 5 names the kind `rope_type`; a stray `type` beside "default" would
@@ -258,6 +401,48 @@ class OlmoeConfig:
 
 
 PRESETS = {"OLMoE-1B-7B-0924": OlmoeConfig.olmoe_1b_7b, "tiny": OlmoeConfig.tiny}
+
+
+OLMO_MODEL_TYPE = "olmo"
+# transformers' OlmoConfig: these fields, with these defaults where they differ from OLMoE's.
+OLMO_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range",
+    "use_cache", "pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings",
+    "rope_theta", "rope_scaling", "attention_bias", "attention_dropout", "clip_qkv",
+)  # fmt: skip
+OLMO_DEFAULTS = {
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "max_position_embeddings": 2048,
+}
+
+
+def _olmo_as_olmoe(data: dict[str, Any]) -> dict[str, Any]:
+    """A dense OLMo config.json (transformers' OlmoConfig) as OLMoE fields: every layer dense
+    with the OLMo MLP's width, non-parametric LayerNorm, no QK-norm. The expert fields keep
+    their defaults (no layer uses them); `olmoe upcycle` sets them."""
+    data = {**OLMO_DEFAULTS, **data, "model_type": MODEL_TYPE}
+    layers = data["num_hidden_layers"]
+    data.update(
+        mlp_only_layers=list(range(layers)) if isinstance(layers, int) else layers,
+        dense_intermediate_size=data.pop("intermediate_size"),
+        norm_type="nonparametric_layernorm",
+        qk_norm=False,
+    )
+    return data
+
+
+def _design_switches() -> dict[str, Any]:
+    """Each design switch's released value: the fields after transformers' own."""
+    fields = [f.name for f in dataclasses.fields(OlmoeConfig)]
+    defaults = OlmoeConfig.tiny()
+    return {name: getattr(defaults, name) for name in fields[fields.index("norm_topk_prob") + 1 :]}
+
+
+DESIGN_SWITCHES = _design_switches()
 
 
 def _normalise_rope_scaling(scaling: Any) -> dict[str, Any]:

@@ -262,6 +262,7 @@ def generate_tokens(
     the loop ends when all have finished or after `max_new_tokens` steps. The model runs on the
     CPU engine where it applies (olmoe.engine).
     """
+    model.check_can_generate()
     engine.apply(model)
     params = params or SamplingParams()
     batch, length = input_ids.shape

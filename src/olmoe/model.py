@@ -18,6 +18,7 @@ from olmoe.config import OlmoeConfig
 from olmoe.errors import InputError
 from olmoe.moe import (
     OlmoeExperts,
+    OlmoeMLP,
     OlmoeRouter,
     OlmoeSparseMoeBlock,
     RouterOutput,
@@ -39,6 +40,25 @@ class OlmoeRMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+class OlmoLayerNorm(nn.Module):
+    """OLMo's non-parametric LayerNorm (no weight, no bias), statistics in float32: the norm
+    of the dense OLMo models and of the paper's norm ablation."""
+
+    def __init__(self, width: int, eps: float = 1e-5):
+        super().__init__()
+        self.width, self.eps = width, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), (self.width,), eps=self.eps).to(x.dtype)
+
+
+def make_norm(config: OlmoeConfig, width: int) -> nn.Module:
+    """The config's norm over `width` features."""
+    if config.norm_type == "nonparametric_layernorm":
+        return OlmoLayerNorm(width)
+    return OlmoeRMSNorm(width, config.rms_norm_eps)
 
 
 class OlmoeRotaryEmbedding(nn.Module):
@@ -101,8 +121,8 @@ class OlmoeAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=bias)
         # OLMoE normalises the whole q and k projections (all heads together), before the split
         # into heads and before RoPE. Per-head norms would be a different model.
-        self.q_norm = OlmoeRMSNorm(self.num_heads * self.head_dim, config.rms_norm_eps)
-        self.k_norm = OlmoeRMSNorm(kv, config.rms_norm_eps)
+        self.q_norm = make_norm(config, self.num_heads * self.head_dim) if config.qk_norm else None
+        self.k_norm = make_norm(config, kv) if config.qk_norm else None
 
     def forward(
         self,
@@ -114,9 +134,9 @@ class OlmoeAttention(nn.Module):
         output_attentions: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, length, _ = x.shape
-        q = self.q_norm(self.q_proj(x))  # (B, L, N*D)
-        k = self.k_norm(self.k_proj(x))  # (B, L, G*D)
-        v = self.v_proj(x)  # (B, L, G*D)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, L, N*D), (B, L, G*D) x2
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
             q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         q = q.view(b, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, N, L, D)
@@ -210,22 +230,31 @@ def build_attention_mask(
 
 
 class OlmoeDecoderLayer(nn.Module):
-    """Pre-norm block: h = x + Attn(RMSNorm(x)); out = h + MoE(RMSNorm(h))."""
+    """Pre-norm block: h = x + Attn(RMSNorm(x)); out = h + MoE(RMSNorm(h)). A layer listed in
+    `mlp_only_layers` has a dense MLP in place of the MoE, and no routing."""
 
     def __init__(self, config: OlmoeConfig, layer_idx: int):
         super().__init__()
         self.self_attn = OlmoeAttention(config, layer_idx)
-        self.mlp = OlmoeSparseMoeBlock(config)
-        self.input_layernorm = OlmoeRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = OlmoeRMSNorm(config.hidden_size, config.rms_norm_eps)
+        if layer_idx in config.mlp_only_layers:
+            self.mlp = OlmoeMLP(config, config.dense_width)
+        else:
+            self.mlp = OlmoeSparseMoeBlock(config)
+        self.input_layernorm = make_norm(config, config.hidden_size)
+        self.post_attention_layernorm = make_norm(config, config.hidden_size)
 
     def forward(self, x, rotary, mask, cache, cache_position, output_attentions):
+        """-> the layer's output, its attention probabilities (or None) and its routing (None
+        for a dense layer)."""
         attn_out, attn_weights = self.self_attn(
             self.input_layernorm(x), rotary, mask, cache, cache_position, output_attentions
         )
         h = x + attn_out
-        moe_out, routing = self.mlp(self.post_attention_layernorm(h))
-        return h + moe_out, attn_weights, routing
+        mlp_out = self.mlp(self.post_attention_layernorm(h))
+        routing = None
+        if isinstance(mlp_out, tuple):
+            mlp_out, routing = mlp_out
+        return h + mlp_out, attn_weights, routing
 
 
 class OlmoePreTrainedModel(nn.Module):
@@ -237,9 +266,10 @@ class OlmoePreTrainedModel(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """OLMoE's initialisation: truncated normal (std `initializer_range`, cut at 3 std) for
-        every matrix (embeddings, attention, router, experts, lm_head), norms at one, biases zero.
-        (transformers uses an untruncated normal; the released model was trained from this.)"""
+        """OLMoE's initialisation: truncated normal (std `initializer_range`, cut at
+        `init_cutoff_factor` = 3 std) for every matrix (embeddings, attention, router, experts,
+        lm_head), norms at one, biases zero. (transformers uses an untruncated normal, what
+        `init_cutoff_factor=None` gives; the released model was trained from this.)"""
         for module in self.modules():
             self._init_module(module)
 
@@ -248,12 +278,24 @@ class OlmoePreTrainedModel(nn.Module):
         if isinstance(module, OlmoeRMSNorm):
             module.weight.fill_(1.0)
         elif isinstance(module, (nn.Linear, nn.Embedding, OlmoeRouter, OlmoeExperts)):
-            std = self.config.initializer_range
+            std, cutoff = self.config.initializer_range, self.config.init_cutoff_factor
             for name, param in module.named_parameters(recurse=False):
                 if name == "bias":
                     param.zero_()
+                elif cutoff is None:
+                    nn.init.normal_(param, mean=0.0, std=std)
                 else:
-                    nn.init.trunc_normal_(param, mean=0.0, std=std, a=-3 * std, b=3 * std)
+                    nn.init.trunc_normal_(param, 0.0, std, a=-cutoff * std, b=cutoff * std)
+
+    def check_can_generate(self) -> None:
+        """Raise InputError for a model that cannot decode one token at a time."""
+        if self.config.moe_routing == "expert_choice":
+            raise InputError(
+                "this model routes by expert choice (moe_routing: expert_choice), a training "
+                "ablation: each expert picks among all the tokens of a sequence, future ones "
+                "included, so it cannot generate token by token. Score whole texts with it "
+                "(olmoe eval, perplexity), or train a token-choice model to generate"
+            )
 
     @property
     def device(self) -> torch.device:
@@ -300,7 +342,7 @@ class OlmoeModel(OlmoePreTrainedModel):
         self.layers = nn.ModuleList(
             [OlmoeDecoderLayer(config, i) for i in range(config.num_hidden_layers)]
         )
-        self.norm = OlmoeRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = make_norm(config, config.hidden_size)
         self.rotary_emb = OlmoeRotaryEmbedding(config)
         self.init_weights()
 
@@ -393,7 +435,7 @@ class OlmoeModel(OlmoePreTrainedModel):
             )
             if output_attentions:
                 all_attentions.append(attn_weights)
-            if output_routing:
+            if output_routing and routing is not None:
                 all_routing.append(routing)
         return hidden, all_hidden, all_attentions, all_routing
 

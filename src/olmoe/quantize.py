@@ -136,6 +136,12 @@ def quantize_model(model: nn.Module, method: str = "int8") -> nn.Module:
     checkpoint, then fills them from the file."""
     if method not in QUANTIZE_CHOICES:
         raise ConfigError(f"quantize must be one of {QUANTIZE_CHOICES}, got {method!r}")
+    unsupported = model.config.transformers_unsupported()
+    if unsupported:
+        raise ConfigError(
+            f"int8 quantisation covers the released architecture; this model changes "
+            f"{', '.join(unsupported)}: run it unquantised"
+        )
     base = getattr(model, "model", model)
     if isinstance(base.layers[0].mlp.experts, Int8Experts):
         return model  # already int8

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 
 import matplotlib.image
 import numpy as np
@@ -319,6 +320,39 @@ def test_every_study_writes_json_csv_and_readable_pngs(tmp_path):
     assert reports[0]["saturation"]["2"] == [1.0] * 4
 
 
+def test_saturation_series_is_each_revisions_saturation_against_the_final(tmp_path):
+    rng = np.random.default_rng(7)
+    final_experts = random_routing(rng, 300, 3, 8, 2)
+    halfway = final_experts.copy()
+    halfway[::2] = random_routing(rng, 150, 3, 8, 2)  # half the tokens routed afresh
+    final = fake_counts(final_experts, num_experts=8, trace=True)
+    early = {
+        "step1-tokens0B": fake_counts(random_routing(rng, 300, 3, 8, 2), num_experts=8, trace=True),
+        "step2-tokens0B": fake_counts(halfway, num_experts=8, trace=True),
+        "step3-tokens0B": final,
+    }
+    report = studies.saturation_series_report(early, final)
+    assert report["revisions"] == list(early) and report["steps"] == [1, 2, 3]
+    for index, counts in enumerate(early.values()):  # each point is the single-pair study's
+        single = studies.saturation_report(counts, final)["saturation"]
+        assert [series[index] for series in report["saturation"].values()] == list(single.values())
+    means = [np.mean(values) for values in report["saturation"]["2"]]
+    assert means[0] < means[1] < means[2] == 1.0
+    written = studies.write_report(report, tmp_path)
+    assert sorted(p.name for p in written) == [
+        "saturation_series.csv", "saturation_series.json", "saturation_series.png"
+    ]  # fmt: skip
+    assert png_shape(tmp_path / "saturation_series.png") == (450, 1000)
+    rows = (tmp_path / "saturation_series.csv").read_text().splitlines()
+    assert rows[0] == "revision,step,layer,top1,top2" and len(rows) == 1 + 3 * 3
+    assert len(studies.summary(report).splitlines()) == 1 + 3
+    # Names without a step (a hub's main, a commit) are drawn in the order given.
+    unnamed = studies.saturation_series_report({"early": early["step1-tokens0B"], "main": final},
+                                               final)  # fmt: skip
+    assert unnamed["steps"] == [None, None]
+    assert png_shape(studies.write_report(unnamed, tmp_path / "unnamed")[-1]) == (450, 1000)
+
+
 # ---------------------------------------------------------------------------- command line
 @pytest.fixture(scope="module")
 def vocab_model(tmp_path_factory):
@@ -361,3 +395,32 @@ def test_analyze_command_errors_are_one_line(vocab_model, tmp_path, capsys):
     assert "does not exist" in error and error.count("\n") == 1
     assert main(["analyze", "load", str(vocab_model), "--chunk-length", "4096"]) == 1
     assert "context" in capsys.readouterr().err
+
+
+def test_analyze_saturation_over_a_runs_revisions(vocab_model, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(vocab_model, run)  # the final model, revision main
+    shutil.copytree(vocab_model, run / "revisions" / "step2-tokens0B")  # its last revision
+    torch.manual_seed(1)
+    config = OlmoeConfig.from_pretrained(vocab_model)
+    OlmoeForCausalLM(config).save_pretrained(run / "revisions" / "step1-tokens0B")
+    corpus = tmp_path / "fox.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    out = tmp_path / "out"
+    argv = ["analyze", "saturation", str(run), "--revisions", "step1-tokens0B,step2-tokens0B",
+            "--against", str(run), "--against-revision", "main", "--data", str(corpus),
+            "--max-tokens", "100", "--chunk-length", "64", "--dtype", "fp32", "--quiet",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "saturation_series.json").read_text())
+    assert report["revisions"] == ["step1-tokens0B", "step2-tokens0B"]
+    assert report["steps"] == [1, 2] and report["tokens"] == 100
+    assert report["saturation"]["2"][1] == [1.0, 1.0]  # the last revision is the final model
+    assert min(report["saturation"]["2"][0]) < 1.0
+    assert (out / "saturation_series.png").is_file()
+    for name in ("step1-tokens0B", "step2-tokens0B", "final"):
+        assert (out / f"counts-{name}.npz").is_file()
+    assert "step1-tokens0B" in capsys.readouterr().out
+    assert main([*argv, "--revision", "main"]) == 1
+    error = capsys.readouterr().err
+    assert "--revisions" in error and error.count("\n") == 1

@@ -131,6 +131,15 @@ def test_apply_changes_nothing_where_the_kernels_cannot_run(monkeypatch):
     assert not engine.applied(model)
 
 
+@pytest.mark.parametrize("switch", [{"moe_dropless": False}, {"qk_norm": False},
+                                    {"mlp_only_layers": [0]}])  # fmt: skip
+def test_apply_leaves_a_model_with_design_switches_to_the_reference(switch):
+    """The engine's modules implement the released design only."""
+    model = engine.apply(tiny_model(**switch).to(torch.bfloat16))
+    assert not engine.applied(model)
+    assert engine.applied(engine.apply(tiny_model(init_cutoff_factor=None).to(torch.bfloat16)))
+
+
 def test_a_users_subclass_keeps_its_forward():
     class Doubled(torch.nn.Linear):
         def forward(self, x):

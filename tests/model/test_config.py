@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from olmoe import OlmoeConfig, OlmoeForCausalLM
-from olmoe.config import PRESETS
+from olmoe.config import DESIGN_SWITCHES, PRESETS
 from olmoe.errors import ConfigError
 
 # transformers' documented OlmoeConfig signature (the released checkpoints' config.json keys).
@@ -108,14 +108,18 @@ def write_json(path, data) -> None:
 
 
 # ---------------------------------------------------------------------------- fields and defaults
-def test_fields_are_exactly_transformers_documented_ones():
-    fields = {f.name for f in dataclasses.fields(OlmoeConfig)}
-    assert fields == set(DOCUMENTED_DEFAULTS)
+def test_fields_are_transformers_documented_ones_then_the_design_switches():
+    fields = [f.name for f in dataclasses.fields(OlmoeConfig)]
+    assert set(fields) == set(DOCUMENTED_DEFAULTS) | set(DESIGN_SWITCHES)
+    assert fields[-len(DESIGN_SWITCHES) :] == list(DESIGN_SWITCHES)
 
 
 def test_dataclass_defaults_are_the_documented_ones():
-    defaults = {f.name: f.default for f in dataclasses.fields(OlmoeConfig)}
-    assert defaults == DOCUMENTED_DEFAULTS
+    config = OlmoeConfig()
+    assert {name: getattr(config, name) for name in DOCUMENTED_DEFAULTS} == {
+        **DOCUMENTED_DEFAULTS, "num_key_value_heads": 16
+    }  # fmt: skip
+    assert {name: getattr(config, name) for name in DESIGN_SWITCHES} == DESIGN_SWITCHES
 
 
 def test_num_key_value_heads_none_resolves_to_num_attention_heads():

@@ -6,9 +6,12 @@ saved by transformers and loaded by olmoe.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from olmoe import OlmoeForCausalLM
@@ -184,3 +187,43 @@ def test_attention_dropout_only_in_training():
         for output_attentions in (False, True):
             train = model(ids, output_attentions=output_attentions).logits
             assert not torch.allclose(train, eval_a)
+
+
+# ---------------------------------------------------------------------------- dense OLMo
+def olmo_config(**overrides) -> transformers.OlmoConfig:
+    """transformers' config of a tiny dense OLMo (the OLMo-1B-0724 family's shape, scaled)."""
+    settings = dict(vocab_size=128, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                    num_attention_heads=4, max_position_embeddings=64, pad_token_id=1,
+                    eos_token_id=0, clip_qkv=0.5)  # fmt: skip
+    return transformers.OlmoConfig(**{**settings, **overrides})
+
+
+@pytest.mark.parametrize("overrides", [{}, {"num_key_value_heads": 2, "clip_qkv": None}])
+def test_dense_olmo_both_directions(overrides, tmp_path):
+    """transformers' OlmoForCausalLM saves, olmoe loads; olmoe saves, transformers loads: the
+    same logits, hidden states and attention probabilities, and the same files."""
+    torch.manual_seed(0)
+    ref = randomize(transformers.OlmoForCausalLM(olmo_config(**overrides))).eval()
+    ref.config._attn_implementation = "eager"
+    ref.save_pretrained(tmp_path / "theirs")
+    ours = OlmoeForCausalLM.from_pretrained(tmp_path / "theirs")
+    assert ours.config.is_dense_olmo and ours.config.dense_width == 40
+    ids = torch.randint(0, 128, (2, 11))
+    kwargs = dict(output_hidden_states=True, output_attentions=True)
+    with torch.no_grad():
+        mine, theirs = ours(ids, labels=ids, **kwargs), ref(ids, labels=ids, **kwargs)
+    assert_close(mine.logits, theirs.logits, **TOL)
+    assert_close(mine.loss, theirs.loss, **TOL)
+    for name in ("hidden_states", "attentions"):
+        for a, b in zip(getattr(mine, name), getattr(theirs, name), strict=True):
+            assert_close(a, b, **TOL)
+
+    ours.save_pretrained(tmp_path / "ours")
+    written = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert written["model_type"] == "olmo" and written["intermediate_size"] == 40
+    back = transformers.OlmoForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32)
+    with torch.no_grad():
+        assert_close(back(ids).logits, theirs.logits, **TOL)
+    assert sorted(load_file(tmp_path / "ours" / "model.safetensors")) == sorted(
+        load_file(tmp_path / "theirs" / "model.safetensors")
+    )

@@ -170,6 +170,23 @@ def test_wrong_data_and_missing_model_are_config_errors(base, tmp_path):
         load_config(None, ["--objective=sft", f"--data.path={path}"])
 
 
+def test_a_fresh_run_reads_the_data_file_again(base, tmp_path):
+    """A new (not resumed) run in a directory an earlier run used, on a data file that changed
+    since: it prepares the new file and computes its reference log-probabilities afresh, so DPO
+    starts at ln 2 again on the new pairs (chosen and rejected swapped here)."""
+    first = train(load_config(config_file(tmp_path, base, "dpo", dpo_records(), steps=1)),
+                  progress=False)  # fmt: skip
+    before = log(first.run_dir)[0][0]
+    swapped = [dict(r, chosen=r["rejected"], rejected=r["chosen"]) for r in dpo_records()]
+    second = train(load_config(config_file(tmp_path, base, "dpo", swapped, steps=1)),
+                   progress=False)  # fmt: skip
+    assert first.run_dir == second.run_dir
+    after = log(second.run_dir)[0][0]
+    assert after["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert after["rewards/margins"] == pytest.approx(0, abs=1e-5)
+    assert after["logps/chosen"] == pytest.approx(before["logps/rejected"], rel=1e-5)
+
+
 @pytest.mark.parametrize("objective", ["sft", "dpo"])
 def test_two_processes_match_one(base, tmp_path, objective):
     """torchrun with 2 FSDP ranks of 2 examples each against one process accumulating the same

@@ -106,13 +106,19 @@ def test_causal_lm_loss_equals_the_sliced_logits_formula_and_its_gradient():
 
 def test_routing_statistics_counts_the_models_choices():
     logits = _random_logits(layers=2, tokens=10, experts=4)
-    stats = routing_statistics(_routing(logits, 2))
-    assert stats.shape == (2, 5)
+    stats = routing_statistics(_routing(logits, 2), num_experts=4)
+    assert stats.shape == (2, 4 + 3)  # expert counts, entropy, tokens, dropped slots
     for layer, z in enumerate(logits):
         chosen = z.detach().topk(2).indices.reshape(-1)
         assert stats[layer, :4].tolist() == torch.bincount(chosen, minlength=4).double().tolist()
         p = torch.softmax(z.detach().double(), -1)
         assert stats[layer, 4].item() == pytest.approx(-(p * p.log()).sum().item(), rel=1e-5)
+        assert stats[layer, 5:].tolist() == [10.0, 0.0]
+    assert routing_statistics([], num_experts=4).shape == (0, 7)  # a dense model
+
+
+def test_losses_of_a_model_without_experts_are_zero():
+    assert megablocks_lb_loss([]).item() == 0 and router_z_loss([]).item() == 0
 
 
 # ---------------------------------------------------------------------------- schedule

@@ -335,6 +335,11 @@ def collect_routing(
     """
     engine.apply(model)
     config = model.config
+    if config.moe_routing != "token_choice" or not config.moe_layer_indices:
+        raise ConfigError(
+            "the routing studies read each token's top-k choice of experts: this model has "
+            + ("no experts" if not config.moe_layer_indices else "expert-choice routing")
+        )
     if chunk_length > config.max_position_embeddings:
         raise ConfigError(
             f"chunk length {chunk_length} exceeds the model's context of "
@@ -350,7 +355,10 @@ def collect_routing(
             "was the corpus tokenised with another tokenizer?"
         )
     counts = RoutingCounts(
-        config.num_hidden_layers, config.num_experts, config.num_experts_per_tok, config.vocab_size
+        len(config.moe_layer_indices),
+        config.num_experts,
+        config.num_experts_per_tok,
+        config.vocab_size,
     )
     kinds = VOCABULARY_KINDS if vocabulary is True else (vocabulary or ())
     counts.track_vocabulary(kinds)

@@ -50,6 +50,38 @@ def plot_saturation(
     return _save(figure, path)
 
 
+def plot_saturation_series(
+    saturation: Mapping[int, np.ndarray],
+    revisions: Sequence[str],
+    steps: Sequence[int | None],
+    num_experts: int,
+    path,
+    layers: Sequence[int] | None = None,
+) -> Path:
+    """Saturation against the final model over training, one panel per k: a line for each
+    chosen layer (default first, middle, last) and for the mean over layers, the random level
+    k/E dashed. `saturation[k]` is (revisions, layers). The x axis is the step when every
+    revision's name gives one (step10000-tokens41B), else the revisions in order. Height 4.5 in."""
+    figure = _figure(4.5)
+    panels = figure.subplots(1, len(saturation), squeeze=False)[0]
+    by_step = all(step is not None for step in steps)
+    x = np.asarray(steps if by_step else range(len(revisions)))
+    for axes, (k, values) in zip(panels, sorted(saturation.items())):
+        for layer in layer_choice(values.shape[1], layers):
+            axes.plot(x, 100 * values[:, layer], marker="o", label=f"layer {layer}")
+        axes.plot(x, 100 * values.mean(axis=1), color="black", marker="s", label="mean")
+        axes.axhline(100 * k / num_experts, color="gray", linestyle="--", linewidth=1)
+        axes.set(ylabel=f"top-{k} saturation (%)", ylim=(0, 105), title=f"top-{k}")
+        if by_step:
+            axes.set_xlabel("step")
+        else:
+            axes.set_xticks(x, revisions, rotation=30, ha="right", fontsize=7)
+        axes.legend(title="dashed: random routing", fontsize=8)
+        axes.grid(alpha=0.3)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
 def plot_coactivation(
     matrices: Mapping[int, np.ndarray], experts: Mapping[int, np.ndarray], path
 ) -> Path:

@@ -18,6 +18,7 @@ from olmoe.analysis import plots, stats
 from olmoe.analysis.collect import VOCABULARY_KINDS, RoutingCounts
 from olmoe.errors import InputError
 from olmoe.fileio import write_atomic
+from olmoe.revisions import parse_revision
 
 
 def _shape(counts: RoutingCounts) -> dict:
@@ -43,6 +44,23 @@ def saturation_report(early: RoutingCounts, final: RoutingCounts) -> dict:
         **_shape(final),
         "saturation": {str(k): _floats(stats.router_saturation(early, final, k)) for k in ks},
         "random": {str(k): k / final.num_experts for k in ks},
+    }
+
+
+def saturation_series_report(early: Mapping[str, RoutingCounts], final: RoutingCounts) -> dict:
+    """The saturation of each revision in `early` (in training order) against `final`, as the
+    paper's figure traces routing over training: one `saturation_report` per revision, with
+    the step its name gives (step10000-tokens41B: 10000; null for other names)."""
+    if not early:
+        raise InputError("the saturation series needs at least one revision")
+    reports = [saturation_report(counts, final) for counts in early.values()]
+    return {
+        "study": "saturation_series",
+        **_shape(final),
+        "revisions": list(early),
+        "steps": [parse_revision(name).step for name in early],
+        "saturation": {k: [r["saturation"][k] for r in reports] for k in reports[0]["saturation"]},
+        "random": reports[0]["random"],
     }
 
 
@@ -147,6 +165,14 @@ def summary(report: dict) -> str:
         for layer, values in enumerate(zip(*(report["saturation"][k] for k in ks))):
             lines.append(f"{layer:5d}  " + "  ".join(f"{100 * v:5.1f}%" for v in values))
         lines.append("random " + "  ".join(f"{100 * report['random'][k]:5.1f}%" for k in ks))
+    elif study == "saturation_series":
+        ks = list(report["saturation"])
+        width = max(len(name) for name in report["revisions"])
+        header = "  ".join(f"top-{k:<3}" for k in ks)
+        lines = [f"{'revision':<{width}}  {header}   (mean over layers)"]
+        for index, name in enumerate(report["revisions"]):
+            means = (np.mean(report["saturation"][k][index]) for k in ks)
+            lines.append(f"{name:<{width}}  " + "  ".join(f"{100 * v:5.1f}%" for v in means))
     elif study == "coactivation":
         lines = ["layer  strongest pair (i -> j)  co-activation"]
         for layer, entry in report["layers"].items():
@@ -199,6 +225,16 @@ def _saturation_table(report):
     return ["layer", *(f"top{k}" for k in ks)], [[i, *row] for i, row in enumerate(rows)]
 
 
+def _saturation_series_table(report):
+    ks = list(report["saturation"])
+    rows = [
+        [name, step, layer, *(report["saturation"][k][index][layer] for k in ks)]
+        for index, (name, step) in enumerate(zip(report["revisions"], report["steps"]))
+        for layer in range(report["num_layers"])
+    ]
+    return ["revision", "step", "layer", *(f"top{k}" for k in ks)], rows
+
+
 def _coactivation_table(report):
     rows = []
     for layer, entry in report["layers"].items():
@@ -238,6 +274,17 @@ def _saturation_plots(report, out, layers):
     return [plots.plot_saturation(saturation, report["num_experts"], out / "saturation.png", title)]
 
 
+def _saturation_series_plots(report, out, layers):
+    saturation = {int(k): np.asarray(v, dtype=float) for k, v in report["saturation"].items()}
+    path = out / "saturation_series.png"
+    revisions, steps = report["revisions"], report["steps"]
+    return [
+        plots.plot_saturation_series(
+            saturation, revisions, steps, report["num_experts"], path, layers
+        )
+    ]
+
+
 def _coactivation_plots(report, out, layers):
     chosen = {int(layer): entry for layer, entry in report["layers"].items()}
     matrices = {layer: np.asarray(entry["coactivation"]) for layer, entry in chosen.items()}
@@ -275,6 +322,7 @@ def _load_plots(report, out, layers):
 
 _TABLES = {
     "saturation": _saturation_table,
+    "saturation_series": _saturation_series_table,
     "coactivation": _coactivation_table,
     "domains": _domains_table,
     "vocabulary": _vocabulary_table,
@@ -282,6 +330,7 @@ _TABLES = {
 }
 _PLOTS = {
     "saturation": _saturation_plots,
+    "saturation_series": _saturation_series_plots,
     "coactivation": _coactivation_plots,
     "domains": _domains_plots,
     "vocabulary": _vocabulary_plots,

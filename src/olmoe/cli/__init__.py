@@ -4,21 +4,25 @@
     olmoe chat MODEL                interactive chat (a terminal, or turns as lines on stdin)
     olmoe quantize MODEL OUTPUT     write an int8 copy of a checkpoint
     olmoe info MODEL                config, parameter counts, dtype and size of a checkpoint
+    olmoe revisions MODEL           a run's intermediate checkpoints, a hub repo's branches
     olmoe bench [--shape small]     olmoe against transformers and llama.cpp on this CPU
     olmoe data prepare SRC --out D  tokenise text/JSONL/folders/stdlib into training token files
     olmoe serve MODEL               OpenAI-compatible HTTP server (streaming, batching)
     olmoe analyze STUDY MODEL       the paper's routing studies: saturation, coactivation, ...
     olmoe train CONFIG              train (configs/*.yaml; --resume DIR; torchrun for N processes)
     olmoe plot RUN_DIR              a training run's curves and expert-load heatmap as PNG
+    olmoe upcycle DENSE OUT         a dense (OLMo) model's MLPs copied into experts
+    olmoe ablate SUITE              train the paper's design variants, compare them
     olmoe eval MODEL --tasks paper  OLMES benchmarks (MMLU, HellaSwag, ARC, ...), perplexity, bpb
 
-MODEL is a checkpoint directory or a hub repo id (`--revision` picks a branch). Mistakes a user
-can fix (an `olmoe.errors.OlmoeError`, or an OSError such as a missing file) end with one line on
-stderr and exit status 1 (2 for bad flags); set OLMOE_DEBUG=1 to see the traceback anyway. Any
-other exception is a bug in olmoe and keeps its traceback.
+MODEL is a checkpoint directory or a hub repo id (`--revision` picks a branch, or one of a
+training run's revisions). Mistakes a user can fix (an `olmoe.errors.OlmoeError`, or an OSError
+such as a missing file) end with one line on stderr and exit status 1 (2 for bad flags); set
+OLMOE_DEBUG=1 to see the traceback anyway. Any other exception is a bug in olmoe and keeps its
+traceback.
 
 Each command family has its module here (`generate`, `checkpoint`, `bench`, `data`, `serve`,
-`analysis`, `train`, `eval`), whose `add_commands(commands)` adds its subparsers with
+`analysis`, `train`, `design`, `eval`), whose `add_commands(commands)` adds its subparsers with
 `set_defaults(run=function)`; `common` holds what they share. The library never imports this
 package. torch is imported only inside the run functions, so that `olmoe --help` stays fast.
 """
@@ -42,6 +46,7 @@ COMMAND_MODULES = (
     "olmoe.cli.serve",
     "olmoe.cli.analysis",
     "olmoe.cli.train",
+    "olmoe.cli.design",
     "olmoe.cli.eval",
 )
 

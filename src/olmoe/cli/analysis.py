@@ -11,7 +11,8 @@ from olmoe.cli.common import add_load_arguments, add_model_arguments, load_model
 from olmoe.errors import UsageError
 
 STUDIES = {
-    "saturation": "how much of MODEL's routing already matches a later checkpoint (--against)",
+    "saturation": "how much of MODEL's routing already matches a later checkpoint (--against), "
+    "at one revision or over several (--revisions)",
     "coactivation": "how often pairs of experts are chosen for the same token",
     "domains": "each expert's share of the routing per corpus (--data NAME=SOURCE ...)",
     "vocabulary": "how consistently each token id goes to one expert",
@@ -29,7 +30,7 @@ def add_commands(commands) -> None:
         parser = studies.add_parser(study, help=help_text, description=help_text)
         add_model_arguments(parser)
         _add_common_arguments(parser, study)
-        parser.set_defaults(run=run_analyze)
+        parser.set_defaults(run=run_analyze, revisions=None)
     studies.choices["saturation"].add_argument(
         "--against",
         required=True,
@@ -37,7 +38,15 @@ def add_commands(commands) -> None:
         help="the later checkpoint (directory or repo id) to compare MODEL's routing with",
     )
     studies.choices["saturation"].add_argument(
-        "--against-revision", help="hub revision of FINAL (e.g. main)"
+        "--against-revision", help="revision of FINAL (e.g. main)"
+    )
+    studies.choices["saturation"].add_argument(
+        "--revisions",
+        type=_name_list,
+        metavar="R1,R2,...",
+        help="trace saturation over training: compare each of these revisions of MODEL, in "
+        "training order, with FINAL (e.g. step5000-tokens20B,step120000-tokens503B); writes "
+        "saturation_series.json, .csv and .png",
     )
     studies.choices["coactivation"].add_argument(
         "--top-experts",
@@ -100,6 +109,15 @@ def _layer_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected layers like 0,7,15, got {text!r}") from None
 
 
+def _name_list(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"expected distinct revisions like step1-tokens0B,step2-tokens0B, got {text!r}"
+        )
+    return names
+
+
 def run_analyze(args) -> int:
     from olmoe.analysis import Corpus, collect_corpora, studies
 
@@ -107,6 +125,10 @@ def run_analyze(args) -> int:
     for corpus in corpora or ():
         corpus.check()
     out = args.out or Path("analysis") / args.study
+    if args.revisions:
+        if args.revision is not None:
+            raise UsageError("--revision and --revisions both pick MODEL's revisions: pass one")
+        args.revision = args.revisions[0]
     model, tokenizer, _ = load_model(args)
     context = model.config.max_position_embeddings
     chunk_length = args.chunk_length or min(2048, context)
@@ -123,16 +145,15 @@ def run_analyze(args) -> int:
     }
     counts = collect_corpora(model, tokenizer, corpora, **collect)
     if args.study == "saturation":
-        counts = {"early": counts["all"]}
         del model  # two released-size models do not fit in memory together
-        gc.collect()
-        args.model, args.revision = args.against, args.against_revision
-        final, _, _ = load_model(args)
-        counts["final"] = collect_corpora(final, tokenizer, corpora, **collect)["all"]
+        counts = _saturation_counts(args, counts["all"], tokenizer, corpora, collect)
     for name, value in counts.items():
         value.save(out / f"counts-{name}.npz")
 
-    if args.study == "saturation":
+    if args.revisions:
+        early = {name: counts[name] for name in args.revisions}
+        report = studies.saturation_series_report(early, counts["final"])
+    elif args.study == "saturation":
         report = studies.saturation_report(counts["early"], counts["final"])
     elif args.study == "coactivation":
         report = studies.coactivation_report(counts["all"], args.layers, args.top_experts)
@@ -146,3 +167,23 @@ def run_analyze(args) -> int:
     print(studies.summary(report))
     print(f"wrote {len(written) + len(counts)} files to {out}", file=sys.stderr)
     return 0
+
+
+def _saturation_counts(args, first, tokenizer, corpora, collect) -> dict:
+    """The routing of MODEL (`first`: at --revision, or the first of --revisions) and then of
+    its other --revisions and of FINAL on the same tokens, one model in memory at a time."""
+    from olmoe.analysis import collect_corpora
+
+    names = args.revisions or ["early"]
+    counts = {names[0]: first}
+    for revision in names[1:]:
+        gc.collect()
+        args.revision = revision
+        model, _, _ = load_model(args)
+        counts[revision] = collect_corpora(model, tokenizer, corpora, **collect)["all"]
+        del model
+    gc.collect()
+    args.model, args.revision = args.against, args.against_revision
+    final, _, _ = load_model(args)
+    counts["final"] = collect_corpora(final, tokenizer, corpora, **collect)["all"]
+    return counts

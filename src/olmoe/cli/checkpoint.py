@@ -1,4 +1,4 @@
-"""`olmoe quantize MODEL OUTPUT` and `olmoe info MODEL`."""
+"""`olmoe quantize MODEL OUTPUT`, `olmoe info MODEL` and `olmoe revisions MODEL`."""
 
 from __future__ import annotations
 
@@ -30,6 +30,14 @@ def add_commands(commands) -> None:
     add_model_arguments(info)
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(run=run_info)
+
+    revisions = commands.add_parser(
+        "revisions",
+        help="list the intermediate checkpoints of a training run or the branches of a hub repo",
+    )
+    revisions.add_argument("model", metavar="MODEL", help="run directory or hub repo id")
+    revisions.add_argument("--json", action="store_true", help="print one JSON list")
+    revisions.set_defaults(run=run_revisions)
 
 
 def run_quantize(args) -> int:
@@ -86,6 +94,27 @@ def run_info(args) -> int:
     print("config")
     for key, value in sorted(config.to_dict().items()):
         print(f"  {key:<26} {json.dumps(value)}")
+    return 0
+
+
+def run_revisions(args) -> int:
+    from dataclasses import asdict
+
+    from olmoe.revisions import list_revisions
+
+    found = list_revisions(args.model)
+    if not found:
+        print(f"{args.model} has no revisions: checkpoint.revisions_every keeps them", file=sys.stderr)
+    if args.json:
+        print(json.dumps([asdict(revision) for revision in found], indent=2))
+        return 0
+    width = max([len("revision"), *(len(r.name) for r in found)])
+    print(f"{'revision':<{width}}  {'step':>9}  {'tokens':>7}  {'size':>9}")
+    for r in found:
+        step = "" if r.step is None else f"{r.step:,}"
+        tokens = "" if r.tokens_billions is None else f"{r.tokens_billions:,}B"
+        size = "" if r.size is None else _size(r.size)
+        print(f"{r.name:<{width}}  {step:>9}  {tokens:>7}  {size:>9}")
     return 0
 
 

@@ -34,7 +34,11 @@ def number(kind, low, low_inclusive=True, high=None, what=""):
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="checkpoint directory or hub repo id")
-    parser.add_argument("--revision", help="hub branch, tag or commit (e.g. step10000-tokens41B)")
+    parser.add_argument(
+        "--revision",
+        help="hub branch, tag or commit, or a training run's revision (e.g. step10000-tokens41B; "
+        "olmoe revisions MODEL lists them)",
+    )
 
 
 def add_load_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,7 +11,8 @@ reference code they inherit. They compute what the reference computes, in bf16 w
 sums; tests/engine compares each path with the reference.
 
 `generate`, the command line, the server, evaluation and the trainer apply it themselves.
-Where it cannot run (no AVX-512 BF16/VNNI, no compiler, or OLMOE_KERNELS=0) `apply` changes
+Where it cannot run (no AVX-512 BF16/VNNI, no compiler, or OLMOE_KERNELS=0), and for a model
+with any of the paper's design switches off the released architecture, `apply` changes
 nothing; `remove` gives the reference modules back.
 """
 
@@ -36,9 +37,16 @@ def available() -> bool:
 def apply(model: nn.Module) -> nn.Module:
     """Give `model`'s modules their engine classes, in place, where the engine runs here;
     returns `model`. Safe to call again, e.g. after quantising or replacing modules."""
-    if available():
+    if available() and released_design(model):
         _swap(model, _TO_ENGINE)
     return model
+
+
+def released_design(model: nn.Module) -> bool:
+    """Whether `model` has the released architecture, the one the engine's modules implement
+    (the paper's design switches, olmoe.config.DESIGN_SWITCHES, run on the reference code)."""
+    config = getattr(model, "config", None)
+    return config is None or not config.transformers_unsupported()
 
 
 def remove(model: nn.Module) -> nn.Module:
@@ -60,4 +68,4 @@ def _swap(model: nn.Module, classes: dict[type[nn.Module], type[nn.Module]]) -> 
             module.__class__ = replacement
 
 
-__all__ = ["applied", "apply", "available", "native", "remove"]
+__all__ = ["applied", "apply", "available", "native", "released_design", "remove"]

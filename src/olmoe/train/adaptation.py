@@ -136,11 +136,13 @@ class Adaptation:
         return [self.examples.sequence(i) for i in range(len(self.examples.offsets) - 1)]
 
     @torch.no_grad()
-    def compute_reference(self, model, path: Path, autocast, batch_size: int) -> None:
+    def compute_reference(
+        self, model, path: Path, autocast, batch_size: int, reuse: bool = False
+    ) -> None:
         """The reference model's (summed log-prob, token count) of every sequence, computed
-        once and kept at `path` (read back when it is there: a resumed run)."""
+        once and kept at `path`; `reuse` (a resumed run) reads them back from there instead."""
         sequences = self.reference_sequences()
-        if path.is_file():
+        if reuse and path.is_file():
             reference = np.load(path)
             if reference.shape == (len(sequences), 2):
                 self.reference = reference
@@ -191,7 +193,7 @@ class SupervisedFineTuning(Adaptation):
         trained = (labels[:, 1:] != -100).sum()
         nll = loss.detach() * (trained if self.config.preference.sft_reduction == "mean" else 1)
         values |= {"nll": nll, "trained": trained.float()}
-        return total, values, routing_statistics(out.routing)
+        return total, values, routing_statistics(out.routing, model.config.num_experts)
 
     def forward_packed(self, model, sequences, autocast):
         """As `forward`, on the sequences packed into rows (`pack_batch`)."""
@@ -241,7 +243,7 @@ class DirectPreference(Adaptation):
             "logps/chosen": sums[:n].detach().mean(),
             "logps/rejected": sums[n:].detach().mean(),
         }
-        return total, values, routing_statistics(out.routing)
+        return total, values, routing_statistics(out.routing, model.config.num_experts)
 
 
 class KahnemanTversky(Adaptation):
@@ -289,7 +291,7 @@ class KahnemanTversky(Adaptation):
             "rewards/rejected_sum": rewards[~desirable].sum(),
             "rewards/rejected_count": (~desirable).sum().float(),
         }
-        return total, values, routing_statistics(out.routing)
+        return total, values, routing_statistics(out.routing, model.config.num_experts)
 
     def summarize(self, sums, micro_batches):
         record = {

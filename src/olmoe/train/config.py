@@ -242,10 +242,17 @@ class EvalSection:
 class CheckpointSection:
     every: int = 1000  # a resumable checkpoint every N steps (0: only at the end)
     keep: int = 2  # newest checkpoints kept; older ones are deleted (0 keeps all)
+    # Also keep the model alone every N steps (0: never) as revision RUN/revisions/step{N}-
+    # tokens{M}B, named as the released model's hub branches; rotation never deletes these.
+    revisions_every: int = 0
 
     def validate(self) -> None:
         _require(self.every >= 0, f"checkpoint.every must be >= 0, got {self.every}")
         _require(self.keep >= 0, f"checkpoint.keep must be >= 0, got {self.keep}")
+        _require(
+            self.revisions_every >= 0,
+            f"checkpoint.revisions_every must be >= 0 (0: off), got {self.revisions_every}",
+        )
 
 
 @dataclass

@@ -25,31 +25,42 @@ from olmoe.moe import RouterOutput
 
 def megablocks_lb_loss(routing: Sequence[RouterOutput]) -> torch.Tensor:
     """megablocks' load-balancing loss, averaged over layers. Each entry is one layer's routing
-    for the local micro-batch; the result is a float32 scalar with a gradient through P only."""
+    for the local micro-batch; the result is a float32 scalar with a gradient through P only
+    (0 for a model without experts)."""
     per_layer = []
     for layer in routing:
-        tokens, experts = layer.probs.shape
-        top_k = layer.top_k_indices.shape[-1]
-        slot_share = layer.tokens_per_expert.float() / (tokens * top_k)  # hard counts: no gradient
+        experts = layer.probs.shape[-1]
+        counts = layer.tokens_per_expert.float()  # hard counts: no gradient
+        slot_share = counts / counts.sum().clamp_min(1)  # the T * K slots' shares
         per_layer.append(experts * torch.dot(slot_share, layer.probs.mean(dim=0)))
-    return torch.stack(per_layer).mean()
+    return torch.stack(per_layer).mean() if per_layer else torch.zeros(())
 
 
 def router_z_loss(routing: Sequence[RouterOutput], per_slot: bool = True) -> torch.Tensor:
     """Mean over layers and tokens of logsumexp(logits)^2, divided by K too when `per_slot`
-    (the released OLMoE code's scale); float32 scalar."""
+    (the released OLMoE code's scale); float32 scalar (0 for a model without experts)."""
+    if not routing:
+        return torch.zeros(())
     squares = [torch.logsumexp(r.logits.float(), dim=-1).square().mean() for r in routing]
     z = torch.stack(squares).mean()
-    return z / routing[0].top_k_indices.shape[-1] if per_slot else z
+    return z / routing[0].slots_per_token if per_slot else z
 
 
-def routing_statistics(routing: Sequence[RouterOutput]) -> torch.Tensor:
-    """Per layer: tokens routed to each expert (hard top-k counts) and the summed entropy of the
-    tokens' router distributions, as an (L, E + 1) float64 tensor so micro-batches and ranks add
-    up by plain summation (the trainer logs max/mean load and mean entropy from it)."""
+# The columns `routing_statistics` adds after the E expert counts.
+ENTROPY, TOKENS, DROPPED = range(-3, 0)
+
+
+def routing_statistics(routing: Sequence[RouterOutput], num_experts: int) -> torch.Tensor:
+    """Per MoE layer: the slots routed to each expert (hard top-k counts), the summed entropy of
+    the tokens' router distributions, the tokens routed and the slots dropped for capacity, as
+    an (L, E + 3) float64 tensor so that micro-batches and ranks add up by plain summation (the
+    trainer logs load, entropy and drops from it)."""
     with torch.no_grad():
-        rows = [
-            torch.cat([r.tokens_per_expert.double(), r.entropy().sum().double().reshape(1)])
-            for r in routing
-        ]
-    return torch.stack(rows)
+        rows = [_statistics_row(r) for r in routing]
+    return torch.stack(rows) if rows else torch.zeros(0, num_experts + 3, dtype=torch.float64)
+
+
+def _statistics_row(routing: RouterOutput) -> torch.Tensor:
+    extra = torch.tensor([0.0, routing.probs.shape[0], routing.dropped], dtype=torch.float64)
+    extra[ENTROPY] = routing.entropy().sum()
+    return torch.cat([routing.tokens_per_expert.double(), extra.to(routing.probs.device)])

@@ -8,6 +8,8 @@
 (The trainer's files sit in a subdirectory so that loaders globbing `*.safetensors` for weights
 never see them.)
     RUN/checkpoints/latest               the name of the newest complete checkpoint
+    RUN/revisions/step100-tokens0B/      with checkpoint.revisions_every: the model alone (hub
+                                         layout), named as the hub names revisions, never rotated
 
 A checkpoint is written into `.step-N.partial` and renamed to `step-N` only when every file is in
 place and flushed to disk; `latest` is replaced the same way after that (olmoe.fileio). A run
@@ -21,6 +23,7 @@ JSON are read back: no pickles.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -39,7 +42,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from olmoe.errors import CheckpointError, ConfigError
-from olmoe.fileio import replace_directory, write_atomic
+from olmoe.fileio import atomic_directory, replace_directory, write_atomic
+from olmoe.revisions import REVISIONS_DIR, revision_name
 from olmoe.train.distributed import Environment
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -139,6 +143,18 @@ def export_model(model: torch.nn.Module, directory: Path, env: Environment, toke
     if env.distributed:
         dist.barrier()
     return plain
+
+
+def save_revision(
+    model: torch.nn.Module, run_dir: Path, step: int, tokens: int, env: Environment, tokenizer=None
+) -> Path:
+    """Keep the model of this step as revision `step{N}-tokens{M}B` of the run: what
+    `export_model` writes, staged and renamed into RUN/revisions/ whole, so that a run killed
+    mid-save leaves no revision that looks complete. Collective; returns its directory."""
+    final = Path(run_dir) / REVISIONS_DIR / revision_name(step, tokens)
+    with atomic_directory(final) if env.is_main else contextlib.nullcontext() as staging:
+        export_model(model, staging, env, tokenizer)
+    return final
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:

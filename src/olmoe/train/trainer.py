@@ -11,8 +11,9 @@ preference data: a step is `train.global_batch_examples` examples, and the objec
 each micro-batch's loss.
 
 RUN/log.jsonl gets one JSON line per step (loss, ce, lb, z, grad_norm, lr, tokens, tokens_per_s,
-and per layer: load_max = max/mean tokens per expert, router_entropy = mean entropy of the
-router's softmax in nats, expert_counts; DPO and KTO add TRL's rewards/* and logps/*) and one
+and per MoE layer: load_max = max/mean tokens per expert, router_entropy = mean entropy of the
+router's softmax in nats, expert_counts, and with token dropping `dropped`, the share of routing
+slots dropped; DPO and KTO add TRL's rewards/* and logps/*) and one
 per evaluation (val_loss, or the objective's val_* values).
 """
 
@@ -36,7 +37,14 @@ from olmoe.model import causal_lm_loss
 from olmoe.train import distributed, state
 from olmoe.train.config import TrainConfig
 from olmoe.train.lock import RunLock
-from olmoe.train.losses import megablocks_lb_loss, router_z_loss, routing_statistics
+from olmoe.train.losses import (
+    DROPPED,
+    ENTROPY,
+    TOKENS,
+    megablocks_lb_loss,
+    router_z_loss,
+    routing_statistics,
+)
 from olmoe.train.optim import build_optimizer
 from olmoe.train.schedule import learning_rate
 
@@ -126,7 +134,9 @@ class Trainer:
         if (source / METADATA_FILE).is_file():
             return ChatExamples(source)
         prepared = self.run_dir / f"data-{split}"
-        if (prepared / METADATA_FILE).is_file():  # a resumed run: the data it was prepared from
+        # A resumed run reads the data its checkpoints were trained on; a fresh run prepares the
+        # file again, as it may have changed since a run in the same directory read it.
+        if self.resume_from is not None and (prepared / METADATA_FILE).is_file():
             meta = ChatExamples(prepared).metadata
             if (meta["source"], meta["max_length"]) != (str(source), self.config.data.seq_len):
                 raise ConfigError(
@@ -263,7 +273,9 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         micro = self.config.train.micro_batch_size
         for objective, path in pairs:
-            objective.compute_reference(reference, path, self._autocast, micro)
+            objective.compute_reference(
+                reference, path, self._autocast, micro, reuse=self.resume_from is not None
+            )
 
     def _trim_log(self) -> None:
         """A resumed run rewrites the log up to its checkpoint's step (a run killed after it
@@ -294,7 +306,7 @@ class Trainer:
         lb = megablocks_lb_loss(out.routing)
         z = router_z_loss(out.routing, per_slot=cfg.z_loss_per_slot)
         total = ce + cfg.lb_coef * lb + cfg.z_coef * z
-        return total, ce, lb, z, routing_statistics(out.routing)
+        return total, ce, lb, z, routing_statistics(out.routing, self.model_config.num_experts)
 
     def _micro_batch(self):
         """The next micro-batch's total loss, its named values to sum, and routing statistics."""
@@ -340,20 +352,22 @@ class Trainer:
             values = self.objective.summarize(summed, micro_batches)
         self.tokens_seen += step_tokens
         routing = reduced[len(names) :].reshape(routing.shape)
-        counts, entropy = routing[:, :-1], routing[:, -1]
-        tokens_routed = counts.sum(dim=1) / self.model_config.num_experts_per_tok  # tokens/layer
+        counts = routing[:, :ENTROPY]
         mean_load = counts.sum(dim=1) / counts.shape[1]
-        return {
+        record = {
             "step": self.step,
             **values,
             "grad_norm": float(grad_norm),
             "lr": lr,
             "tokens": self.tokens_seen,
             "tokens_per_s": step_tokens / seconds,
-            "load_max": (counts.max(dim=1).values / mean_load).tolist(),
-            "router_entropy": (entropy / tokens_routed).tolist(),
+            "load_max": (counts.max(dim=1).values / mean_load).tolist() if len(counts) else [],
+            "router_entropy": (routing[:, ENTROPY] / routing[:, TOKENS]).tolist(),
             "expert_counts": counts.long().tolist(),
         }
+        if not self.model_config.moe_dropless:  # share of the routing slots dropped, per layer
+            record["dropped"] = (routing[:, DROPPED] / counts.sum(dim=1)).tolist()
+        return record
 
     def validation(self) -> dict[str, float]:
         """The validation values to log: val_loss (and unigram_loss when pretraining, or the
@@ -449,12 +463,20 @@ class Trainer:
                     bar.write(f"step {self.step}: validation loss {val:.4f}")
                 if last or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
                     self.save(tokenizer)
+                revisions = cfg.checkpoint.revisions_every
+                if revisions and self.step % revisions == 0:
+                    state.save_revision(
+                        self.model, self.run_dir, self.step, self.tokens_seen, env, tokenizer
+                    )
         if self.eval_batches and val is None:  # resumed at the end: still report the model
             values = self.validation()
             val, unigram = values["val_loss"], values.get("unigram_loss")
+        # The final model is the run's revision `main` (olmoe.revisions).
         exported = state.export_model(self.model, self.run_dir, env, tokenizer)
         sample = None
-        if exported is not None and tokenizer is not None and cfg.eval.sample_prompt:
+        # An expert-choice model cannot generate (each expert reads the whole sequence).
+        generates = self.model_config.moe_routing != "expert_choice"
+        if exported is not None and tokenizer is not None and cfg.eval.sample_prompt and generates:
             sample = _sample(exported, tokenizer, cfg.eval.sample_prompt, cfg.eval.sample_tokens)
         return TrainResult(self.run_dir, self.step, self.tokens_seen, val, unigram, sample)
 
