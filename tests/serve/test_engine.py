@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 
+from olmoe.errors import InputError
 from olmoe.generation import SamplingParams
 from olmoe.moe import route
 from olmoe.serve import engine as engine_module
@@ -252,3 +253,14 @@ def test_stop_finishes_the_accepted_work_first(engine_factory):
     assert [g.wait().tokens[0] for g in got] == [expected_greedy(model, p, 8) for p in PROMPTS[:3]]
     with pytest.raises(QueueFull, match="shutting down"):
         submit(engine, PROMPTS[0], 3)
+
+
+def test_an_expert_choice_model_is_refused():
+    with pytest.raises(InputError, match="expert choice"):
+        Engine(tiny_model(moe_routing="expert_choice"), tokenizer=None)
+
+
+def test_a_model_with_dense_layers_serves_and_counts_its_moe_layers():
+    model = tiny_model(num_hidden_layers=3, mlp_only_layers=[1])
+    engine = Engine(model, tokenizer=None)
+    assert engine.stats.expert_tokens.shape == (2, model.config.num_experts)

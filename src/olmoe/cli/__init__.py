@@ -33,6 +33,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from olmoe.errors import OlmoeError
@@ -64,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"olmoe: note: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     bench = argv[:1] == ["bench"]  # its options, --help included, belong to the benchmark
@@ -75,7 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from olmoe.memory import retain_freed_memory
 
             retain_freed_memory()  # one job per process: reuse freed blocks, no page faults anew
-        return args.run(args)
+        with warnings.catch_warnings():  # the library's warnings as one line each
+            warnings.showwarning = _print_warning
+            return args.run(args)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130

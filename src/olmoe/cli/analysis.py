@@ -120,6 +120,7 @@ def _name_list(text: str) -> list[str]:
 
 def run_analyze(args) -> int:
     from olmoe.analysis import Corpus, collect_corpora, studies
+    from olmoe.fileio import move_into_directory, staging_directory
 
     corpora = [Corpus.parse(spec) for spec in args.data] if args.data else None
     for corpus in corpora or ():
@@ -147,8 +148,6 @@ def run_analyze(args) -> int:
     if args.study == "saturation":
         del model  # two released-size models do not fit in memory together
         counts = _saturation_counts(args, counts["all"], tokenizer, corpora, collect)
-    for name, value in counts.items():
-        value.save(out / f"counts-{name}.npz")
 
     if args.revisions:
         early = {name: counts[name] for name in args.revisions}
@@ -163,7 +162,13 @@ def run_analyze(args) -> int:
         report = studies.vocabulary_report(counts["all"], tokenizer, args.layers, args.min_count)
     else:
         report = studies.load_report(counts["all"])
-    written = studies.write_report(report, out, args.layers)
+    # Staged, then moved in together: a write that fails (a full disk) leaves the last run's
+    # files as they were, not some of them replaced.
+    with staging_directory(out) as staging:
+        for name, value in counts.items():
+            value.save(staging / f"counts-{name}.npz")
+        written = studies.write_report(report, staging, args.layers)
+        move_into_directory(staging, out)
     print(studies.summary(report))
     print(f"wrote {len(written) + len(counts)} files to {out}", file=sys.stderr)
     return 0

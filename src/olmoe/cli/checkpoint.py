@@ -42,7 +42,7 @@ def add_commands(commands) -> None:
 
 def run_quantize(args) -> int:
     from olmoe import OlmoeForCausalLM
-    from olmoe.checkpoint import parse_size
+    from olmoe.checkpoint import parse_size, save_pretrained
     from olmoe.tokenizer import Tokenizer
 
     output = Path(args.output).expanduser()
@@ -56,8 +56,9 @@ def run_quantize(args) -> int:
     model = OlmoeForCausalLM.from_pretrained(
         args.model, revision=args.revision, quantize=args.method
     )
-    model.save_pretrained(output, max_shard_size=args.max_shard_size)
-    Tokenizer.from_pretrained(args.model, revision=args.revision).save_pretrained(output)
+    tokenizer = Tokenizer.from_pretrained(args.model, revision=args.revision)
+    # One save for both: a full disk must not leave weights without their tokenizer.
+    save_pretrained(model, output, max_shard_size=args.max_shard_size, tokenizer=tokenizer)
     print(f"wrote {args.method} checkpoint to {output}", file=sys.stderr)
     return 0
 
@@ -85,10 +86,12 @@ def run_info(args) -> int:
         )
         return 0
     print(f"checkpoint   {summary.directory}")
-    print(
-        f"parameters   {total:,} total, {active:,} active per token "
-        f"({config.num_experts_per_tok} of {config.num_experts} experts)"
+    experts = (
+        f"{config.num_experts_per_tok} of {config.num_experts} experts"
+        if config.moe_layer_indices
+        else "dense: no experts"
     )
+    print(f"parameters   {total:,} total, {active:,} active per token ({experts})")
     print(f"dtype        {', '.join(summary.dtypes)}")
     print(f"files        {summary.num_files} safetensors, {_size(summary.total_bytes)}")
     print("config")
@@ -104,7 +107,9 @@ def run_revisions(args) -> int:
 
     found = list_revisions(args.model)
     if not found:
-        print(f"{args.model} has no revisions: checkpoint.revisions_every keeps them", file=sys.stderr)
+        print(
+            f"{args.model} has no revisions: checkpoint.revisions_every keeps them", file=sys.stderr
+        )
     if args.json:
         print(json.dumps([asdict(revision) for revision in found], indent=2))
         return 0
@@ -114,7 +119,7 @@ def run_revisions(args) -> int:
         step = "" if r.step is None else f"{r.step:,}"
         tokens = "" if r.tokens_billions is None else f"{r.tokens_billions:,}B"
         size = "" if r.size is None else _size(r.size)
-        print(f"{r.name:<{width}}  {step:>9}  {tokens:>7}  {size:>9}")
+        print(f"{r.name:<{width}}  {step:>9}  {tokens:>7}  {size:>9}".rstrip())
     return 0
 
 

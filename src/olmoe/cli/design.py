@@ -99,10 +99,8 @@ def run_upcycle(args) -> int:
         seed=args.seed,
     )
     model.save_pretrained(output)
-    try:
-        Tokenizer.from_pretrained(args.model, revision=args.revision).save_pretrained(output)
-    except OSError:
-        print(f"note: {args.model} has no tokenizer files; none copied", file=sys.stderr)
+    # A checkpoint without tokenizer files gets OLMo's, as every command reads it.
+    Tokenizer.from_pretrained(args.model, revision=args.revision).save_pretrained(output)
     config = model.config
     print(
         f"wrote {output}: {config.num_parameters():,} parameters, "

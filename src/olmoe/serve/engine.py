@@ -126,6 +126,7 @@ class Engine:
     def __init__(self, model, tokenizer, max_batch_size: int = 8, max_queue: int = 64):
         if max_batch_size < 1 or max_queue < 0:
             raise ConfigError("max_batch_size must be >= 1 and max_queue >= 0")
+        model.check_can_generate()
         self.model = engine.apply(model)
         self.tokenizer = tokenizer
         self.config = model.config
@@ -134,7 +135,7 @@ class Engine:
         self.max_queue = max_queue
         self.eos = torch.tensor(eos_id_list(model.config.eos_token_id), dtype=torch.long)
         self.cache = SlotCache(model.config, max_batch_size, model.dtype, model.device)
-        self.stats = Stats(model.config.num_hidden_layers, model.config.num_experts)
+        self.stats = Stats(len(model.config.moe_layer_indices), model.config.num_experts)
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: list[_Sequence] = []  # row i of the cache holds _running[i]
         self._condition = threading.Condition()
@@ -368,14 +369,16 @@ class Engine:
 
     # ------------------------------------------------------------------------ routing
     def _count_experts(self, routing) -> None:
+        if not routing:  # a model without experts
+            return
         loads = torch.stack([layer.tokens_per_expert.cpu() for layer in routing])
         with self.stats.lock:
             self.stats.expert_tokens += loads
 
     def _experts(self, routing, rows: list[int]) -> list[list[list[int]]]:
         """For each of `rows`, the expert ids (top-k, most probable first) of every layer."""
-        if not rows:
-            return []
+        if not rows or not routing:
+            return [[] for _ in rows]
         picked = torch.stack([layer.top_k_indices[rows] for layer in routing], dim=1)
         return picked.tolist()  # (rows, layers, K)
 
