@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 
 from olmoe.cli.common import (
@@ -14,6 +15,7 @@ from olmoe.cli.common import (
     wait_passively,
 )
 from olmoe.errors import UsageError
+from olmoe.serve.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_REQUEST_TIMEOUT_S, Limits
 
 API_KEY_ENV = "OLMOE_API_KEY"
 
@@ -48,11 +50,12 @@ def add_commands(commands) -> None:
     )
     serve.add_argument(
         "--max-queue",
-        type=number(int, 0, what="an integer >= 0"),
+        type=number(int, 1, what="an integer >= 1"),
         default=64,
         help="most requests waiting for a batch row; beyond it requests get 503 "
         "(default: %(default)s)",
     )
+    add_limit_arguments(serve)
     serve.add_argument(
         "--api-key",
         help=f"require 'Authorization: Bearer KEY' on every route but /health "
@@ -67,6 +70,51 @@ def add_commands(commands) -> None:
         "browser (CORS; repeatable; default: none)",
     )
     serve.set_defaults(run=run_serve)
+
+
+def add_limit_arguments(serve) -> None:
+    """What one request may ask for; a request over a limit gets a 4xx that names the flag."""
+    whole = number(int, 1, what="an integer >= 1")
+    serve.add_argument(
+        "--max-prompt-tokens",
+        type=whole,
+        help="most tokens a prompt may have (default: the context window less one)",
+    )
+    serve.add_argument(
+        "--max-new-tokens",
+        type=whole,
+        help="most tokens one choice may generate: a larger max_tokens gets 400, and the default "
+        "(chat: the rest of the context window) is cut to it (default: the context window)",
+    )
+    serve.add_argument(
+        "--max-input-chars",
+        type=whole,
+        help="most characters of text (prompts or messages) one request may have, checked before "
+        "tokenizing (default: 32 per allowed prompt token)",
+    )
+    serve.add_argument(
+        "--max-body-bytes",
+        type=whole,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help="largest request body; a larger one gets 413 (default: %(default)s, 16 MiB)",
+    )
+    serve.add_argument(
+        "--request-timeout",
+        type=number(float, 0, what="a number of seconds >= 0"),
+        default=DEFAULT_REQUEST_TIMEOUT_S,
+        help="seconds from a request's arrival to its last token, queueing included; a request "
+        "that takes longer gets 408 (0: no limit; default: %(default)g)",
+    )
+
+
+def limits_of(args: argparse.Namespace) -> Limits:
+    return Limits(
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_new_tokens=args.max_new_tokens,
+        max_input_chars=args.max_input_chars,
+        max_body_bytes=args.max_body_bytes,
+        request_timeout=args.request_timeout or None,
+    )
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -97,7 +145,15 @@ def run_serve(args: argparse.Namespace) -> int:
     model.eval()
     engine = Engine(model, tokenizer, args.max_batch_size, args.max_queue)
     name = args.served_model_name or args.model
-    app = create_app(Server(engine, tokenizer, name, api_key), args.allowed_origin)
+    app = create_app(Server(engine, tokenizer, name, api_key, limits_of(args)), args.allowed_origin)
+    # uvicorn turns SIGTERM and SIGINT into a graceful shutdown: it stops accepting, lets the
+    # in-flight responses finish, runs the app's shutdown (which stops the engine), and then
+    # re-raises the signal, with the handlers it found restored. Ctrl-C then ends as an interrupt
+    # (130); SIGTERM finds the handler below and ends with 0, which process managers read as a
+    # clean stop. Set before the startup line, which tells clients (and tests) they may signal.
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
+    signal.signal(signal.SIGTERM, _sigterm_handler(server))
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     print(
@@ -106,9 +162,13 @@ def run_serve(args: argparse.Namespace) -> int:
         f"{', API key required' if api_key else ''})",
         flush=True,
     )
-    # uvicorn turns SIGTERM and SIGINT into a graceful shutdown: it stops accepting, lets the
-    # in-flight responses finish, runs the app's shutdown (which stops the engine), and then
-    # re-raises the signal, so the process ends as the signal says.
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
-    uvicorn.Server(config).run(sockets=[sock])
+    server.run(sockets=[sock])
     return 0
+
+
+def _sigterm_handler(server):
+    def handle(signum, frame) -> None:
+        if not server.should_exit:  # it came before uvicorn listens for signals: pass it on
+            server.handle_exit(signum, frame)
+
+    return handle

@@ -2,7 +2,8 @@
 
 engine.py    the continuous-batching scheduler: one thread decodes all running sequences
 slots.py     the KV cache whose rows hold sequences of different lengths
-protocol.py  OpenAI's request bodies (pydantic) and error body
-app.py       the FastAPI routes, server-sent events, errors
+protocol.py  OpenAI's request bodies (pydantic), error body and response shapes
+limits.py    what one request may ask for (the --max-* and --request-timeout flags)
+app.py       the FastAPI routes, server-sent events, errors, the OpenAPI schema
 metrics.py   /metrics in Prometheus text format
 """

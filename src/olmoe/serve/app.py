@@ -5,9 +5,12 @@
     GET  /v1/models             the one model served
     GET  /health                200 while the server runs (no API key needed)
     GET  /metrics               Prometheus text format (see metrics.py)
+    GET  /openapi.json          the OpenAPI schema of the above, request and response bodies
 
 Bodies are read and validated here rather than by FastAPI, so that every bad body — not UTF-8,
-not JSON, a wrong type — gets OpenAI's error object with a message that names the problem.
+not JSON, a wrong type — gets OpenAI's error object with a message that names the problem. The
+routes declare their bodies for the OpenAPI schema only. What a request may ask for is bounded
+by `Limits` (limits.py): a request over one gets a 4xx whose message names the flag.
 Text comes from `olmoe.streaming.IncrementalDecoder` per choice: pieces never split a character
 and never show any part of a stop string.
 """
@@ -26,22 +29,34 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from olmoe import __version__
 from olmoe.errors import OlmoeError
 from olmoe.generation import SamplingParams
 from olmoe.serve import engine as engine_module
 from olmoe.serve import metrics
+from olmoe.serve.limits import Limits
 from olmoe.serve.protocol import (
     APIError,
+    ChatCompletion,
+    ChatCompletionChunk,
     ChatCompletionRequest,
+    Completion,
+    CompletionChunk,
     CompletionRequest,
+    ErrorResponse,
+    Health,
+    ModelList,
     error_body,
     new_id,
     now,
     parse,
     usage,
+    valid_utf8,
 )
 from olmoe.streaming import IncrementalDecoder
 
@@ -49,9 +64,17 @@ from olmoe.streaming import IncrementalDecoder
 DISCONNECT_POLL_S = 1.0
 # OpenAI's default for /v1/completions; chat defaults to the room left in the context window.
 DEFAULT_COMPLETION_TOKENS = 16
-# Far above any prompt that fits a context window; a body beyond it is refused unread.
-MAX_BODY_BYTES = 16 * 2**20
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+# A smaller temperature is greedy in effect, and a far smaller one overflows the scaled logits to
+# inf, which sampling cannot draw from: as vLLM does, such a temperature means greedy.
+MIN_SAMPLING_TEMPERATURE = 1e-5
+ROUTES = (
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/models",
+    "/health",
+    "/metrics",
+    "/openapi.json",
+)
 
 
 @dataclass
@@ -77,11 +100,19 @@ class _Job:
     """One HTTP request's prompts in the engine: `n` choices per prompt, indexed as OpenAI does
     (prompt i's choices are i*n ... i*n + n - 1)."""
 
-    def __init__(self, server: Server, prompts: list[list[int]], body, max_tokens: list[int]):
+    def __init__(
+        self,
+        server: Server,
+        prompts: list[list[int]],
+        body,
+        max_tokens: list[int],
+        deadline: float | None,
+    ):
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.server = server
         self.arrived = time.monotonic()
+        self.deadline = deadline
         self.first_token_seen = False
         self.n = body.n
         self.prompt_tokens = sum(len(p) for p in prompts)
@@ -90,9 +121,10 @@ class _Job:
         echo = getattr(body, "echo", False)
         stops = body.stop_strings
         temperature = 1.0 if body.temperature is None else body.temperature
+        sample = temperature >= MIN_SAMPLING_TEMPERATURE
         params = SamplingParams(
-            do_sample=temperature > 0,
-            temperature=temperature or 1.0,
+            do_sample=sample,
+            temperature=temperature if sample else 1.0,
             top_k=body.top_k,
             top_p=body.top_p,
             repetition_penalty=body.repetition_penalty or 1.0,
@@ -152,7 +184,8 @@ class _Job:
     async def updates(self, disconnected=None) -> AsyncIterator[tuple[_Choice, str]]:
         """(choice, new text) as tokens arrive, until every choice has finished. Every
         DISCONNECT_POLL_S seconds `disconnected()` (if given) is asked whether the client has
-        gone, which ends the job (streams learn it from the server instead)."""
+        gone, which ends the job (streams learn it from the server instead). Past the deadline
+        it raises the request timeout's error."""
         remaining = len(self.choices)
         next_check = time.monotonic() + DISCONNECT_POLL_S
         while remaining:
@@ -160,9 +193,14 @@ class _Job:
                 if await disconnected():
                     raise APIError(499, "the client closed the connection")
                 next_check = time.monotonic() + DISCONNECT_POLL_S
+            wait = DISCONNECT_POLL_S
+            if self.deadline is not None:
+                wait = min(wait, self.deadline - time.monotonic())
+                if wait <= 0:
+                    raise self.server.timed_out()
             try:
-                prompt_index, out = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
-            except TimeoutError:
+                prompt_index, out = await asyncio.wait_for(self.queue.get(), wait)
+            except asyncio.TimeoutError:  # Python 3.10's is not the built-in TimeoutError
                 continue
             choice = self.choices[prompt_index * self.n + out.index]
             if out.error is not None:
@@ -206,11 +244,20 @@ class _Job:
 
 
 class Server:
-    def __init__(self, engine, tokenizer, model_name: str, api_key: str | None = None):
+    def __init__(
+        self,
+        engine,
+        tokenizer,
+        model_name: str,
+        api_key: str | None = None,
+        limits: Limits = Limits(),
+    ):
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.api_key = api_key
+        self.limits = limits
+        self.max_input_chars = limits.input_chars(engine.context_window)
         self.created = now()
         self.responses: collections.Counter[tuple[str, int]] = collections.Counter()
         self.first_token = metrics.Histogram(
@@ -242,21 +289,27 @@ class Server:
                 code="invalid_api_key",
             )
 
-    async def read(self, request: Request, model):
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            raise APIError(413, f"the request body exceeds {MAX_BODY_BYTES} bytes")
-        raw = await request.body()
+    def deadline(self) -> float | None:
+        """When a request arriving now times out (None: never)."""
+        timeout = self.limits.request_timeout
+        return None if timeout is None else time.monotonic() + timeout
+
+    def timed_out(self) -> APIError:
+        return APIError(
+            408,
+            f"the request took longer than this server allows ({self.limits.request_timeout:g} s, "
+            "--request-timeout): ask for fewer tokens, or retry when the server is less busy",
+            code="request_timeout",
+        )
+
+    async def read(self, request: Request, model, deadline: float | None):
+        raw = await self._body(request, deadline)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise APIError(400, f"the request body is not valid UTF-8 ({exc.reason} at byte "
                            f"{exc.start})") from None  # fmt: skip
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise APIError(400, f"the request body is not valid JSON: {exc}") from None
-        body = parse(model, data)
+        body = parse(model, _json(text))
         if body.model != self.model_name:
             raise APIError(
                 404,
@@ -273,21 +326,66 @@ class Server:
             )
         return body
 
+    async def _body(self, request: Request, deadline: float | None) -> bytes:
+        """The body, read as it arrives: a body over the limit is refused as soon as it is, so
+        a client without a Content-Length cannot make the server hold more."""
+        limit = self.limits.max_body_bytes
+        too_large = APIError(
+            413, f"the request body exceeds {limit} bytes (--max-body-bytes)", code="body_too_large"
+        )
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+
+        async def receive() -> bytes:
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+        try:  # a client that sends its body slowly holds a connection: the timeout bounds it
+            return await asyncio.wait_for(
+                receive(), None if deadline is None else deadline - time.monotonic()
+            )
+        except asyncio.TimeoutError:
+            raise self.timed_out() from None
+
     def encode(self, text: str, where: str) -> list[int]:
-        try:
-            text.encode("utf-8")  # JSON's \ud800 escapes decode to unpaired surrogates
-        except UnicodeEncodeError:
-            raise APIError(
-                400, f"{where} is not valid UTF-8 (an unpaired surrogate)", param=where
-            ) from None
+        if not valid_utf8(text):  # JSON's \ud800 escapes decode to unpaired surrogates
+            raise APIError(400, f"{where} is not valid UTF-8 (an unpaired surrogate)", param=where)
         return self.tokenizer.encode(text)
+
+    def check_input_size(self, texts: Sequence[str], where: str) -> None:
+        """Refuse text over the tokenizer's bound before tokenizing it: tokenizing runs on the
+        event loop, where every stream waits for it."""
+        size = sum(len(text) for text in texts)
+        if size > self.max_input_chars:
+            raise APIError(
+                400,
+                f"{where} holds {size} characters, more than this server reads per request "
+                f"({self.max_input_chars}, --max-input-chars)",
+                param=where,
+                code="input_too_long",
+            )
 
     def prompts(self, body: CompletionRequest) -> list[list[int]]:
         prompt = body.prompt
         if isinstance(prompt, str):
+            self.check_input_size([prompt], "prompt")
             return [self.encode(prompt, "prompt")]
         if all(isinstance(p, int) for p in prompt):
             return [self._check_ids(prompt, "prompt")]
+        if len(prompt) > self.engine.max_queue:  # it could never be queued whole: not busy, too big
+            raise APIError(
+                400,
+                f"prompt holds {len(prompt)} prompts, more than this server queues at once "
+                f"({self.engine.max_queue}, --max-queue)",
+                param="prompt",
+            )
+        self.check_input_size([p for p in prompt if isinstance(p, str)], "prompt")
         return [
             self.encode(p, f"prompt.{i}")
             if isinstance(p, str)
@@ -303,6 +401,7 @@ class Server:
 
     def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
         conversation = body.conversation()
+        self.check_input_size([message["content"] for message in conversation], "messages")
         for i, message in enumerate(conversation):
             self.encode(message["content"], f"messages.{i}.content")
         try:
@@ -313,13 +412,23 @@ class Server:
             raise APIError(400, f"messages: {exc}", param="messages") from None
 
     def budgets(self, prompts: list[list[int]], asked: int | None, default: int | None):
-        """Tokens to generate per prompt: what was asked, which must fit the context window, or
-        the default clipped to the room left."""
+        """Tokens to generate per prompt: what was asked, which must fit the context window and
+        --max-new-tokens, or the default clipped to both."""
         window = self.engine.context_window
+        most = self.limits.max_new_tokens
+        if asked is not None and most is not None and asked > most:
+            raise APIError(
+                400,
+                f"max_tokens={asked} exceeds this server's limit of {most} new tokens "
+                "(--max-new-tokens)",
+                param="max_tokens",
+                code="max_tokens_exceeded",
+            )
         budgets = []
         for ids in prompts:
             if not ids:
                 raise APIError(400, "the prompt is empty", param="prompt")
+            self._check_prompt_tokens(ids)
             room = window - len(ids)
             if room <= 0:
                 raise APIError(
@@ -337,8 +446,31 @@ class Server:
                     param="max_tokens",
                     code="context_length_exceeded",
                 )
-            budgets.append(asked if asked is not None else min(default or room, room))
+            budget = asked if asked is not None else min(default or room, room)
+            budgets.append(budget if most is None else min(budget, most))
         return budgets
+
+    def _check_prompt_tokens(self, ids: list[int]) -> None:
+        most = self.limits.max_prompt_tokens
+        if most is not None and len(ids) > most:
+            raise APIError(
+                400,
+                f"the prompt has {len(ids)} tokens, more than this server accepts ({most}, "
+                "--max-prompt-tokens): shorten it",
+                param="prompt",
+                code="prompt_too_long",
+            )
+
+
+def _json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise APIError(400, f"the request body is not valid JSON: {exc}") from None
+    except ValueError:  # Python reads integers of at most 4300 digits
+        raise APIError(400, "the request body holds a number with too many digits") from None
+    except RecursionError:
+        raise APIError(400, "the request body nests arrays or objects too deeply") from None
 
 
 def create_app(server: Server, allowed_origins: Sequence[str] = ()) -> FastAPI:
@@ -349,7 +481,16 @@ def create_app(server: Server, allowed_origins: Sequence[str] = ()) -> FastAPI:
         # uvicorn has waited for the in-flight responses; the engine has nothing left to do.
         await asyncio.to_thread(server.engine.stop)
 
-    app = FastAPI(title="olmoe", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="olmoe",
+        version=__version__,
+        description="OLMoE behind OpenAI's HTTP API (docs/serving.md).",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
+    app.openapi = lambda: _openapi(app, server)
     if allowed_origins:  # browser front ends on other origins (CORS preflight needs no key)
         app.add_middleware(
             CORSMiddleware,
@@ -375,13 +516,13 @@ def create_app(server: Server, allowed_origins: Sequence[str] = ()) -> FastAPI:
         message = f"internal error: {type(exc).__name__}: {exc}"
         return JSONResponse(error_body(message, "server_error"), status_code=500)
 
-    @app.get("/health")
+    @app.get("/health", responses=HEALTH_RESPONSES)
     async def health():
         if not server.engine.alive:  # for load balancers: this process can no longer generate
             return JSONResponse({"status": "the engine has stopped"}, status_code=503)
         return {"status": "ok"}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_responses(ModelList, 401))
     async def models(request: Request):
         server.authorize(request)
         return {
@@ -397,7 +538,7 @@ def create_app(server: Server, allowed_origins: Sequence[str] = ()) -> FastAPI:
             ],
         }
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=_responses(None, 401))
     async def prometheus(request: Request):
         server.authorize(request)
         return PlainTextResponse(
@@ -405,24 +546,120 @@ def create_app(server: Server, allowed_origins: Sequence[str] = ()) -> FastAPI:
             media_type=metrics.CONTENT_TYPE,
         )
 
-    @app.post("/v1/completions")
+    @app.post(
+        "/v1/completions",
+        responses=_responses(Completion, *GENERATION_ERRORS, stream=CompletionChunk),
+        openapi_extra=_request_body(CompletionRequest),
+    )
     async def completions(request: Request):
+        deadline = server.deadline()
         server.authorize(request)
-        body = await server.read(request, CompletionRequest)
+        body = await server.read(request, CompletionRequest, deadline)
         prompts = server.prompts(body)
         budgets = server.budgets(prompts, body.max_tokens, DEFAULT_COMPLETION_TOKENS)
-        return await _respond(server, request, body, prompts, budgets, _CompletionFormat())
+        job = _Job(server, prompts, body, budgets, deadline)
+        return await _respond(server, request, body, job, _CompletionFormat())
 
-    @app.post("/v1/chat/completions")
+    @app.post(
+        "/v1/chat/completions",
+        responses=_responses(ChatCompletion, *GENERATION_ERRORS, stream=ChatCompletionChunk),
+        openapi_extra=_request_body(ChatCompletionRequest),
+    )
     async def chat_completions(request: Request):
+        deadline = server.deadline()
         server.authorize(request)
-        body = await server.read(request, ChatCompletionRequest)
+        body = await server.read(request, ChatCompletionRequest, deadline)
         prompt = server.chat_prompt(body)
         asked = body.max_completion_tokens or body.max_tokens
         budgets = server.budgets([prompt], asked, None)
-        return await _respond(server, request, body, [prompt], budgets, _ChatFormat())
+        job = _Job(server, [prompt], body, budgets, deadline)
+        return await _respond(server, request, body, job, _ChatFormat())
 
     return app
+
+
+# ---------------------------------------------------------------------------- the OpenAPI schema
+ERROR_MEANINGS = {
+    400: "a malformed or unsupported request, or one over a limit: the message says which",
+    401: "a missing or wrong API key (when the server has one)",
+    404: "another model's name",
+    408: "the request outlasted --request-timeout",
+    413: "a body over --max-body-bytes",
+    500: "a failure inside the server (a bug)",
+    503: "the queue is full (--max-queue) or the server is shutting down: retry later",
+}
+GENERATION_ERRORS = (400, 401, 404, 408, 413, 500, 503)
+SCHEMA_REF = "#/components/schemas/{model}"
+# Models the schema names that no route declares to FastAPI: the request bodies, which the
+# handlers read themselves, and the events of a stream.
+EXTRA_MODELS = (CompletionRequest, ChatCompletionRequest, CompletionChunk, ChatCompletionChunk)
+HEALTH_RESPONSES = {
+    200: {"model": Health, "description": "the server runs"},
+    503: {"model": Health, "description": "the engine thread has stopped: no more generation"},
+}
+
+
+def _responses(model, *errors: int, stream=None) -> dict:
+    """A route's responses for the OpenAPI schema: `model` on 200 (with `stream`: also the
+    server-sent events of that chunk model) and OpenAI's error body on each of `errors`."""
+    ok: dict[str, Any] = {"description": "success"}
+    if model is not None:
+        ok["model"] = model
+    if stream is not None:
+        ok["description"] = (
+            f"a {model.__name__}; with stream: true, server-sent events of {stream.__name__}s, "
+            "then `data: [DONE]`"
+        )
+        ok["content"] = {"text/event-stream": {"schema": _event(stream)}}
+    described = {
+        status: {"model": ErrorResponse, "description": ERROR_MEANINGS[status]} for status in errors
+    }
+    return {200: ok, **described}
+
+
+def _event(chunk) -> dict:
+    """One server-sent event of a stream (OpenAPI 3.1: the schema of an event-stream is that of
+    each event): a chunk, an error once the stream has started, or the closing [DONE]."""
+    payload = {"anyOf": [_ref(chunk), _ref(ErrorResponse)]}
+    json_data = {"type": "string", "contentMediaType": "application/json", "contentSchema": payload}
+    data = {"anyOf": [{"const": "[DONE]"}, json_data]}
+    return {"type": "object", "required": ["data"], "properties": {"data": data}}
+
+
+def _request_body(model) -> dict:
+    content = {"application/json": {"schema": _ref(model)}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def _ref(model) -> dict:
+    return {"$ref": SCHEMA_REF.format(model=model.__name__)}
+
+
+def _openapi(app: FastAPI, server: Server) -> dict[str, Any]:
+    """FastAPI's schema of the routes plus EXTRA_MODELS."""
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        _, extra = models_json_schema(
+            [(model, "validation") for model in EXTRA_MODELS], ref_template=SCHEMA_REF
+        )
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(extra["$defs"])
+        # What only this server knows: the model's name (any other gets a 404) and its vocabulary.
+        for name in (CompletionRequest.__name__, ChatCompletionRequest.__name__):
+            components[name]["properties"]["model"] = {"enum": [server.model_name]}
+        _bound_integers(components["CompletionRequest"]["properties"]["prompt"], server)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def _bound_integers(node: dict[str, Any], server: Server) -> None:
+    """Bound the token ids in a prompt's schema by the vocabulary."""
+    if node.get("type") == "integer":
+        node.update(minimum=0, maximum=server.engine.config.vocab_size - 1)
+    for inner in [*node.get("anyOf", ()), *([node["items"]] if "items" in node else [])]:
+        _bound_integers(inner, server)
 
 
 # ---------------------------------------------------------------------------- response shapes
@@ -496,8 +733,7 @@ class _ChatFormat:
         }
 
 
-async def _respond(server: Server, request: Request, body, prompts, budgets, shape):
-    job = _Job(server, prompts, body, budgets)
+async def _respond(server: Server, request: Request, body, job: _Job, shape):
     job.submit()
     head = {"id": new_id(shape.prefix), "created": now(), "model": server.model_name}
     if body.stream:
@@ -530,12 +766,24 @@ async def _respond(server: Server, request: Request, body, prompts, budgets, sha
     }
 
 
+# Characters that JSON leaves raw but that many clients' line readers (str.splitlines, httpx's
+# aiter_lines) take for line breaks, splitting an event in two. Inside JSON they can only stand in
+# strings, where their escapes mean the same text.
+_LINE_BREAKS_TO_ESCAPE = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def sse_data(payload: Any) -> str:
+    """One server-sent event carrying `payload` as JSON, on a line no client splits."""
+    text = json.dumps(payload, ensure_ascii=False).translate(_LINE_BREAKS_TO_ESCAPE)
+    return f"data: {text}\n\n"
+
+
 async def _stream(job: _Job, head: dict, shape, include_usage: bool) -> AsyncIterator[str]:
     def event(choices: list, **extra) -> str:
         chunk = {**head, "object": shape.chunk_obj, "choices": choices, **extra}
         if include_usage:
             chunk.setdefault("usage", None)
-        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        return sse_data(chunk)
 
     try:
         for choice in job.choices:
@@ -554,7 +802,7 @@ async def _stream(job: _Job, head: dict, shape, include_usage: bool) -> AsyncIte
                 choice.sent = len(choice.tokens)
                 yield event([entry])
         except APIError as exc:  # the stream has started: the error goes in-band
-            yield f"data: {json.dumps(exc.body())}\n\n"
+            yield sse_data(exc.body())
         else:
             if include_usage:
                 yield event([], usage=usage(job.prompt_tokens, job.completion_tokens))
