@@ -53,10 +53,11 @@ def records_grad(*tensors: torch.Tensor) -> bool:
 
 def streams(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `x @ weight.T` goes to the streaming kernels: a few bf16 rows on the CPU, bf16 or
-    int8 weights, no gradient."""
+    int8 weights in the layout the kernels read (contiguous), no gradient."""
     return (
         x.dtype == torch.bfloat16
         and weight.dtype in (torch.bfloat16, torch.int8)
+        and weight.is_contiguous()
         and x.device.type == "cpu"
         and decode_sized(x)
         and not records_grad(x, weight)

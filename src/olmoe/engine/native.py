@@ -7,9 +7,12 @@ The build (about a minute, once per machine and torch version) lands in `~/.cach
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
+import importlib.util
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -46,21 +49,10 @@ def compiled():
     missing = [f for f in REQUIRED_CPU_FLAGS if f not in cpu_flags()]
     if missing:
         return None
-    from torch.utils.cpp_extension import load
-
-    from olmoe.assets import cache_dir
-
-    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
-    build = cache_dir() / "kernels" / digest
-    build.mkdir(parents=True, exist_ok=True)
-    name = f"olmoe_cpu_{digest}"
-    if not (build / f"{name}.so").exists():
-        print("olmoe: compiling the CPU decode kernels (once, about a minute)...", file=sys.stderr)
+    library = library_path()
+    name, build = library.stem, library.parent
     try:
-        return load(
-            name=name, sources=[str(SOURCE)], build_directory=str(build),
-            extra_cflags=COMPILER_FLAGS, verbose=False,
-        )  # fmt: skip
+        return _import(name, library) if library.exists() else _build(name, build, library)
     except Exception as exc:  # no compiler, no ninja, a failed build: PyTorch still works
         warnings.warn(
             f"olmoe's CPU kernels could not be built ({type(exc).__name__}: {exc}); decoding "
@@ -68,6 +60,51 @@ def compiled():
             stacklevel=2,
         )
         return None
+
+
+def library_path() -> Path:
+    """Where the library built from this cpu.cpp, torch and flags lives (it may not exist)."""
+    from olmoe.assets import cache_dir
+
+    recipe = SOURCE.read_bytes() + torch.__version__.encode() + " ".join(COMPILER_FLAGS).encode()
+    digest = hashlib.sha256(recipe).hexdigest()[:12]
+    return cache_dir() / "kernels" / digest / f"olmoe_cpu_{digest}.so"
+
+
+def _build(name: str, build: Path, library: Path):
+    """Compile cpu.cpp into `library`, one process at a time, and return the module.
+
+    The lock is an flock, which the OS drops when its holder dies: torch's own build lock is a
+    file that a process killed mid-build leaves behind, after which every later build would wait
+    on it forever (so torch's runs only in a staging folder that the holder of ours empties).
+    The library is built there and renamed into place, so a killed build never leaves a
+    half-written one that later processes would try to import."""
+    from torch.utils.cpp_extension import load
+
+    build.mkdir(parents=True, exist_ok=True)
+    with open(build / "build.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if library.exists():  # another process built it while this one waited
+            return _import(name, library)
+        print("olmoe: compiling the CPU decode kernels (once, about a minute)...", file=sys.stderr)
+        staging = build / "staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        module = load(
+            name=name, sources=[str(SOURCE)], build_directory=str(staging),
+            extra_cflags=COMPILER_FLAGS, verbose=False,
+        )  # fmt: skip
+        os.replace(staging / library.name, library)
+        shutil.rmtree(staging, ignore_errors=True)
+        return module
+
+
+def _import(name: str, library: Path):
+    """Import the built extension module straight from its file: no rebuild check, no lock."""
+    spec = importlib.util.spec_from_file_location(name, library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def linear(
