@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -14,11 +15,14 @@ from olmoe.cli.common import (
     wait_passively,
 )
 from olmoe.errors import UsageError
+from olmoe.eval.chat_tasks import CHAT_TASKS
+from olmoe.eval.generative_tasks import GENERATIVE_TASK_NAMES
 from olmoe.eval.strategies import STRATEGIES
 from olmoe.eval.tasks import BUILTIN_TASKS, MMLU, MMLU_SUBJECTS, PAPER_TASKS, is_task_file
 
 # The names --tasks takes besides single tasks.
-TASK_GROUPS = {"paper": PAPER_TASKS, "all": BUILTIN_TASKS}
+TASK_GROUPS = {"paper": PAPER_TASKS, "all": BUILTIN_TASKS, "generative": GENERATIVE_TASK_NAMES}
+KNOWN_TASKS = (*BUILTIN_TASKS, *CHAT_TASKS, *GENERATIVE_TASK_NAMES)
 
 
 def add_commands(commands) -> None:
@@ -34,7 +38,9 @@ def add_commands(commands) -> None:
     parser.add_argument(
         "--tasks",
         help=f"comma-separated tasks: {', '.join(BUILTIN_TASKS)}, mmlu:<subject>, a task file "
-        "(.yaml/.json), or the groups 'paper' (the model card's six) and 'all'",
+        "(.yaml/.json), or the groups 'paper' (the model card's six) and 'all' (the multiple-"
+        f"choice tasks); mmlu_chat (0-shot in the chat format, as OLMoE-Instruct was scored); "
+        f"generative tasks: {', '.join(GENERATIVE_TASK_NAMES)}, or the group 'generative'",
     )
     parser.add_argument(
         "--text",
@@ -85,9 +91,62 @@ def add_commands(commands) -> None:
     parser.add_argument(
         "--predictions", action="store_true", help="include per-question predictions in --output"
     )
+    _add_generation_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_load_arguments(parser)
     parser.set_defaults(run=run_eval)
+
+
+def _add_generation_arguments(parser) -> None:
+    group = parser.add_argument_group(
+        "generative tasks", "each task's reference settings unless overridden here"
+    )
+    group.add_argument(
+        "--generations",
+        metavar="FILE",
+        help="append each problem's generations to FILE (JSON lines) as it finishes; a rerun "
+        "with the same FILE skips the problems already there (resumes an interrupted run)",
+    )
+    group.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        help="prompt through the chat template (default: when the checkpoint ships a chat "
+        "template of its own, not olmoe's built-in Tulu fallback)",
+    )
+    group.add_argument(
+        "--max-new-tokens", type=number(int, 1, what="an integer >= 1"), help="tokens per answer"
+    )
+    group.add_argument(
+        "--temperature",
+        type=number(float, 0, what="a number >= 0"),
+        help="sampling temperature; 0 is greedy (the tasks' default)",
+    )
+    group.add_argument(
+        "--samples",
+        type=number(int, 1, what="an integer >= 1"),
+        help="answers per problem (pass@k for code up to k = samples; needs --temperature > 0)",
+    )
+    group.add_argument(
+        "--stop",
+        type=_stop_sequences,
+        metavar="JSON",
+        help="stop sequences as a JSON list of strings, e.g. '[\"\\n\\n\", \"Question:\"]' "
+        "('[]': none)",
+    )
+    group.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+
+
+def _stop_sequences(text: str) -> tuple[str, ...]:
+    # JSON, so that newlines and quotes need no shell tricks.
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON list of non-empty strings such as '[\"\\n\\n\"]', got {text!r}"
+        )
+    return tuple(value)
 
 
 def expand_tasks(spec: str) -> list[str]:
@@ -104,10 +163,10 @@ def expand_tasks(spec: str) -> list[str]:
                 bad = [s for s in name.split(":", 1)[1].split("+") if s not in MMLU_SUBJECTS]
                 if bad:
                     raise UsageError(f"--tasks: unknown MMLU subject(s) {', '.join(bad)}")
-            elif name not in BUILTIN_TASKS:
+            elif name not in KNOWN_TASKS:
                 raise UsageError(
-                    f"--tasks: unknown task {name!r}; choose from {', '.join(BUILTIN_TASKS)}, "
-                    "mmlu:<subject>, paper, all, or a task file (.yaml/.json)"
+                    f"--tasks: unknown task {name!r}; choose from {', '.join(KNOWN_TASKS)}, "
+                    "mmlu:<subject>, paper, all, generative, or a task file (.yaml/.json)"
                 )
             if name not in names:
                 names.append(name)
@@ -123,6 +182,19 @@ def run_eval(args) -> int:
     for path in args.text or []:
         if not Path(path).exists():
             raise UsageError(f"--text: no file or folder at {path}")
+    written = [path for path in (args.output, args.generations) if path]
+    if written:
+        from olmoe.fileio import check_writable
+
+        for path in written:
+            check_writable(path)
+    if args.generations and not set(tasks) & set(GENERATIVE_TASK_NAMES):
+        raise UsageError("--generations keeps generative tasks' answers: name one in --tasks")
+    if (args.samples or 1) > 1 and not args.temperature:
+        raise UsageError(
+            f"--samples {args.samples} needs --temperature above 0: greedy decoding writes the "
+            "same answer every time"
+        )
     if args.stride is not None and args.stride >= args.max_length:
         raise UsageError(
             f"--stride must be below --max-length ({args.max_length}) so that each window keeps "
@@ -150,6 +222,7 @@ def run_eval(args) -> int:
             progress=progress,
             keep_predictions=args.predictions,
             model_info=info,
+            generation=_generation_options(args, tasks, tokenizer),
         )
     else:
         results = {"format": "olmoe-eval/1", "model": info, "tasks": {}}
@@ -172,6 +245,31 @@ def run_eval(args) -> int:
         write_atomic(args.output, json.dumps(results, indent=2) + "\n")
         print(f"wrote {args.output}", file=sys.stderr)
     return 0
+
+
+def _generation_options(args, tasks: list[str], tokenizer) -> dict | None:
+    """evaluate_generative's options from the flags; None when no generative task is asked."""
+    if not set(tasks) & set(GENERATIVE_TASK_NAMES):
+        return None
+    from olmoe.eval.generative import Overrides
+    from olmoe.tokenizer import TULU_CHAT_TEMPLATE
+
+    chat = args.chat
+    if chat is None:
+        # Every olmoe tokenizer has a template (Tulu's when the checkpoint ships none, and
+        # olmoe saves it with every checkpoint, base models included): only another one marks
+        # a chat model.
+        chat = tokenizer.chat_template != TULU_CHAT_TEMPLATE
+    how = "detected" if args.chat is None else "--chat" if chat else "--no-chat"
+    kind = "chat" if chat else "base"
+    print(f"olmoe eval: generative tasks prompted as a {kind} model ({how})", file=sys.stderr)
+    overrides = Overrides(args.max_new_tokens, args.temperature, args.samples, args.stop)
+    return {
+        "chat": chat,
+        "overrides": overrides,
+        "seed": args.seed,
+        "generations_file": args.generations,
+    }
 
 
 def _perplexity(args, model, tokenizer, progress: bool) -> dict:

