@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import builtins
+import errno
+import io
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
 import huggingface_hub
 import pytest
+import safetensors.torch
 import torch
+from safetensors import SafetensorError
 
 from olmoe import OlmoeConfig, OlmoeForCausalLM
 
@@ -50,3 +60,89 @@ def one_torch_thread():
 def _deterministic():
     torch.manual_seed(1234)
     yield
+
+
+class _FillingFile:
+    """A file being written on a disk that fills up: a write beyond the room left writes the
+    part that fits and raises ENOSPC, as a real one does."""
+
+    def __init__(self, file, disk: dict):
+        self._file, self._disk = file, disk
+
+    def write(self, data):
+        room = self._disk["room"]
+        self._disk["room"] = max(0, room - len(data))
+        if len(data) > room:
+            self._file.write(data[:room])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self._file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self._file.close()
+
+
+def _writes_under(folder: Path, file, mode: str) -> bool:
+    named = isinstance(file, (str, os.PathLike))  # not a descriptor (os.fdopen)
+    return named and bool(set(mode) & set("wax+")) and Path(file).absolute().is_relative_to(folder)
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """`full_disk(folder, room)`: from now on, files written under `folder` share `room` bytes
+    and a write beyond them fails with ENOSPC; safetensors' save_file (which writes from Rust,
+    past Python's open) fails there with safetensors' own error for it."""
+
+    def fill(folder: Path, room: int = 0) -> None:
+        disk, real_open = {"room": room}, io.open
+
+        def open_(file, mode="r", *args, **kwargs):
+            handle = real_open(file, mode, *args, **kwargs)
+            return _FillingFile(handle, disk) if _writes_under(folder, file, mode) else handle
+
+        def save_file(tensors, filename, metadata=None):
+            data = safetensors.torch.save(tensors, metadata=metadata)
+            try:
+                with open_(filename, "wb") as file:
+                    file.write(data)
+            except OSError as exc:  # as safetensors: remove the file, raise its error
+                os.unlink(filename)
+                raise SafetensorError(
+                    f"Error while serializing: I/O error: {exc.strerror} (os error {exc.errno})"
+                ) from None
+
+        import olmoe.checkpoint
+        import olmoe.train.state
+
+        monkeypatch.setattr(io, "open", open_)
+        monkeypatch.setattr(builtins, "open", open_)
+        for module in (olmoe.checkpoint, olmoe.train.state):
+            monkeypatch.setattr(module, "save_file", save_file)
+
+    return fill
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """An empty directory that refuses writes: mode 0o555, or, for root (whom modes do not
+    stop), a read-only tmpfs mounted on it; skipped where root may not mount."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    command = ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)]
+    mounted = shutil.which("mount") and subprocess.run(command, capture_output=True, check=False)
+    if not mounted or mounted.returncode:
+        pytest.skip("a read-only directory: root cannot mount a tmpfs here")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)

@@ -1,15 +1,20 @@
 """olmoe.fileio: atomic, durable writes of files and directories."""
 
+import errno
 import os
 from pathlib import Path
 
 import pytest
+from safetensors import SafetensorError
 
 from olmoe.fileio import (
+    _naming_failures,
     atomic_directory,
     atomic_path,
+    check_writable,
     move_into_directory,
     replace_directory,
+    safetensors_os_errors,
     write_atomic,
 )
 
@@ -152,8 +157,91 @@ def test_move_into_directory_keeps_the_other_entries(tmp_path, fsyncs):
     assert fsyncs[-1] == final
 
 
+def test_move_into_directory_moves_the_last_names_last(tmp_path, monkeypatch):
+    final = make_dir(tmp_path / "run", {"log.jsonl": "log"})
+    staging = make_dir(tmp_path / ".run.partial", {"model": "w", "config.json": "{}", "t": "t"})
+    moved, real_replace = [], os.replace
+
+    def replace(source, destination):
+        moved.append(Path(source).name)
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", replace)
+    move_into_directory(staging, final, last=("model",))
+    assert moved[-1] == "model" and sorted(moved) == ["config.json", "model", "t"]
+
+
 def test_move_into_a_missing_directory_renames_it(tmp_path):
     staging = make_dir(tmp_path / ".run.partial", {"config.json": "new"})
     move_into_directory(staging, tmp_path / "run")
     assert contents(tmp_path / "run") == {"config.json": "new"}
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+# ---------------------------------------------------------------------------- failed writes
+def test_a_write_error_names_the_output_and_what_is_kept(tmp_path):
+    final = tmp_path / "results.json"
+    with pytest.raises(OSError) as caught, _naming_failures(final):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".results.x.partial"))
+    assert caught.value.errno == errno.ENOSPC
+    assert str(caught.value) == f"[Errno 28] cannot write {final} (No space left on device)"
+    final.write_text("old")
+    with pytest.raises(OSError, match=r"\(Read-only file system\); the earlier results.json is "
+                       "unchanged$"), _naming_failures(final):  # fmt: skip
+        raise OSError(errno.EROFS, "Read-only file system")
+
+
+def test_other_errors_keep_their_own_message_unless_every_error_is_the_outputs(tmp_path):
+    final = tmp_path / "out"
+    for error in (OSError(errno.ENOENT, "No such file", "input.txt"), OSError("no errno")):
+        with pytest.raises(OSError) as caught, _naming_failures(final):
+            raise error
+        assert caught.value is error  # an input's error, say: not the output's to explain
+    with pytest.raises(OSError, match=r"cannot write .*out \(Permission denied\)"), \
+            _naming_failures(final, every_error=True):  # fmt: skip
+        raise OSError(errno.EACCES, "Permission denied")
+
+
+def test_a_full_disk_keeps_the_old_file_and_no_temporary(tmp_path, full_disk):
+    path = tmp_path / "results.json"
+    write_atomic(path, "old")
+    full_disk(tmp_path, room=3)
+    with pytest.raises(OSError, match="the earlier results.json is unchanged") as caught:
+        write_atomic(path, "new results")
+    assert caught.value.errno == errno.ENOSPC
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_a_full_disk_keeps_the_old_directory_and_no_staging(tmp_path, full_disk):
+    final = make_dir(tmp_path / "tokens", {"train.npy": "old"})
+    full_disk(tmp_path, room=10)
+    with (
+        pytest.raises(OSError, match=r"tokens \(No space left on device\); the earlier"),
+        atomic_directory(final) as staging,
+        open(staging / "train.npy", "w") as file,
+    ):
+        file.write("more than ten bytes")
+    assert contents(final) == {"train.npy": "old"}
+    assert [p.name for p in tmp_path.iterdir()] == ["tokens"]
+
+
+def test_safetensors_write_errors_become_os_errors():
+    with pytest.raises(OSError) as caught, safetensors_os_errors():
+        raise SafetensorError("Error while serializing: I/O error: No space left (os error 28)")
+    assert caught.value.errno == errno.ENOSPC
+    assert isinstance(caught.value.__cause__, SafetensorError)
+    with pytest.raises(SafetensorError), safetensors_os_errors():  # not a write's: kept
+        raise SafetensorError("Error while deserializing header: HeaderTooLarge")
+
+
+def test_check_writable_creates_nothing(tmp_path):
+    check_writable(tmp_path / "new" / "deeper" / "results.json")  # from the nearest folder
+    check_writable(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_writable_refuses_a_read_only_folder(read_only_dir):
+    with pytest.raises(OSError, match=r"cannot write .*/read-only/out/a.json \(") as caught:
+        check_writable(read_only_dir / "out" / "a.json")
+    assert caught.value.errno in (errno.EROFS, errno.EACCES)

@@ -26,7 +26,12 @@ from tqdm.auto import tqdm
 
 from olmoe.config import CONFIG_NAME, OlmoeConfig
 from olmoe.errors import CheckpointError, InputError
-from olmoe.fileio import default_permissions, move_into_directory, staging_directory
+from olmoe.fileio import (
+    default_permissions,
+    move_into_directory,
+    safetensors_os_errors,
+    staging_directory,
+)
 from olmoe.memory import advise_huge_pages
 
 WEIGHTS_NAME = "model.safetensors"
@@ -386,12 +391,15 @@ def parse_size(size: int | str) -> int:
     return result
 
 
-def save_pretrained(model, directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
-    """Write config.json and the weights in the hub layout.
+def save_pretrained(
+    model, directory: str | os.PathLike, max_shard_size: int | str = "5GB", tokenizer=None
+) -> None:
+    """Write config.json and the weights in the hub layout (and `tokenizer`'s files).
 
     Files are written to a temporary directory beside the target and moved in only when all of
-    them are complete, so an interrupted save never leaves a half-written checkpoint; weight
-    files of an earlier save that the new one does not use are removed.
+    them are complete, so an interrupted save never leaves a half-written checkpoint (nor one
+    without its tokenizer); weight files of an earlier save that the new one does not use are
+    removed.
     """
     limit = parse_size(max_shard_size)
     config: OlmoeConfig = model.config
@@ -432,7 +440,8 @@ def save_pretrained(model, directory: str | os.PathLike, max_shard_size: int | s
         for name, shard in zip(names, tqdm(shards, desc="Saving", unit="shard", disable=None)):
             # Expert slices are contiguous, non-overlapping views of the stacked tensors, which
             # safetensors (>= 0.8) writes straight from memory: saving makes no copy of them.
-            save_file(dict(shard), staging / name, metadata={"format": "pt"})
+            with safetensors_os_errors():  # a full disk: an OSError, for one-line errors
+                save_file(dict(shard), staging / name, metadata={"format": "pt"})
             weight_map.update({key: name for key, _ in shard})
         if len(shards) > 1:
             total = sum(t.nbytes for _, t in tensors)
@@ -443,10 +452,14 @@ def save_pretrained(model, directory: str | os.PathLike, max_shard_size: int | s
         dtype_name = str(model.dtype).removeprefix("torch.")
         written.extra = {**config.extra, "torch_dtype": dtype_name, "dtype": dtype_name}
         written.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
         for file in staging.iterdir():
             default_permissions(file)  # safetensors makes its files private to their writer
         _remove_stale_weights(target, keep={file.name for file in staging.iterdir()})
-        move_into_directory(staging, target)
+        # The weights (or their index) last: a save killed while moving in (into a run
+        # directory, say) must not leave weights that look like a model beside no config.
+        move_into_directory(staging, target, last=(WEIGHTS_NAME, WEIGHTS_INDEX_NAME))
 
 
 def _remove_stale_weights(target: Path, keep: set[str]) -> None:

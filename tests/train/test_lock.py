@@ -36,6 +36,28 @@ def test_a_second_trainer_is_stopped_with_the_holders_pid(tmp_path):
     RunLock(tmp_path).acquire().release()  # released: free again
 
 
+HOLD_AND_FORK = """
+import os, sys, time
+from olmoe.train.lock import RunLock
+lock = RunLock(sys.argv[1]).acquire()
+if os.fork() == 0:  # a program being started: it shares the lock until its exec
+    time.sleep(0.3)
+    os._exit(0)
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_lock_its_dead_holders_child_still_shares_is_waited_for(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_AND_FORK, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    holder.kill()  # SIGKILL, while its child still holds the lock
+    holder.wait()
+    RunLock(tmp_path).acquire().release()  # once the child lets go, well within the wait
+
+
 def test_the_trainer_holds_the_lock_while_it_runs(tmp_path):
     from olmoe.train import load_config
     from olmoe.train.trainer import Trainer

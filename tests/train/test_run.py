@@ -133,7 +133,7 @@ def test_an_interrupted_save_never_looks_complete(reference, tmp_path, monkeypat
     assert not (checkpoints / state.checkpoint_name(20)).exists()
     assert (checkpoints / state.LATEST_NAME).read_text().strip() == state.checkpoint_name(10)
     assert state.find_checkpoint(run_dir) == checkpoints / state.checkpoint_name(10)
-    # the leftover is a hidden .partial directory, which the next complete save removes
+    # the leftover is a hidden .partial directory, which the next trainer of the run removes
     assert [p.name for p in checkpoints.iterdir() if p.name.startswith(".")] == [
         f".{state.checkpoint_name(20)}.partial"
     ]

@@ -120,12 +120,13 @@ def _name_list(text: str) -> list[str]:
 
 def run_analyze(args) -> int:
     from olmoe.analysis import Corpus, collect_corpora, studies
-    from olmoe.fileio import move_into_directory, staging_directory
+    from olmoe.fileio import check_writable, move_into_directory, staging_directory
 
     corpora = [Corpus.parse(spec) for spec in args.data] if args.data else None
     for corpus in corpora or ():
         corpus.check()
     out = args.out or Path("analysis") / args.study
+    check_writable(out)
     if args.revisions:
         if args.revision is not None:
             raise UsageError("--revision and --revisions both pick MODEL's revisions: pass one")

@@ -43,6 +43,7 @@ def add_commands(commands) -> None:
 def run_quantize(args) -> int:
     from olmoe import OlmoeForCausalLM
     from olmoe.checkpoint import parse_size, save_pretrained
+    from olmoe.fileio import check_writable
     from olmoe.tokenizer import Tokenizer
 
     output = Path(args.output).expanduser()
@@ -53,6 +54,7 @@ def run_quantize(args) -> int:
             "OUTPUT must differ from MODEL: quantising in place would lose the original"
         )
     parse_size(args.max_shard_size)  # a bad size fails before minutes of work
+    check_writable(output)  # and so does a read-only OUTPUT
     model = OlmoeForCausalLM.from_pretrained(
         args.model, revision=args.revision, quantize=args.method
     )

@@ -35,7 +35,7 @@ from olmoe.data.encode import (
 from olmoe.data.sources import check_source, stdlib_dir
 from olmoe.data.tokens import FORMAT, METADATA_FILE, SPLITS, NpyWriter
 from olmoe.errors import ConfigError, DataError, InputError
-from olmoe.fileio import atomic_directory
+from olmoe.fileio import atomic_directory, check_writable
 
 # The most tokens held back to size a small corpus's validation split (~200-400 MB of memory).
 MAX_BUFFER_TOKENS = 50_000_000
@@ -156,6 +156,7 @@ def prepare(
         check_source(source)
     out_dir = Path(out_dir).expanduser()
     _check_output(out_dir, force)
+    check_writable(out_dir)  # a read-only --out fails now, not after the tokenising
     encoder = DocumentEncoder(tokenizer)
 
     with atomic_directory(out_dir) as staging:

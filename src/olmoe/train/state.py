@@ -14,7 +14,9 @@ never see them.)
 A checkpoint is written into `.step-N.partial` and renamed to `step-N` only when every file is in
 place and flushed to disk; `latest` is replaced the same way after that (olmoe.fileio). A run
 killed mid-save therefore leaves a `.partial` directory that nothing reads, never a `step-N` that
-looks complete.
+looks complete; an old checkpoint is renamed to a hidden name before it is deleted, for the same
+reason. What killed writes leave behind is deleted when the next trainer of the run starts
+(`remove_leftovers`).
 
 Under FSDP the full (unsharded) model and optimizer state are gathered to rank 0, which writes
 them; loading gives every rank the full state and lets torch shard it again. Only safetensors and
@@ -24,6 +26,7 @@ JSON are read back: no pickles.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import re
@@ -41,8 +44,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from olmoe.checkpoint import save_pretrained
 from olmoe.errors import CheckpointError, ConfigError
-from olmoe.fileio import atomic_directory, replace_directory, write_atomic
+from olmoe.fileio import (
+    atomic_directory,
+    replace_directory,
+    safetensors_os_errors,
+    write_atomic,
+)
 from olmoe.revisions import REVISIONS_DIR, revision_name
 from olmoe.train.distributed import Environment
 
@@ -52,6 +61,10 @@ STATE_NAME = "trainer/state.json"
 OPTIMIZER_NAME = "trainer/optimizer.safetensors"
 STATE_FORMAT = "olmoe-trainer/1"
 _STEP_DIR = re.compile(r"step-(\d+)")
+# How the hidden names end of olmoe.fileio's staging directories and temporary files (.partial)
+# and of what it sets aside while replacing a directory (.old, as _prune's checkpoints on their
+# way out)
+_LEFTOVER_SUFFIXES = (".partial", ".old")
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
@@ -95,7 +108,7 @@ def save_checkpoint(
                 if latest.is_file()
                 else "no earlier checkpoint exists"
             )
-            reason = exc.strerror or str(exc)
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise OSError(exc.errno, f"saving {final.name} failed ({reason}); {kept}") from exc
         write_atomic(root / LATEST_NAME, final.name + "\n")  # last: the checkpoint is complete
         _prune(root, keep, final.name)
@@ -118,7 +131,8 @@ def _write_checkpoint(staging, final, model, model_state, optim_state, gathered,
     for rank, states in enumerate(gathered):
         for device, value in states.items():
             tensors[f"rng/{rank}/{device}"] = value
-    save_file(tensors, staging / OPTIMIZER_NAME, metadata={"format": STATE_FORMAT})
+    with safetensors_os_errors():  # a full disk must reach the cleanup above as an OSError
+        save_file(tensors, staging / OPTIMIZER_NAME, metadata={"format": STATE_FORMAT})
     record = {
         "format": STATE_FORMAT,
         **state,
@@ -137,9 +151,7 @@ def export_model(model: torch.nn.Module, directory: Path, env: Environment, toke
     plain = None
     if env.is_main:
         plain = _model_from_state(_unwrapped_config(model), model_state).eval()
-        plain.save_pretrained(directory)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
+        save_pretrained(plain, directory, tokenizer=tokenizer)  # one save: never half of them
     if env.distributed:
         dist.barrier()
     return plain
@@ -272,10 +284,25 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def remove_leftovers(run_dir: Path) -> None:
+    """Delete what writes killed half-way left behind (hidden staging directories, temporary
+    files, checkpoints half deleted): in the run directory, its checkpoints/ and revisions/, and
+    beside it (the final model's staging). Only the holder of the run's lock may call this, and
+    only while none of its own writes is under way."""
+    run_dir = Path(run_dir).resolve()  # its name, for the staging beside it
+    places = [(run_dir, ".*"), (run_dir / CHECKPOINTS_DIR, ".*"), (run_dir / REVISIONS_DIR, ".*")]
+    places.append((run_dir.parent, f".{glob.escape(run_dir.name)}.*"))
+    for folder, prefix in places:
+        for suffix in _LEFTOVER_SUFFIXES:
+            for leftover in folder.glob(prefix + suffix):
+                if leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
+
+
 def _prune(root: Path, keep: int, latest: str) -> None:
-    """Delete checkpoints beyond the newest `keep`, and what interrupted saves left behind."""
-    for leftover in root.glob(".step-*.partial"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    """Delete checkpoints beyond the newest `keep`."""
     if keep <= 0:
         return
     steps = sorted(
@@ -284,4 +311,8 @@ def _prune(root: Path, keep: int, latest: str) -> None:
     )
     for old in steps[:-keep]:
         if old.name != latest:
-            shutil.rmtree(old, ignore_errors=True)
+            # Hidden first: a deletion cut short must not leave a `step-N` that lacks files.
+            hidden = root / f".{old.name}.old"
+            shutil.rmtree(hidden, ignore_errors=True)
+            os.replace(old, hidden)
+            shutil.rmtree(hidden, ignore_errors=True)

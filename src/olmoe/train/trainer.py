@@ -74,6 +74,8 @@ class Trainer:
         self.run_dir = Path(config.run_dir)
         self.lock = RunLock(self.run_dir).acquire() if self.env.is_main else None
         try:
+            if self.env.is_main:  # the lock is ours: what killed writes left is garbage
+                state.remove_leftovers(self.run_dir)
             self.resume_from = state.find_checkpoint(resume) if resume else None
             self._load_data()
             self._build_model_and_optimizer()
@@ -288,7 +290,7 @@ class Trainer:
         kept = [
             line
             for line in self.log_path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= self.step
+            if _parses(line) and json.loads(line)["step"] <= self.step
         ]
         write_atomic(self.log_path, "".join(line + "\n" for line in kept))
 
@@ -461,13 +463,16 @@ class Trainer:
                     val, unigram = values["val_loss"], values.get("unigram_loss")
                     self._log({"step": self.step, **values})
                     bar.write(f"step {self.step}: validation loss {val:.4f}")
-                if last or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
-                    self.save(tokenizer)
+                # The revision before the checkpoint: a run killed between the two resumes from
+                # the step before and writes both again; the other way round it would resume
+                # from this step's checkpoint and never write this step's revision.
                 revisions = cfg.checkpoint.revisions_every
                 if revisions and self.step % revisions == 0:
                     state.save_revision(
                         self.model, self.run_dir, self.step, self.tokens_seen, env, tokenizer
                     )
+                if last or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
+                    self.save(tokenizer)
         if self.eval_batches and val is None:  # resumed at the end: still report the model
             values = self.validation()
             val, unigram = values["val_loss"], values.get("unigram_loss")
@@ -515,6 +520,15 @@ class Trainer:
         if self.lock is not None:
             self.lock.release()
         distributed.shutdown(self.env)
+
+
+def _parses(line: str) -> bool:
+    """Whether a log line is whole: a write cut short (a full disk) leaves the last one torn."""
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
 
 
 def _add_values(sums: torch.Tensor | None, values: dict) -> torch.Tensor:
