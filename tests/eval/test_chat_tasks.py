@@ -8,21 +8,9 @@ import pytest
 from olmoe import cli
 from olmoe.eval import evaluate
 from olmoe.eval.chat_tasks import load_mmlu_chat
-from olmoe.tokenizer import Tokenizer
-from tests.conftest import tiny_model
-
-SMALL = {
-    "vocab_size": 50304, "eos_token_id": 50279, "max_position_embeddings": 4096,
-    "num_hidden_layers": 1, "hidden_size": 16, "num_attention_heads": 2, "num_experts": 4,
-    "num_experts_per_tok": 1, "intermediate_size": 8,
-}  # fmt: skip
+from tests.eval.helpers import small_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return Tokenizer.olmo()
 
 
 def test_mmlu_chat_prompt_is_open_instructs(tokenizer):
@@ -41,7 +29,7 @@ def test_mmlu_chat_prompt_is_open_instructs(tokenizer):
 
 
 def test_mmlu_chat_averages_over_questions_and_limits_per_subject(tokenizer):
-    model = tiny_model(**SMALL).float()
+    model = small_model()
     results = evaluate(model, tokenizer, ["mmlu_chat"], limit=2, progress=False)
     entry = results["tasks"]["mmlu_chat"]
     scores = entry["formats"]["mc"]
@@ -52,7 +40,7 @@ def test_mmlu_chat_averages_over_questions_and_limits_per_subject(tokenizer):
 
 def test_cli_runs_mmlu_chat_beside_a_generative_task(tmp_path):
     directory = tmp_path / "tiny"
-    tiny_model(**SMALL).float().save_pretrained(directory)
+    small_model().save_pretrained(directory)
     out = tmp_path / "results.json"
     code = cli.main([
         "eval", str(directory), "--tasks", "naturalqs,mmlu_chat", "--limit", "1", "--dtype",

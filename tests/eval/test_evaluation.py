@@ -13,28 +13,10 @@ from olmoe import cli
 from olmoe.eval import evaluate, load_task, results_table
 from olmoe.eval.perplexity import sequence_nll, text_perplexity, token_perplexity, windows
 from olmoe.eval.tasks import BUILTIN_TASKS
-from olmoe.tokenizer import Tokenizer
-from tests.conftest import tiny_model
-
-# A tiny model with the OLMo tokenizer's vocabulary: cheap, and every real token id fits.
-SMALL = {
-    "vocab_size": 50304, "eos_token_id": 50279, "max_position_embeddings": 4096,
-    "num_hidden_layers": 1, "hidden_size": 16, "num_attention_heads": 2, "num_experts": 4,
-    "num_experts_per_tok": 1, "intermediate_size": 8,
-}  # fmt: skip
+from tests.eval.helpers import small_model
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return Tokenizer.olmo()
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model(**SMALL).float()
 
 
 # ---------------------------------------------------------------------------- chance level
@@ -142,7 +124,7 @@ def test_results_json_shape(model, tokenizer):
 
 
 def test_window_is_capped_at_the_models(tokenizer):
-    short = tiny_model(**{**SMALL, "max_position_embeddings": 64}).float()
+    short = small_model(max_position_embeddings=64)
     results = evaluate(short, tokenizer, ["winogrande"], limit=2, progress=False)
     assert results["settings"]["max_length"] == 64
 

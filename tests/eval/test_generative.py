@@ -23,13 +23,7 @@ from olmoe.eval.prediction_log import PredictionLog
 from olmoe.eval.sandbox import EXECUTION_OFF_NOTE
 from olmoe.generation import generate
 from olmoe.tokenizer import Tokenizer
-from tests.conftest import tiny_model
 
-SMALL = {
-    "vocab_size": 50304, "eos_token_id": 50279, "max_position_embeddings": 4096,
-    "num_hidden_layers": 1, "hidden_size": 16, "num_attention_heads": 2, "num_experts": 4,
-    "num_experts_per_tok": 1, "intermediate_size": 8,
-}  # fmt: skip
 CODE_TASKS = ["humaneval", "mbpp"]
 TEXT_TASKS = [name for name, spec in GENERATIVE_TASKS.items() if spec.family not in CODE_TASKS]
 # Wrong answers: no number (GSM8K), no final answer (MATH), a span no gold holds (QA), a
@@ -37,16 +31,6 @@ TEXT_TASKS = [name for name, spec in GENERATIVE_TASKS.items() if spec.family not
 WRONG = {"humaneval": "    return None\n", "mbpp": "def unrelated():\n    return 0\n"}
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return Tokenizer.olmo()
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model(**SMALL).float()
 
 
 def _oracle(name, items=None):

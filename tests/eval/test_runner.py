@@ -10,15 +10,10 @@ import torch
 from olmoe.eval import evaluate
 from olmoe.eval.runner import _Row, _rows, _shared_prefix_groups, encode_requests, score_requests
 from olmoe.eval.tasks import Request, load_task
-from olmoe.tokenizer import Tokenizer
+from olmoe.generation import generate
 from tests.conftest import tiny_model
 
 VOCAB = 50304  # the OLMo tokenizer's ids fit
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return Tokenizer.olmo()
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +63,29 @@ def test_runner_matches_direct_computation(model, tokenizer, strategy, max_lengt
         torch.tensor([lp for lp, _ in got]), torch.tensor([lp for lp, _ in expected]),
         rtol=1e-5, atol=1e-4,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("strategy", ["packed", "flat"])
+def test_greedy_flags_match_the_most_likely_tokens(model, tokenizer, strategy):
+    # A continuation made of the model's own greedy tokens (it must tokenise back to them),
+    # beside the other requests, whose flags come from a direct argmax.
+    context = tokenizer.encode("The capital of France is", add_special_tokens=False)
+    with torch.no_grad():
+        best = generate(model, torch.tensor([context]), max_new_tokens=3)[0, len(context) :]
+    greedy = Request("The capital of France is", tokenizer.decode(best.tolist()))
+    assert tokenizer.encode(greedy.continuation, add_special_tokens=False) == best.tolist()
+    requests = [*REQUESTS, greedy]
+    expected = []
+    for e in encode_requests(tokenizer, requests, 2048):
+        ids = list(e.context + e.continuation)
+        with torch.no_grad():
+            best_next = model(torch.tensor([ids[:-1]])).logits[0].argmax(-1)
+        n = len(e.continuation)
+        expected.append(best_next[-n:].tolist() == list(e.continuation))
+    got = score_requests(model, tokenizer, requests, 4, 2048, strategy, greedy=True)
+    assert [g for _, _, g in got] == expected and expected[-1]
+    plain = score_requests(model, tokenizer, requests, 4, 2048, strategy)
+    assert [(lp, n) for lp, n, _ in got] == plain
 
 
 def test_truncation_changes_the_scores(model, tokenizer):

@@ -20,7 +20,6 @@ from olmoe.eval.tasks import (
     olmes_subsample,
     read_request_file,
 )
-from olmoe.tokenizer import Tokenizer
 
 # Questions per task after OLMES's sampling: the split sizes of the files, or 1,000.
 EXPECTED_SIZES = {
@@ -33,11 +32,6 @@ CHOICES = {"arc_challenge": 4, "arc_easy": 4, "boolq": 2, "csqa": 5, "hellaswag"
 
 # Loading a task parses its files; the tests share one load of each.
 cached_task = functools.cache(load_task)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return Tokenizer.olmo()
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN_REQUEST_TASKS))

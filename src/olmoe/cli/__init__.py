@@ -14,6 +14,7 @@
     olmoe upcycle DENSE OUT         a dense (OLMo) model's MLPs copied into experts
     olmoe ablate SUITE              train the paper's design variants, compare them
     olmoe eval MODEL --tasks paper  OLMES benchmarks (MMLU, HellaSwag, ARC, ...), perplexity, bpb
+    olmoe lm-eval ARGS              lm-evaluation-harness with olmoe registered as --model olmoe
 
 MODEL is a checkpoint directory or a hub repo id (`--revision` picks a branch, or one of a
 training run's revisions). Mistakes a user can fix (an `olmoe.errors.OlmoeError`, or an OSError
@@ -69,12 +70,18 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
     print(f"olmoe: note: {message}", file=sys.stderr)
 
 
+# Commands whose options, --help included, all belong to the program they run: the attribute
+# that gets them.
+PASSTHROUGH = {"bench": "bench_args", "lm-eval": "lm_eval_args"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    bench = argv[:1] == ["bench"]  # its options, --help included, belong to the benchmark
-    args = build_parser().parse_args(argv[:1] if bench else argv)
-    if bench:
-        args.bench_args = argv[1:]
+    passthrough = PASSTHROUGH.get(argv[0]) if argv else None
+    args = build_parser().parse_args(argv[:1] if passthrough else argv)
+    if passthrough:
+        setattr(args, passthrough, argv[1:])
+    bench = args.command == "bench"
     try:
         if not bench:  # the benchmark runs in an interpreter of its own
             from olmoe.memory import retain_freed_memory

@@ -16,7 +16,8 @@ from olmoe.cli.common import (
 )
 from olmoe.errors import UsageError
 from olmoe.eval.chat_tasks import CHAT_TASKS
-from olmoe.eval.generative_tasks import GENERATIVE_TASK_NAMES
+from olmoe.eval.generative_tasks import GENERATIVE_TASK_NAMES, is_generative_name, is_ifeval
+from olmoe.eval.instruction_following import load_ifeval
 from olmoe.eval.strategies import STRATEGIES
 from olmoe.eval.tasks import BUILTIN_TASKS, MMLU, MMLU_SUBJECTS, PAPER_TASKS, is_task_file
 
@@ -40,7 +41,8 @@ def add_commands(commands) -> None:
         help=f"comma-separated tasks: {', '.join(BUILTIN_TASKS)}, mmlu:<subject>, a task file "
         "(.yaml/.json), or the groups 'paper' (the model card's six) and 'all' (the multiple-"
         f"choice tasks); mmlu_chat (0-shot in the chat format, as OLMoE-Instruct was scored); "
-        f"generative tasks: {', '.join(GENERATIVE_TASK_NAMES)}, or the group 'generative'",
+        f"generative tasks: {', '.join(GENERATIVE_TASK_NAMES)}, or the group 'generative'; "
+        "ifeval:FILE (instruction following, IFEval's input_data.jsonl format)",
     )
     parser.add_argument(
         "--text",
@@ -95,6 +97,18 @@ def add_commands(commands) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_load_arguments(parser)
     parser.set_defaults(run=run_eval)
+    bridge = commands.add_parser(
+        "lm-eval",
+        help="lm-evaluation-harness with olmoe registered as its model 'olmoe'",
+        add_help=False,
+    )
+    bridge.add_argument(
+        "lm_eval_args",
+        nargs=argparse.REMAINDER,
+        help="lm_eval's arguments: --model olmoe --model_args pretrained=DIR,dtype=fp32 "
+        "--tasks ... (lm_eval --help lists them)",
+    )
+    bridge.set_defaults(run=run_lm_eval)
 
 
 def _add_generation_arguments(parser) -> None:
@@ -156,7 +170,11 @@ def expand_tasks(spec: str) -> list[str]:
         if not item:
             continue
         for name in TASK_GROUPS.get(item, (item,)):
-            if is_task_file(name):
+            if is_ifeval(name):
+                # The file, and the checkers it needs (an optional extra), are checked now, not
+                # after the model has loaded.
+                load_ifeval(name)
+            elif is_task_file(name):
                 if not Path(name).expanduser().is_file():
                     raise UsageError(f"--tasks: no task file at {name}")
             elif name.startswith(f"{MMLU}:"):
@@ -166,7 +184,8 @@ def expand_tasks(spec: str) -> list[str]:
             elif name not in KNOWN_TASKS:
                 raise UsageError(
                     f"--tasks: unknown task {name!r}; choose from {', '.join(KNOWN_TASKS)}, "
-                    "mmlu:<subject>, paper, all, generative, or a task file (.yaml/.json)"
+                    "mmlu:<subject>, paper, all, generative, ifeval:FILE, or a task file "
+                    "(.yaml/.json)"
                 )
             if name not in names:
                 names.append(name)
@@ -188,7 +207,7 @@ def run_eval(args) -> int:
 
         for path in written:
             check_writable(path)
-    if args.generations and not set(tasks) & set(GENERATIVE_TASK_NAMES):
+    if args.generations and not any(map(is_generative_name, tasks)):
         raise UsageError("--generations keeps generative tasks' answers: name one in --tasks")
     if (args.samples or 1) > 1 and not args.temperature:
         raise UsageError(
@@ -247,9 +266,20 @@ def run_eval(args) -> int:
     return 0
 
 
+def run_lm_eval(args) -> int:
+    """lm-eval's own command line, in this process, after registering olmoe's model class (lm-eval
+    0.4.13 reads no plugins: a bare `lm_eval --model olmoe` cannot find it)."""
+    wait_passively("lm-eval")
+    try:
+        from olmoe.eval.lm_eval_bridge import main
+    except ImportError as exc:
+        raise UsageError(str(exc)) from None
+    return main(args.lm_eval_args)
+
+
 def _generation_options(args, tasks: list[str], tokenizer) -> dict | None:
     """evaluate_generative's options from the flags; None when no generative task is asked."""
-    if not set(tasks) & set(GENERATIVE_TASK_NAMES):
+    if not any(map(is_generative_name, tasks)):
         return None
     from olmoe.eval.generative import Overrides
     from olmoe.tokenizer import TULU_CHAT_TEMPLATE

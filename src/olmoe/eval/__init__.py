@@ -10,6 +10,9 @@ user's task file), `runner` computes the log-probabilities, `scoring` holds OLME
 Generative tasks (GSM8K, MATH, HumanEval, MBPP, DROP, ...): `generative_tasks` loads them,
 `batch_generation` answers them through the server's engine, `generative_metrics` and `sandbox`
 score them, `prediction_log` keeps answers for resuming, `generative` ties them together.
+`instruction_following` is IFEval from the user's file, scored with lm-eval's checkers;
+`lm_eval_bridge` registers olmoe as lm-evaluation-harness's model "olmoe" (both need the
+optional extra olmoe[lmeval]).
 
 Names are imported on first use, so that `olmoe.eval.tasks` (which the command line reads while
 building its parser) does not pull in the torch-based modules.

@@ -13,7 +13,7 @@ from olmoe import engine
 from olmoe.errors import ConfigError, DataError
 from olmoe.eval import scoring
 from olmoe.eval.chat_tasks import MMLU_CHAT, load_mmlu_chat
-from olmoe.eval.generative_tasks import GENERATIVE_TASKS, GenerativeTask
+from olmoe.eval.generative_tasks import GenerativeTask, is_generative_name
 from olmoe.eval.runner import DEFAULT_MAX_LENGTH, score_requests
 from olmoe.eval.tasks import Question, Task, TaskFormat, load_task
 
@@ -144,9 +144,9 @@ def evaluate(
     `primary_score` is the better format's primary metric, as OLMES reports it. The model runs
     on the CPU engine where it applies (olmoe.engine).
 
-    Generative tasks (names in GENERATIVE_TASKS, or `GenerativeTask`s) are generated and scored
-    by `olmoe.eval.generative.evaluate_generative`, which `generation` passes keyword arguments
-    to (chat, overrides, seed, generations_file)."""
+    Generative tasks (names in GENERATIVE_TASKS, "ifeval:FILE", or `GenerativeTask`s) are
+    generated and scored by `olmoe.eval.generative.evaluate_generative`, which `generation`
+    passes keyword arguments to (chat, overrides, seed, generations_file)."""
     from tqdm.auto import tqdm
 
     engine.apply(model)
@@ -250,7 +250,7 @@ def _load(task: str | Task, tokenizer) -> Task:
 def _is_generative(task: str | Task | GenerativeTask) -> bool:
     if isinstance(task, GenerativeTask):
         return True
-    return isinstance(task, str) and task in GENERATIVE_TASKS
+    return isinstance(task, str) and is_generative_name(task)
 
 
 def results_table(results: dict[str, Any]) -> str:

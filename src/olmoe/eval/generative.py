@@ -224,6 +224,17 @@ def item_scores(
     return out
 
 
+def _mean_percent(task, items, scores, metric: str, indices: Sequence[int]) -> float:
+    """The metric's mean over the items at `indices`, as a percentage: weighted by the units
+    each item holds for the family's per-unit metrics (IFEval's instruction-level accuracy is
+    the share of all instructions followed)."""
+    family = task.family
+    if metric not in family.per_unit:
+        return gm.mean_percent([scores[i][metric] for i in indices])
+    weights = [family.units(items[i].doc) for i in indices]
+    return 100.0 * sum(scores[i][metric] * w for i, w in zip(indices, weights)) / sum(weights)
+
+
 def task_results(
     task: GenerativeTask,
     items: Sequence[Item],
@@ -241,7 +252,7 @@ def task_results(
         for i, item in enumerate(items):
             groups.setdefault(item.group, []).append(i)
         per_group = {
-            g: {**{m: gm.mean_percent([scores[i][m] for i in idx]) for m in metrics}, "n": len(idx)}
+            g: {**{m: _mean_percent(task, items, scores, m, idx) for m in metrics}, "n": len(idx)}
             for g, idx in groups.items()
         }
         result["metrics"] = {
@@ -249,7 +260,8 @@ def task_results(
         }
         result["groups"] = per_group
     else:
-        result["metrics"] = {m: gm.mean_percent([s[m] for s in scores]) for m in metrics}
+        everything = range(len(items))
+        result["metrics"] = {m: _mean_percent(task, items, scores, m, everything) for m in metrics}
     result["primary_score"] = result["metrics"][task.family.primary_metric]
     if keep_predictions:
         result["predictions"] = [

@@ -61,12 +61,16 @@ class Family:
     """How a kind of task is scored. `score` maps one generation and its document to the
     per-item `metrics`, each in [0, 1]; code families give `program` instead, the text the
     sandbox runs (a sample passes when it runs to the end), and report pass@k. `gold` is a
-    generation that must score 100% (the oracle the tests feed)."""
+    generation that must score 100% (the oracle the tests feed; None where the benchmark has no
+    reference answer, as IFEval). The metrics in `per_unit` average over the `units(doc)` things
+    each item holds (IFEval's instructions), not over items."""
 
     primary_metric: str
-    gold: Callable[[Mapping[str, Any]], str]
     reference: str  # which harness the metric follows
+    gold: Callable[[Mapping[str, Any]], str] | None = None
     metrics: tuple[str, ...] = ()
+    per_unit: tuple[str, ...] = ()
+    units: Callable[[Mapping[str, Any]], int] | None = None
     score: Callable[[str, Mapping[str, Any]], dict[str, float]] | None = None
     program: Callable[[str, Mapping[str, Any]], str] | None = None
 
@@ -262,6 +266,18 @@ GENERATIVE_TASKS: dict[str, GenerativeSpec] = {
     ),
 }
 GENERATIVE_TASK_NAMES = tuple(sorted(GENERATIVE_TASKS))
+# Instruction following, "ifeval:FILE": no package ships IFEval's prompts, so they come from the
+# user's file (olmoe.eval.instruction_following).
+IFEVAL = "ifeval"
+
+
+def is_ifeval(name: str) -> bool:
+    return name == IFEVAL or name.startswith(f"{IFEVAL}:")
+
+
+def is_generative_name(name: str) -> bool:
+    """Whether --tasks NAME is a generative task (a built-in one or ifeval:FILE)."""
+    return name in GENERATIVE_TASKS or is_ifeval(name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,6 +292,10 @@ class GenerativeTask:
 
 
 def load_generative_task(name: str) -> GenerativeTask:
+    if is_ifeval(name):
+        from olmoe.eval.instruction_following import load_ifeval
+
+        return load_ifeval(name)
     spec = GENERATIVE_TASKS[name]
     items: list[Item] = []
     settings = None

@@ -177,8 +177,11 @@ def score_requests(
     max_length: int = DEFAULT_MAX_LENGTH,
     strategy: str = "packed",
     progress: Callable[[int], None] | None = None,
-) -> list[tuple[float, int]]:
-    """(summed log-probability, token count) of each request's continuation, in order.
+    greedy: bool = False,
+) -> list[tuple[float, int]] | list[tuple[float, int, bool]]:
+    """(summed log-probability, token count) of each request's continuation, in order; with
+    `greedy`, (log-probability, token count, is_greedy): whether every continuation token is the
+    model's most likely one (lm-evaluation-harness's second answer to a log-likelihood request).
     `progress(n)` is called as each batch finishes with the number of requests it scored."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -196,6 +199,8 @@ def score_requests(
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     sums = torch.zeros(len(distinct), dtype=torch.float64)
+    # Per request, how many continuation tokens were not the most likely one.
+    misses = torch.zeros(len(distinct), dtype=torch.int64) if greedy else None
     for shared, group in groups:
         prefix = _prefix_cache(model, group[0].context[:shared], device) if shared else None
         group = sorted(group, key=lambda r: (-len(r.context), -r.length))
@@ -205,7 +210,7 @@ def score_requests(
             # beyond the prefix: one causal pass is cheaper than two.
             single = all(len(row.items) == 1 for row in batch)
             score = _score_flat if single else _score_packed
-            score(model, batch, shared, prefix, pad, device, sums)
+            score(model, batch, shared, prefix, pad, device, sums, misses)
             if progress is not None:
                 progress(sum(len(r.items) for r in batch))
     if progress is not None and len(distinct) < len(requests):
@@ -213,6 +218,8 @@ def score_requests(
     scores = {
         r: (float(s), len(e.continuation)) for r, s, e in zip(distinct, sums.tolist(), encoded)
     }
+    if misses is not None:
+        scores = {r: (*scores[r], m == 0) for r, m in zip(distinct, misses.tolist())}
     return [scores[r] for r in requests]
 
 
@@ -237,7 +244,7 @@ def _batch_cache(model, prefix: KVCache | None, batch: int, capacity: int) -> KV
 
 
 def _score_flat(
-    model, rows: list[_Row], shared: int, prefix: KVCache | None, pad: int, device, sums
+    model, rows: list[_Row], shared: int, prefix: KVCache | None, pad: int, device, sums, misses
 ) -> None:
     """One causal pass over context + continuation per row, after the `shared` prefix tokens
     already in `prefix` (right-padded: padding after a row's tokens cannot affect them, so no
@@ -257,11 +264,11 @@ def _score_flat(
         request, continuation = row.items[0]
         c = len(row.context) - shared
         picks += [(i, c - 1 + j, t, request) for j, t in enumerate(continuation)]
-    _accumulate(model, [hidden], [(0, *p) for p in picks], device, sums)
+    _accumulate(model, [hidden], [(0, *p) for p in picks], device, sums, misses)
 
 
 def _score_packed(
-    model, rows: list[_Row], shared: int, prefix: KVCache | None, pad: int, device, sums
+    model, rows: list[_Row], shared: int, prefix: KVCache | None, pad: int, device, sums, misses
 ) -> None:
     """Two passes after the `shared` prefix tokens already in `prefix`: the rest of the
     contexts (causal, right-padded, into the KV cache), then every row's continuations side by
@@ -317,7 +324,7 @@ def _score_packed(
             picks.append((0, i, c - 1 - shared, continuation[0], request))
             picks += [(1, i, at + j - 1, t, request) for j, t in enumerate(continuation) if j]
             at += len(continuation) - 1
-    _accumulate(model, hiddens, picks, device, sums)
+    _accumulate(model, hiddens, picks, device, sums, misses)
 
 
 def _padded(sequences: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
@@ -327,9 +334,12 @@ def _padded(sequences: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
     return out
 
 
-def _accumulate(model, hiddens, picks, device, sums: torch.Tensor) -> None:
-    """Add log p(target) at each picked (pass, row, position) to its request's sum, running
-    the LM head once per distinct position (the MC letters all follow the same one)."""
+def _accumulate(
+    model, hiddens, picks, device, sums: torch.Tensor, misses: torch.Tensor | None
+) -> None:
+    """Add log p(target) at each picked (pass, row, position) to its request's sum (and, with
+    `misses`, count the targets that are not the most likely token), running the LM head once
+    per distinct position (the MC letters all follow the same one)."""
     positions = sorted({p[:3] for p in picks})  # by pass, row, position
     slot = {key: i for i, key in enumerate(positions)}
     picked = torch.cat(
@@ -344,5 +354,10 @@ def _accumulate(model, hiddens, picks, device, sums: torch.Tensor) -> None:
     ordered = sorted(picks, key=lambda p: slot[p[:3]])
     targets = torch.tensor([p[3] for p in ordered], device=device)
     owners = torch.tensor([p[4] for p in ordered])
-    logprobs = target_logprobs(model, picked, [slot[p[:3]] for p in ordered], targets)
+    slots = [slot[p[:3]] for p in ordered]
+    if misses is None:
+        logprobs = target_logprobs(model, picked, slots, targets)
+    else:
+        logprobs, argmax = target_logprobs(model, picked, slots, targets, greedy=True)
+        misses.index_add_(0, owners, (~argmax).long().cpu())
     sums.index_add_(0, owners, logprobs.double().cpu())
