@@ -15,7 +15,6 @@ from olmoe.eval.perplexity import sequence_nll, text_perplexity, token_perplexit
 from olmoe.eval.tasks import BUILTIN_TASKS
 from tests.eval.helpers import small_model
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -11,9 +11,7 @@ import logging
 import pytest
 import torch
 
-pytest.importorskip(
-    "lm_eval", reason="lm-eval is an optional extra: pip install 'olmoe[lmeval]'"
-)
+pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install 'olmoe[lmeval]'")
 
 import lm_eval  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402

@@ -3,8 +3,8 @@
 The engine rather than `olmoe.generation.generate` over padded batches: answers end at their own
 stop sequences, a few tokens for a QA answer and hundreds for a chain of thought, and a padded
 batch runs until its longest answer ends, while the engine gives a finished row to the next
-problem at once. Each prompt is prefilled on its own (the engine caches no shared prefixes, so a
-task's few-shot examples are recomputed for every problem); decoding runs batched.
+problem at once. A prompt that begins as a recent one did (a task's few-shot examples) is
+prefilled only past the shared part (olmoe.serve.prefixes); decoding runs batched.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from olmoe.generation import SamplingParams
 from olmoe.serve.engine import Engine, Output
 from olmoe.serve.engine import Request as EngineRequest
 
+PREFIX_CACHE_WINDOWS = 2
 _POLL_SECONDS = 1.0  # how often the wait for results checks that the engine is still alive
 
 
@@ -55,7 +56,12 @@ def run_jobs(
     if not jobs:
         return
     rows = max(batch_size, *(job.samples for job in jobs))
-    engine = Engine(model, tokenizer, max_batch_size=rows, max_queue=len(jobs))
+    # Few-shot prompts share their examples: keep recent prompts' keys and values (two context
+    # windows' worth) so that each prompt is prefilled only past what it shares.
+    kept = PREFIX_CACHE_WINDOWS * model.config.max_position_embeddings
+    engine = Engine(
+        model, tokenizer, max_batch_size=rows, max_queue=len(jobs), prefix_cache_tokens=kept
+    )
     events: queue.Queue[tuple[int, Output]] = queue.Queue()
     tokens = [[[] for _ in range(job.samples)] for job in jobs]
     reasons: list[list[str | None]] = [[None] * job.samples for job in jobs]

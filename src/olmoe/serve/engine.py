@@ -26,6 +26,7 @@ from olmoe import engine
 from olmoe.cache import KVCache
 from olmoe.errors import ConfigError, InputError
 from olmoe.generation import SamplingParams, StopStrings, eos_id_list, next_tokens
+from olmoe.serve.prefixes import PrefixCache, copy_prefix
 from olmoe.serve.slots import SlotCache
 
 PROMPT_LOGPROBS_CHUNK = 256
@@ -123,9 +124,16 @@ class Engine:
     for stop strings. `start()` starts the thread, `stop()` finishes the accepted work first.
     The model runs on the CPU engine where it applies (olmoe.engine)."""
 
-    def __init__(self, model, tokenizer, max_batch_size: int = 8, max_queue: int = 64):
-        if max_batch_size < 1 or max_queue < 0:
-            raise ConfigError("max_batch_size must be >= 1 and max_queue >= 0")
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_batch_size: int = 8,
+        max_queue: int = 64,
+        prefix_cache_tokens: int = 0,
+    ):
+        if max_batch_size < 1 or max_queue < 0 or prefix_cache_tokens < 0:
+            raise ConfigError("max_batch_size must be >= 1, max_queue and prefix_cache_tokens >= 0")
         model.check_can_generate()
         self.model = engine.apply(model)
         self.tokenizer = tokenizer
@@ -136,6 +144,8 @@ class Engine:
         self.eos = torch.tensor(eos_id_list(model.config.eos_token_id), dtype=torch.long)
         self.cache = SlotCache(model.config, max_batch_size, model.dtype, model.device)
         self.stats = Stats(len(model.config.moe_layer_indices), model.config.num_experts)
+        # Recent prompts' keys and values, for prompts that begin the same (see prefixes.py)
+        self.prefixes = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: list[_Sequence] = []  # row i of the cache holds _running[i]
         self._condition = threading.Condition()
@@ -216,11 +226,16 @@ class Engine:
                     request.sink(Output(index, finish_reason="error", error=str(exc)))
 
     def _start(self, request: Request) -> None:
-        """Prefill the prompt once, sample each choice's first token, give each choice a row."""
-        prompt = torch.tensor([request.prompt], dtype=torch.long, device=self.model.device)
-        length = prompt.shape[1]
-        prefilled = KVCache(self.config.num_hidden_layers, capacity=length)
-        logits, routing, hidden = self._forward(prompt, prefilled)
+        """Prefill the prompt once (past a prefix an earlier prompt computed, where the engine
+        keeps them), sample each choice's first token, give each choice a row."""
+        length = len(request.prompt)
+        prefilled, reused = self._prefix_of(request)
+        device = self.model.device
+        prompt = torch.tensor([request.prompt[reused:]], dtype=torch.long, device=device)
+        positions = torch.arange(reused, length, device=device)
+        logits, routing, hidden = self._forward(prompt, prefilled, cache_position=positions)
+        if self.prefixes is not None:
+            self.prefixes.add(request.prompt, prefilled)
         with self.stats.lock:
             self.stats.prompt_tokens += length
         self._count_experts(routing)
@@ -231,7 +246,7 @@ class Engine:
             for index in range(request.n):
                 request.sink(Output(index, prompt_logprobs=prompt_logprobs, finish_reason="length"))
             return
-        experts = self._experts(routing, [length - 1]) if request.return_routing else None
+        experts = self._experts(routing, [length - 1 - reused]) if request.return_routing else None
         self.cache.reserve(length)
         for index in range(request.n):
             sequence = self._new_sequence(request, index, length)
@@ -242,6 +257,17 @@ class Engine:
             self.cache.load(row, prefilled, length)
             self._running.append(sequence)
         self.stats.running = len(self._running)
+
+    def _prefix_of(self, request: Request) -> tuple[KVCache, int]:
+        """A cache for the prompt holding the longest prefix the engine kept, and its length.
+        Prompt log-probabilities need every position's hidden state: no prefix for those."""
+        length = len(request.prompt)
+        reused, source = 0, None
+        if self.prefixes is not None and not request.prompt_logprobs:
+            reused, source = self.prefixes.longest_prefix(request.prompt)
+        if source is None:
+            return KVCache(self.config.num_hidden_layers, capacity=length), 0
+        return copy_prefix(source, reused, capacity=length), reused
 
     def _new_sequence(self, request: Request, index: int, length: int) -> _Sequence:
         generator = None
