@@ -9,12 +9,13 @@ a trained model, the network or a running server are written as ```text (or ```b
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 import pytest
+
+from tests.bench_scripts import bench_script
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -120,15 +121,13 @@ def test_links_resolve(page):
 
 
 # ------------------------------------------------------------------------------ benchmarks
-def _tables_module():
-    spec = importlib.util.spec_from_file_location("bench_tables", ROOT / "bench" / "tables.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module")
+def tables():
+    with bench_script("tables") as module:
+        yield module
 
 
-def test_bench_readme_tables_are_rendered_from_the_results_json():
-    tables = _tables_module()
+def test_bench_readme_tables_are_rendered_from_the_results_json(tables):
     assert list((ROOT / "bench").glob("results-*.json")), "no benchmark results to render"
     section = tables.generated_section(BENCH_README.read_text())
     assert section == tables.render(), (
@@ -137,8 +136,7 @@ def test_bench_readme_tables_are_rendered_from_the_results_json():
     )
 
 
-def test_bench_tables_write_is_idempotent(tmp_path):
-    tables = _tables_module()
+def test_bench_tables_write_is_idempotent(tables, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"# Benchmarks\n\n{tables.BEGIN}\nstale\n{tables.END}\n\nnotes\n")
     assert tables.write(readme, ROOT / "bench")
@@ -148,8 +146,7 @@ def test_bench_tables_write_is_idempotent(tmp_path):
     assert text.startswith("# Benchmarks\n\n") and text.endswith(f"{tables.END}\n\nnotes\n")
 
 
-def test_bench_tables_note_unknown_layouts(tmp_path):
-    tables = _tables_module()
+def test_bench_tables_note_unknown_layouts(tables, tmp_path):
     (tmp_path / "results-other.json").write_text(json.dumps({"something": 1}))
     assert "results-other.json" in tables.render(tmp_path)
 

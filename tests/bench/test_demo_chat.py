@@ -3,7 +3,6 @@ and answers it writes, the broken answers it prefers against, and its held-out s
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -11,17 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.bench_scripts import bench_script
+
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "demo_chat.py"
 
 
 @pytest.fixture(scope="module")
 def demo():
-    spec = importlib.util.spec_from_file_location("demo_chat", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with bench_script("demo_chat") as module:
+        yield module
 
 
 GEOMETRY = '''"""Shapes."""

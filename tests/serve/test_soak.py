@@ -5,27 +5,21 @@ under load. No 5xx but load shedding, no busy row left, flat memory, a clean dra
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.bench_scripts import bench_script
 from tests.serve.servers import QUICK_START_ENV, save_checkpoint
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "serve_soak.py"
 SOAK_S = 25
 CLIENTS = 8
 
 
 @pytest.fixture(scope="module")
 def soak_module():
-    spec = importlib.util.spec_from_file_location("serve_soak", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with bench_script("serve_soak") as module:
+        yield module
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS from /proc")

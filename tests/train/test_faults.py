@@ -5,13 +5,12 @@ The campaign itself, over a hundred kills: `python bench/train_faults.py` (docs/
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "train_faults.py"
+from tests.bench_scripts import bench_script
+
 # KEY:N of the harness (see its docstring): the N-th hit of a hook at a path, in a run that
 # checkpoints every 2 steps, keeps 2 and keeps a revision every 4.
 OPTIMIZER_FILE = "save_file@checkpoints/.step-N.partial/trainer/optimizer.safetensors"
@@ -46,12 +45,8 @@ SLOW = [
 
 @pytest.fixture(scope="module")
 def faults():
-    spec = importlib.util.spec_from_file_location("train_faults", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with bench_script("train_faults") as module:
+        yield module
 
 
 def campaign(faults, folder: Path, processes: int):
