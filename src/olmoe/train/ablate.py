@@ -38,7 +38,7 @@ import yaml
 from olmoe.errors import ConfigError
 from olmoe.fileio import atomic_path, write_atomic
 from olmoe.train import state
-from olmoe.train.config import TrainConfig, load_config
+from olmoe.train.config import TrainConfig, load_config, read_yaml_mapping
 from olmoe.train.plot import read_log
 from olmoe.train.trainer import LOG_NAME, RUN_CONFIG_NAME
 
@@ -89,14 +89,7 @@ class Suite:
 def load_suite(path: str | os.PathLike, out_dir: str | None = None) -> Suite:
     """Read and check a suite file (every variant's config validated before anything runs)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no suite file at {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping (name, base, out_dir, variants)")
+    data = read_yaml_mapping(path, "suite", "name, base, out_dir and variants")
     unknown = set(data) - {"name", "paper", "base", "out_dir", "overrides", "variants"}
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}")

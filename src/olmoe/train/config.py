@@ -359,18 +359,24 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Tr
     validate. Raises ConfigError or OSError with a message that names the file or key."""
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no config file at {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+        data = read_yaml_mapping(Path(path), "config", "sections")
     for key, value in parse_overrides(overrides):
         _set_dotted(data, key, value)
     return TrainConfig.from_dict(data)
+
+
+def read_yaml_mapping(path: Path, kind: str, holds: str) -> dict[str, Any]:
+    """The mapping a YAML file holds (empty for an empty file); errors name the file: `kind`
+    what it is ("config"), `holds` what its mapping holds ("sections")."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no {kind} file at {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of {holds}, got {type(data).__name__}")
+    return data
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
