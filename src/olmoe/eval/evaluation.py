@@ -155,10 +155,14 @@ def evaluate(
     # A model trained on shorter sequences sees no more than its own window.
     max_length = min(max_length, getattr(model.config, "max_position_embeddings", max_length))
     started = time.perf_counter()
-    generative = [t for t in tasks if _is_generative(t)]
-    loaded = [_load(t, tokenizer) for t in tasks if not _is_generative(t)]
-    mc_names = iter(t.name for t in loaded)
-    names = [getattr(t, "name", t) if _is_generative(t) else next(mc_names) for t in tasks]
+    generative, loaded, names = [], [], []  # names in the order asked for
+    for task in tasks:
+        if _is_generative(task):
+            generative.append(task)
+            names.append(getattr(task, "name", task))
+        else:
+            loaded.append(_load(task, tokenizer))
+            names.append(loaded[-1].name)
     if len(set(names)) != len(names):
         raise ConfigError(f"a task is listed twice: {names}")
     plan = []
