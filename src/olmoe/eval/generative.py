@@ -15,7 +15,7 @@ from typing import Any
 
 from olmoe.errors import UsageError
 from olmoe.eval import generative_metrics as gm
-from olmoe.eval import sandbox
+from olmoe.eval import sandbox, scoring
 from olmoe.eval.batch_generation import Done, Job, run_jobs
 from olmoe.eval.generative_tasks import (
     GenerationSettings,
@@ -256,7 +256,7 @@ def task_results(
             for g, idx in groups.items()
         }
         result["metrics"] = {
-            m: sum(v[m] for v in per_group.values()) / len(per_group) for m in metrics
+            m: scoring.macro_average({g: v[m] for g, v in per_group.items()}) for m in metrics
         }
         result["groups"] = per_group
     else:
