@@ -42,6 +42,12 @@ class Done:
     finish_reasons: list[str]  # "stop" or "length"
 
 
+def job_seed(seed: int, index: int) -> int:
+    """The sampling seed of the `index`-th problem of a run seeded `seed`: each problem draws its
+    own numbers, whatever else is generated beside it."""
+    return seed * 1_000_003 + index
+
+
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """The text before the first stop sequence (lm-eval's generate_until drops it too)."""
     end = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))

@@ -16,7 +16,7 @@ from typing import Any
 from olmoe.errors import UsageError
 from olmoe.eval import generative_metrics as gm
 from olmoe.eval import sandbox, scoring
-from olmoe.eval.batch_generation import Done, Job, run_jobs
+from olmoe.eval.batch_generation import Done, Job, job_seed, run_jobs
 from olmoe.eval.generative_tasks import (
     GenerationSettings,
     GenerativeTask,
@@ -191,8 +191,7 @@ def _job(plan: _Plan, item: Item, seed: int) -> Job:
         stop=settings.stop,
         temperature=settings.temperature,
         samples=settings.samples,
-        # Each problem draws its own numbers, whatever else is generated beside it.
-        seed=seed * 1_000_003 + item.doc_id,
+        seed=job_seed(seed, item.doc_id),
     )
 
 

@@ -44,7 +44,7 @@ except ImportError:
 
 from olmoe import OlmoeForCausalLM, engine
 from olmoe.errors import ConfigError
-from olmoe.eval.batch_generation import Done, Job, run_jobs
+from olmoe.eval.batch_generation import Done, Job, job_seed, run_jobs
 from olmoe.eval.perplexity import sequence_nll
 from olmoe.eval.runner import DEFAULT_MAX_LENGTH, score_requests
 from olmoe.eval.tasks import Request
@@ -175,8 +175,7 @@ class OlmoeLM(LM):
             max_new_tokens=budget,
             stop=tuple(s for s in until if s),
             temperature=(temperature or 1.0) if sample else 0.0,
-            # Each request draws its own numbers, whatever else is generated beside it.
-            seed=self.seed * 1_000_003 + number,
+            seed=job_seed(self.seed, number),
         )
 
     # ------------------------------------------------------------------ chat templates
