@@ -40,7 +40,7 @@ SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
 HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _STACKED_EXPERTS = re.compile(
-    r"(.*layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)(_scale)?"  # int8: + scales
+    r"(.*layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)(_scale)?"  # quantised: + scales
 )
 
 # A piece of a model parameter as stored on disk: the file key and the index into the parameter
@@ -55,7 +55,7 @@ def hub_pieces(name: str, config: OlmoeConfig) -> list[Piece]:
     if match is None:
         return [(name, ())]
     prefix, stacked, scale = match.groups()
-    weight = "weight_scale" if scale else "weight"  # an int8 checkpoint's per-row scales
+    weight = "weight_scale" if scale else "weight"  # a quantised checkpoint's scales
     inter = config.intermediate_size
     pieces: list[Piece] = []
     for e in range(config.num_experts):
@@ -126,6 +126,7 @@ _SAFETENSORS_DTYPES = {
     "F16": torch.float16,
     "F32": torch.float32,
     "I8": torch.int8,  # int8-quantised checkpoints (olmoe.quantize)
+    "U8": torch.uint8,  # int4-quantised checkpoints: two values per byte
 }
 
 
@@ -299,15 +300,16 @@ def load_pretrained(cls, path_or_repo_id, revision=None, dtype=None, device="cpu
 
 
 def _quantization_method(config: OlmoeConfig) -> str:
-    from olmoe.quantize import QUANT_METHOD
+    from olmoe.quantize import QUANT_METHODS
 
     method = config.extra["quantization_config"].get("quant_method")
-    if method != QUANT_METHOD:
+    if method not in QUANT_METHODS:
         raise CheckpointError(
-            f"this checkpoint is quantised with {method!r}; olmoe reads its own {QUANT_METHOD!r} "
-            "checkpoints (olmoe quantize) and unquantised ones"
+            f"this checkpoint is quantised with {method!r}; olmoe reads its own "
+            f"{' and '.join(map(repr, QUANT_METHODS))} checkpoints (olmoe quantize) and "
+            "unquantised ones"
         )
-    return "int8"
+    return QUANT_METHODS[method]
 
 
 def _read_into(fh, stored: StoredTensor, dest: torch.Tensor) -> None:

@@ -1,3 +1,3 @@
 """Names of the weight formats olmoe converts to, importable without torch (for `olmoe --help`)."""
 
-QUANTIZE_CHOICES = ("int8",)
+QUANTIZE_CHOICES = ("int8", "int4")

@@ -188,6 +188,21 @@ def test_quantize_writes_an_int8_checkpoint_that_generates(checkpoint, tmp_path)
     assert_one_line_error(olmoe("quantize", str(directory), str(directory)), "OUTPUT")
 
 
+def test_quantize_bits_4_writes_an_int4_checkpoint_that_generates(checkpoint, tmp_path):
+    directory, _, _ = checkpoint
+    output = tmp_path / "int4"
+    result = olmoe("quantize", str(directory), str(output), "--bits", "4")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(olmoe("info", str(output), "--json").stdout)
+    assert set(info["dtypes"]) == {"float32", "float16", "uint8"}
+    config = json.loads((output / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "olmoe-int4"
+    result = olmoe("generate", str(output), "Bitcoin is", "--max-new-tokens", "5")
+    assert result.returncode == 0 and result.stdout.strip(), result.stderr
+    both = olmoe("quantize", str(directory), str(tmp_path / "x"), "--bits", "4", "--method", "int8")
+    assert both.returncode == 2 and "not allowed with" in both.stderr
+
+
 # ---------------------------------------------------------------------------- info
 def test_info_reports_counts_dtype_and_size(checkpoint):
     directory, model, _ = checkpoint

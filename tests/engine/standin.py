@@ -16,16 +16,23 @@ import torch.nn.functional as F
 
 from olmoe.model import apply_rotary
 from olmoe.moe import route
+from olmoe import quantize
 
 WEIGHTS_PER_LAYER, REQUIRED_WEIGHTS = 15, 11
 
 
-def _dequantize(weight, scale):
+def _dequantize(weight, scale, in_features):
+    if weight.dtype == torch.uint8:
+        return quantize.dequantize_int4(weight, scale, in_features, torch.bfloat16)
     return weight if scale is None else (weight.float() * scale.unsqueeze(-1)).to(torch.bfloat16)
 
 
 def linear(rows, weight, bias=None, scale=None, row_sum=None):
-    return F.linear(rows, _dequantize(weight, scale), bias)
+    return F.linear(rows, _dequantize(weight, scale, rows.shape[-1]), bias)
+
+
+def dequantize_int4(weight, scale, in_features):
+    return _dequantize(weight, scale, in_features)
 
 
 def rms_norm(rows, weight, eps):
@@ -36,10 +43,10 @@ def rms_norm(rows, weight, eps):
 
 def _expert(x, gate_up, down, e, gate_up_scale, down_scale):
     scale = None if gate_up_scale is None else gate_up_scale[e]
-    h = F.linear(x, _dequantize(gate_up[e], scale))
-    inter = down.shape[2]
+    h = F.linear(x, _dequantize(gate_up[e], scale, x.shape[-1]))
+    inter = gate_up.shape[1] // 2
     scale = None if down_scale is None else down_scale[e]
-    return F.linear(F.silu(h[:, :inter]) * h[:, inter:], _dequantize(down[e], scale))
+    return F.linear(F.silu(h[:, :inter]) * h[:, inter:], _dequantize(down[e], scale, inter))
 
 
 def moe(x, gate_up, down, indices, weights, gate_up_scale=None, gate_up_sum=None,
@@ -91,14 +98,15 @@ def decode_attention(q, k, v, mask, scale):
 def _fits(weights) -> bool:
     for layer in range(0, len(weights), WEIGHTS_PER_LAYER):
         w = weights[layer : layer + WEIGHTS_PER_LAYER]
-        int8 = w[REQUIRED_WEIGHTS - 2].dtype == torch.int8
+        experts = w[REQUIRED_WEIGHTS - 2].dtype
         for slot, t in enumerate(w):
-            if slot >= REQUIRED_WEIGHTS:
-                if (t is not None) != int8:
+            if slot >= REQUIRED_WEIGHTS:  # scales in even extras, int8 row sums in odd ones
+                scale = (slot - REQUIRED_WEIGHTS) % 2 == 0
+                if (t is not None) != (experts == torch.int8 or (experts == torch.uint8 and scale)):
                     return False
                 continue
             expert = slot >= REQUIRED_WEIGHTS - 2
-            wanted = torch.int8 if expert and int8 else torch.bfloat16
+            wanted = experts if expert else torch.bfloat16
             if t is None or t.device.type != "cpu" or t.dtype != wanted:
                 return False
     return True

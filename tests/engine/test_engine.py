@@ -20,7 +20,7 @@ from olmoe.engine import decode, layers, native
 from olmoe.generation import decode_step, generate_tokens, prefill
 from olmoe.model import OlmoeAttention, OlmoeModel, OlmoeRMSNorm
 from olmoe.moe import grouped_experts, route
-from olmoe.quantize import Int8Experts, Int8Linear, quantize_model
+from olmoe.quantize import Int4Experts, Int8Experts, Int8Linear, quantize_model
 from tests.conftest import tiny_model
 from tests.engine import standin
 from tests.engine.helpers import bf16, random_routing
@@ -161,6 +161,14 @@ def test_apply_after_quantising_gives_the_int8_modules_their_engine_classes():
     assert type(model.model.layers[1].mlp.experts) is Int8Experts
 
 
+def test_apply_gives_the_int4_modules_their_engine_classes():
+    model = engine.apply(quantize_model(tiny_model().to(torch.bfloat16), "int4"))
+    assert type(model.lm_head) is layers.CpuInt4Linear
+    assert type(model.model.layers[1].mlp.experts) is layers.CpuInt4Experts
+    engine.remove(model)
+    assert type(model.model.layers[1].mlp.experts) is Int4Experts
+
+
 # ---------------------------------------------------------------------------- the rules
 def test_kernels_stay_out_of_training_and_float32():
     x = torch.randn(1, 3, 32)
@@ -178,9 +186,10 @@ def test_experts_run_side_by_side_only_for_bf16_with_threads(two_threads):
     weight, x = bf16(4, 8, 16), bf16(5, 16)
     assert layers.side_by_side(x, weight)
     assert not layers.side_by_side(x.float(), weight.float())
-    int8 = torch.zeros(4, 8, 16, dtype=torch.int8)
-    assert layers.side_by_side(x, int8)
-    assert not layers.side_by_side(x.requires_grad_(), int8)  # int8 has no backward here
+    for quantised in (torch.zeros(4, 8, 16, dtype=torch.int8), torch.zeros(4, 8, 8, dtype=torch.uint8)):
+        assert layers.side_by_side(x, quantised)
+        assert not layers.side_by_side(x.requires_grad_(), quantised)  # no backward here
+        x = x.detach()
     torch.set_num_threads(1)  # one thread: nothing to run side by side
     assert not layers.side_by_side(x.detach(), weight)
 
@@ -200,14 +209,14 @@ def test_decoding_uses_the_kernels_and_matches_the_reference(monkeypatch):
     assert relative_error(fast, logits_per_step(reference, prompt)) < 2e-2
 
 
-@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("experts", ["bf16", "int8", "int4"])
 @pytest.mark.parametrize("padded", [False, True])
-def test_one_call_decoding_equals_the_per_module_kernels_exactly(monkeypatch, int8, padded):
+def test_one_call_decoding_equals_the_per_module_kernels_exactly(monkeypatch, experts, padded):
     """Same operations, same roundings: the one-call step must reproduce the per-module path
-    bit for bit, with bf16 or int8 experts, with and without a padding mask."""
+    bit for bit, with bf16, int8 or int4 experts, with and without a padding mask."""
     model = tiny_model(seed=3, num_key_value_heads=2).to(torch.bfloat16)
-    if int8:
-        quantize_model(model)
+    if experts != "bf16":
+        quantize_model(model, experts)
     engine.apply(model)
     prompt = torch.tensor([[5, 17, 42, 7, 99, 3], [1, 1, 8, 9, 10, 11]])
 
@@ -388,8 +397,9 @@ def test_training_under_autocast_runs_the_experts_in_bf16_side_by_side(monkeypat
     assert grad is not None and grad.dtype == torch.float32
 
 
-def test_int8_modules_on_the_engine_match_the_reference(two_threads):
-    reference = quantize_model(tiny_model(seed=1).to(torch.bfloat16))
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantised_modules_on_the_engine_match_the_reference(two_threads, method):
+    reference = quantize_model(tiny_model(seed=1).to(torch.bfloat16), method)
     model = engine.apply(copy.deepcopy(reference))
     x = bf16(5, model.config.hidden_size, seed=3)
     routing = random_routing(5, model.config.num_experts, model.config.num_experts_per_tok, 4)
@@ -400,6 +410,7 @@ def test_int8_modules_on_the_engine_match_the_reference(two_threads):
     with torch.no_grad():
         for module, args in (
             ("lm_head", (x,)),
+            ("lm_head", (prefill_x,)),  # a prefill: dequantised, one GEMM (int4)
             ("experts", (x, routing)),  # decode-sized: the streaming kernel
             ("experts", (prefill_x, prefill_routing)),  # a prefill: one pass per expert
         ):
@@ -407,7 +418,10 @@ def test_int8_modules_on_the_engine_match_the_reference(two_threads):
             slow = (
                 reference.lm_head if module == "lm_head" else reference.model.layers[0].mlp.experts
             )
-            assert relative_error(fast(*args), slow(*args)) < 1e-2, module
+            # int4's decode kernels quantise activations to 8 bits per group of 32 (as
+            # llama.cpp's Q8_0); int8's to 15 bits per row
+            limit = 3e-2 if method == "int4" and len(args[0]) <= layers.MAX_TOKENS else 1e-2
+            assert relative_error(fast(*args), slow(*args)) < limit, module
 
 
 def test_row_sums_follow_the_weights():

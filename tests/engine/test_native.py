@@ -14,7 +14,14 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from olmoe.engine import native
-from olmoe.quantize import dequantize, quantize_rows
+from olmoe.quantize import (
+    dequantize,
+    dequantize_int4,
+    int4_padded,
+    quantize_int4,
+    quantize_rows,
+    unpack_int4,
+)
 from tests.engine.helpers import bf16, moe_formula, random_routing
 
 pytestmark = pytest.mark.skipif(
@@ -188,3 +195,76 @@ def test_grouped_int8_linear_is_each_group_times_its_dequantised_weights(counts)
     weights = dequantize(q, scale, torch.bfloat16)
     expected = torch.cat([chunk @ weights[e].T for e, chunk in enumerate(chunks)])
     assert got.shape == (x.shape[0], 24) and torch.equal(got, expected)
+
+
+# ---------------------------------------------------------------------------- int4
+def group_quantised(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int4 kernels' activations: each group of 32 (zero padded to the weights' blocks)
+    rounded to int8 with scale max|x| / 127, in float32 as the kernel divides."""
+    padded = F.pad(x.float(), (0, int4_padded(x.shape[-1]) - x.shape[-1])).unflatten(-1, (-1, 32))
+    peak = padded.abs().amax(-1, keepdim=True)
+    scale = torch.where(peak > 0, peak / 127.0, torch.ones_like(peak))
+    return torch.round(padded / scale), scale
+
+
+def int4_formula(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float64 sum over groups of (exact integer dot product) x weight scale x activation scale."""
+    q, x_scale = group_quantised(x)  # (T, G, 32), (T, G, 1)
+    w = unpack_int4(packed).unflatten(-1, (-1, 32)).double()  # (N, G, 32)
+    dots = torch.einsum("tgi,ngi->tng", q.double(), w)
+    return (dots * x_scale.double().squeeze(-1)[:, None] * scale.double()[None]).sum(-1)
+
+
+@pytest.mark.parametrize(
+    "tokens, out_features, in_features",
+    [(1, 64, 2048), (3, 100, 1000), (8, 33, 48), (16, 40, 512), (5, 7, 1100),
+     (2, 1100, 2048)],  # several 1 MB work items
+)  # fmt: skip
+def test_int4_linear_kernel_is_exact_on_the_quantised_values(tokens, out_features, in_features):
+    x = bf16(tokens, in_features, seed=1)
+    packed, scale = quantize_int4(bf16(out_features, in_features, scale=0.05, seed=2))
+    got = native.linear(x, packed, None, scale)
+    assert got.shape == (tokens, out_features)
+    assert_close(got.double(), int4_formula(x, packed, scale).bfloat16().double(), **BF16_ULP)
+
+
+@pytest.mark.parametrize("in_features", [32, 100, 512, 1100, 2048])
+def test_int4_dequantisation_equals_the_reference_bit_for_bit(in_features):
+    packed, scale = quantize_int4(bf16(70, in_features, scale=0.3, seed=3))
+    expected = dequantize_int4(packed, scale, in_features, torch.bfloat16)
+    assert torch.equal(native.dequantize_int4(packed, scale, in_features), expected)
+
+
+@pytest.mark.parametrize("tokens, experts, top_k, only", [(1, 8, 2, None), (8, 64, 8, None),
+                                                          (10, 8, 2, [1, 6])])  # fmt: skip
+def test_int4_moe_kernel_matches_float64(tokens, experts, top_k, only):
+    hidden, inter = 512, 96
+    x = bf16(tokens, hidden, seed=5)
+    gate_up, gate_up_scale = quantize_int4(bf16(experts, 2 * inter, hidden, scale=0.1, seed=6))
+    down, down_scale = quantize_int4(bf16(experts, hidden, inter, scale=0.1, seed=7))
+    routing = random_routing(tokens, experts, top_k, seed=8, only=only)
+    got = native.moe(x, gate_up, down, routing.top_k_indices, routing.top_k_weights,
+                     gate_up_scale, None, down_scale, None)  # fmt: skip
+    expected = moe_formula(
+        x,
+        dequantize_int4(gate_up, gate_up_scale, hidden, torch.float64),
+        dequantize_int4(down, down_scale, inter, torch.float64),
+        routing.top_k_indices,
+        routing.top_k_weights,
+    )
+    # both products see activations rounded to 8 bits per group of 32, the formula bf16 ones
+    assert got.dtype == torch.bfloat16 and got.shape == x.shape
+    assert relative(got, expected) < 2e-2  # about 1.2% with these inputs
+    assert float((got.double() - expected).abs().max()) < 0.03 * float(expected.abs().max())
+
+
+def relative(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got.double() - expected).norm() / expected.norm())
+
+
+def test_int4_kernels_refuse_rows_of_another_width():
+    packed, scale = quantize_int4(bf16(8, 512, seed=9))
+    with pytest.raises(RuntimeError, match="features"):
+        native.linear(bf16(1, 600), packed, None, scale)
+    with pytest.raises(RuntimeError, match="scale"):
+        native.linear(bf16(1, 512), packed, None, None)

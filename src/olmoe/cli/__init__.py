@@ -2,7 +2,7 @@
 
     olmoe generate MODEL "prompt"   stream a continuation to stdout
     olmoe chat MODEL                interactive chat (a terminal, or turns as lines on stdin)
-    olmoe quantize MODEL OUTPUT     write an int8 copy of a checkpoint
+    olmoe quantize MODEL OUTPUT     write an int8 or int4 copy of a checkpoint
     olmoe info MODEL                config, parameter counts, dtype and size of a checkpoint
     olmoe revisions MODEL           a run's intermediate checkpoints, a hub repo's branches
     olmoe bench [--shape small]     olmoe against transformers and llama.cpp on this CPU

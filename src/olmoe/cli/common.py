@@ -53,7 +53,8 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quantize",
         choices=QUANTIZE_CHOICES,
-        help="quantise the weights at load time (int8: half the memory traffic)",
+        help="quantise the weights at load time (int8: about 0.6x the memory traffic of bf16; "
+        "int4: about 0.3x)",
     )
 
 

@@ -1,8 +1,9 @@
 // Decode-time kernels for x86 CPUs with AVX-512 BF16 and VNNI: matrix-vector products that
 // stream weights from memory near the bandwidth limit, and the whole sparse-MoE block of a few
-// tokens in one call, for bf16 weights and for int8 weights (symmetric, one scale per output
-// row). Compiled on first use by olmoe/kernels/__init__.py; the PyTorch code in model.py, moe.py
-// and quantize.py is the reference and the fallback.
+// tokens in one call, for bf16 weights, int8 weights (symmetric, one scale per output row) and
+// int4 weights (one float16 scale per group of 32 inputs). Compiled on first use by
+// olmoe/engine/native.py; the PyTorch code in model.py, moe.py and quantize.py is the reference
+// and the fallback.
 //
 // Why own these: with one to a few tokens per step, decoding reads every active weight once and
 // does two flops per weight, so its speed is the memory bandwidth. PyTorch's bf16 GEMV streams
@@ -13,7 +14,9 @@
 // (q = round(x / s), |q| <= 16383, split into q = 128 a + b with a, b bytes) so that two
 // VNNI byte dot products (vpdpbusd) give the exact integer sum of w * q; the error is the
 // weights' rounding and 2^-15 of the row's largest activation, far below bf16's 2^-8.
-// The MoE keeps gate/up/SiLU in float32 and rounds (bf16) or quantises (int8) the expert
+// int4 weights: each group of 32 activations is quantised to int8 with its own scale (as
+// llama.cpp's Q8_0), the group's integer dot product is exact and scaled once by both scales.
+// The MoE keeps gate/up/SiLU in float32 and rounds (bf16) or quantises (int8, int4) the expert
 // activation once before the down projection.
 
 #include <ATen/Parallel.h>
@@ -23,6 +26,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -31,7 +35,9 @@ using bf16 = uint16_t;
 constexpr int kMaxVectors = 8;  // activation rows multiplied per pass over a weight row
 
 // ------------------------------------------------------------------------- vector helpers
-inline __mmask16 first(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+inline __mmask16 first(int64_t n) {
+  return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
+}
 
 // Up to 16 values as floats (zero beyond n), from float or bf16 memory.
 inline __m512 load_floats(const float* x, int64_t n) { return _mm512_maskz_loadu_ps(first(n), x); }
@@ -115,7 +121,7 @@ inline __m512i load_bytes(const void* p, int64_t remaining) {
 // A (rows, K) bf16 matrix; `ld` elements between rows.
 struct Bf16Matrix {
   using Activations = Bf16Activations;
-  static constexpr int64_t kBytesPerWeight = 2;
+  static constexpr int64_t kBitsPerWeight = 16;
   // Rows per pass with 5-8 activation rows: 2 x 8 accumulators + 8 activations fit in the 32
   // vector registers, and each activation load then serves two weight rows.
   static constexpr int kWideRows = 2;
@@ -190,7 +196,7 @@ struct Bf16Matrix {
 // A (rows, K) int8 matrix with one float scale and the integer sum of each row.
 struct Int8Matrix {
   using Activations = Int8Activations;
-  static constexpr int64_t kBytesPerWeight = 1;
+  static constexpr int64_t kBitsPerWeight = 8;
   static constexpr int kWideRows = 1;  // two accumulators per row and activation row
   static constexpr int kSingleUnroll = 4;  // 256 bytes in flight per row: int8 rows are short
   const int8_t* data;
@@ -268,6 +274,159 @@ struct Int8Matrix {
   }
 };
 
+// Group-wise int4 (olmoe.quantize.pack_int4's layout): rows padded with zeros to a multiple of
+// 512 inputs, one float16 scale per group of 32, each value stored as the nibble q + 8. In each
+// 512-input block the 256 bytes are four chunks of 64: chunk p's low nibbles are "register"
+// 2p, its high nibbles register 2p + 1, and byte c of register r holds input 32 (c / 4) + 4r +
+// c % 4. One VNNI dot product with register r therefore adds four products of group l into
+// 32-bit lane l; after the block's eight registers, lane l holds group l's whole integer dot
+// product, which one multiply-add scales by the two groups' scales.
+constexpr int64_t kInt4Block = 512, kInt4Group = 32, kInt4Groups = kInt4Block / kInt4Group;
+inline int64_t int4_padded(int64_t k) { return (k + kInt4Block - 1) / kInt4Block * kInt4Block; }
+
+struct Int4Activations {
+  std::vector<int8_t> q;        // rows x Kp, in the weights' input order within each block
+  std::vector<float> scale;     // rows x Kp / 32: the group's max |x| / 127
+  std::vector<int32_t> offset;  // rows x Kp / 32: 8 x the sum of the group's q (the nibbles' + 8)
+  int64_t K = 0, Kp = 0;
+  void resize(int64_t rows, int64_t k) {
+    K = k;
+    Kp = int4_padded(k);
+    q.assign(rows * Kp, 0);
+    scale.assign(rows * Kp / kInt4Group, 0.0f);
+    offset.assign(rows * Kp / kInt4Group, 0);
+  }
+  template <class T>
+  void set_row(int64_t row, const T* x) {
+    int8_t* Q = q.data() + row * Kp;
+    const int64_t g0 = row * Kp / kInt4Group;
+    for (int64_t k = 0; k < K; k += kInt4Group) {
+      const __m512 a = load_floats(x + k, K - k), b = load_floats(x + k + 16, K - k - 16);
+      const float top = std::max(_mm512_reduce_max_ps(_mm512_abs_ps(a)),
+                                 _mm512_reduce_max_ps(_mm512_abs_ps(b)));
+      const float s = top > 0.0f ? top / 127.0f : 1.0f;
+      const __m512i qa = _mm512_cvtps_epi32(_mm512_div_ps(a, _mm512_set1_ps(s)));
+      const __m512i qb = _mm512_cvtps_epi32(_mm512_div_ps(b, _mm512_set1_ps(s)));
+      scale[g0 + k / kInt4Group] = s;
+      offset[g0 + k / kInt4Group] = 8 * _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+      int8_t values[kInt4Group];
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(values), _mm512_cvtsepi32_epi8(qa));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(values + 16), _mm512_cvtsepi32_epi8(qb));
+      int8_t* block = Q + k / kInt4Block * kInt4Block;
+      const int64_t lane = k % kInt4Block / kInt4Group;
+      for (int r = 0; r < 8; r++) std::memcpy(block + 64 * r + 4 * lane, values + 4 * r, 4);
+    }
+  }
+};
+
+// A (rows, Kp / 2) packed int4 matrix with (rows, Kp / 32) float16 scales.
+struct Int4Matrix {
+  using Activations = Int4Activations;
+  static constexpr int64_t kBitsPerWeight = 4;
+  static constexpr int kWideRows = 1;      // NV integer and NV float accumulators per row
+  static constexpr int kSingleUnroll = 1;  // a block is 256 bytes: four loads in flight already
+  const uint8_t* data;
+  int64_t ld;  // bytes per row, Kp / 2
+  const c10::Half* scale;
+
+  template <int R, int NV>
+  void dot(int64_t begin, int64_t end, const Activations& x, int64_t v0, float* out,
+           int64_t ldo) const {
+    const int64_t Kp = x.Kp, G = Kp / kInt4Group;
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    int64_t r = begin;
+    for (; r + R <= end; r += R) {
+      __m512 acc[R][NV];
+      for (int i = 0; i < R; i++)
+        for (int v = 0; v < NV; v++) acc[i][v] = _mm512_setzero_ps();
+      for (int64_t b = 0; b < Kp; b += kInt4Block) {
+        __m512i dots[R][NV];
+        for (int i = 0; i < R; i++)
+          for (int v = 0; v < NV; v++) dots[i][v] = _mm512_setzero_si512();
+        for (int p = 0; p < 4; p++) {
+          __m512i lo[R], hi[R];
+          for (int i = 0; i < R; i++) {
+            const __m512i w = _mm512_loadu_si512(data + (r + i) * ld + b / 2 + 64 * p);
+            lo[i] = _mm512_and_si512(w, low);
+            hi[i] = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
+          }
+          for (int v = 0; v < NV; v++) {
+            const int8_t* X = x.q.data() + (v0 + v) * Kp + b + 128 * p;
+            const __m512i xa = _mm512_loadu_si512(X), xb = _mm512_loadu_si512(X + 64);
+            for (int i = 0; i < R; i++) {
+              dots[i][v] = _mm512_dpbusd_epi32(dots[i][v], lo[i], xa);
+              dots[i][v] = _mm512_dpbusd_epi32(dots[i][v], hi[i], xb);
+            }
+          }
+        }
+        for (int i = 0; i < R; i++) {
+          const __m512 ws = _mm512_cvtph_ps(_mm256_loadu_si256(
+              reinterpret_cast<const __m256i*>(scale + (r + i) * G + b / kInt4Group)));
+          for (int v = 0; v < NV; v++) {
+            const int64_t g = (v0 + v) * G + b / kInt4Group;
+            const __m512i exact =
+                _mm512_sub_epi32(dots[i][v], _mm512_loadu_si512(x.offset.data() + g));
+            acc[i][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact),
+                                        _mm512_mul_ps(ws, _mm512_loadu_ps(x.scale.data() + g)),
+                                        acc[i][v]);
+          }
+        }
+      }
+      for (int i = 0; i < R; i++)
+        for (int v = 0; v < NV; v++) out[v * ldo + r + i] = _mm512_reduce_add_ps(acc[i][v]);
+    }
+    if (r < end) dot<1, NV>(r, end, x, v0, out, ldo);
+  }
+
+  template <int U, int NV>
+  void rows(int64_t begin, int64_t end, const Activations& x, int64_t v0, float* out,
+            int64_t ldo) const {
+    dot<1, NV>(begin, end, x, v0, out, ldo);
+  }
+};
+
+// Rows of a packed int4 matrix (Kp / 2 bytes and Kp / 32 float16 scales each) as bf16 rows of
+// K values, each bf16(float(q) * float(scale)) as olmoe.quantize.dequantize_int4 rounds. Block
+// by block: the values in the stored order, then each group's 32 gathered into place.
+void dequantize_int4_rows(const uint8_t* data, const c10::Half* scale, int64_t Kp, int64_t K,
+                          int64_t rows, bf16* out) {
+  alignas(64) bf16 stored[kInt4Block];  // one block's values in the stored order
+  const __m512i low = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi32(8);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512i quarter_lanes[4];  // byte quarter m of a register: lanes 4m .. 4m + 3, 4 values each
+  for (int m = 0; m < 4; m++)
+    quarter_lanes[m] = _mm512_srli_epi32(_mm512_add_epi32(_mm512_set1_epi32(16 * m), lane), 2);
+  // group l's 32 values: four from each register r, the 64-bit word 16 r + l of `stored`
+  const __m512i words = _mm512_setr_epi64(0, 16, 32, 48, 64, 80, 96, 112);
+  for (int64_t row = 0; row < rows; row++)
+    for (int64_t b = 0; b < K; b += kInt4Block) {
+      const __m512 ws = _mm512_cvtph_ps(_mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(scale + row * (Kp / kInt4Group) + b / kInt4Group)));
+      for (int p = 0; p < 4; p++) {
+        const __m512i w = _mm512_loadu_si512(data + row * (Kp / 2) + b / 2 + 64 * p);
+        alignas(64) uint8_t nibbles[2][64];
+        _mm512_store_si512(nibbles[0], _mm512_and_si512(w, low));
+        _mm512_store_si512(nibbles[1], _mm512_and_si512(_mm512_srli_epi16(w, 4), low));
+        for (int h = 0; h < 2; h++)
+          for (int m = 0; m < 4; m++) {
+            const __m512i n = _mm512_cvtepu8_epi32(
+                _mm_load_si128(reinterpret_cast<const __m128i*>(nibbles[h] + 16 * m)));
+            const __m512 value = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(n, eight)),
+                                               _mm512_permutexvar_ps(quarter_lanes[m], ws));
+            _mm256_store_si256(reinterpret_cast<__m256i*>(stored + 64 * (2 * p + h) + 16 * m),
+                               (__m256i)_mm512_cvtneps_pbh(value));
+          }
+      }
+      for (int64_t l = 0; l < kInt4Groups && b + kInt4Group * l < K; l++) {
+        const __m512i group =
+            _mm512_i64gather_epi64(_mm512_add_epi64(words, _mm512_set1_epi64(l)), stored, 8);
+        const int64_t col = b + kInt4Group * l, left = K - col;
+        const __mmask32 keep = left >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << left) - 1);
+        _mm512_mask_storeu_epi16(out + row * K + col, keep, group);
+      }
+    }
+}
+
 // Rows [begin, end) of W times activation rows [v0, v0 + nv). Up to 4 activation rows, row
 // after row (one sequential stream); from 5 on, the work per weight byte is high enough that
 // reusing each activation load for two weight rows pays more (see `rows`).
@@ -319,10 +478,17 @@ void check(const torch::Tensor& t, const char* name, int dim, torch::ScalarType 
               "-d tensor");
 }
 
-// A weight matrix (or a stack of them) as either kind, from the Python-side tensors.
+// A weight matrix (or a stack of them) of any kind, from the Python-side tensors: bf16, int8
+// (int8 data, float32 scale per row, int32 row sums) or int4 (uint8 packed data, float16 scale
+// per group of 32 inputs).
 struct Weights {
-  torch::Tensor data, scale, row_sum;  // scale/row_sum undefined for bf16
+  torch::Tensor data, scale, row_sum;  // scale undefined for bf16, row_sum for bf16 and int4
   bool is_int8() const { return data.scalar_type() == torch::kChar; }
+  bool is_int4() const { return data.scalar_type() == torch::kByte; }
+  // Whether rows of this matrix take `k` inputs: int4 rows are stored padded.
+  bool takes(int64_t k) const {
+    return is_int4() ? data.size(-1) * 2 == int4_padded(k) : data.size(-1) == k;
+  }
 };
 
 Weights weights_from(const torch::Tensor& data, const c10::optional<torch::Tensor>& scale,
@@ -335,6 +501,15 @@ Weights weights_from(const torch::Tensor& data, const c10::optional<torch::Tenso
     check(*row_sum, "row_sum", dim - 1, torch::kInt32);
     w.scale = *scale;
     w.row_sum = *row_sum;
+  } else if (data.scalar_type() == torch::kByte) {
+    TORCH_CHECK(scale.has_value(), name, ": int4 needs its scales");
+    check(data, name, dim, torch::kByte);
+    check(*scale, "scale", dim, torch::kHalf);
+    TORCH_CHECK(data.size(-1) % (kInt4Block / 2) == 0 &&
+                    scale->size(-1) * kInt4Group == data.size(-1) * 2 &&
+                    scale->size(-2) == data.size(-2),
+                name, ": int4 rows are whole 512-input blocks with a scale per 32 inputs");
+    w.scale = *scale;
   } else {
     check(data, name, dim, torch::kBFloat16);
   }
@@ -348,6 +523,13 @@ Bf16Matrix bf16_matrix(const Weights& w, int64_t index, int64_t rows, int64_t co
 Int8Matrix int8_matrix(const Weights& w, int64_t index, int64_t rows, int64_t cols) {
   return {w.data.data_ptr<int8_t>() + index * rows * cols, cols,
           w.scale.data_ptr<float>() + index * rows, w.row_sum.data_ptr<int32_t>() + index * rows};
+}
+
+// cols: the logical inputs per row (the stored rows are padded).
+Int4Matrix int4_matrix(const Weights& w, int64_t index, int64_t rows, int64_t cols) {
+  const int64_t ld = int4_padded(cols) / 2;
+  return {w.data.data_ptr<uint8_t>() + index * rows * ld, ld,
+          w.scale.data_ptr<c10::Half>() + index * rows * (int4_padded(cols) / kInt4Group)};
 }
 
 // ------------------------------------------------------------------------- linear
@@ -368,7 +550,7 @@ std::vector<torch::Tensor> linear_impl(const torch::Tensor& x, const std::vector
   std::vector<torch::Tensor> out;
   std::vector<std::vector<float>> acc;
   for (size_t m = 0; m < W.size(); m++) {
-    const int64_t step = rows_per_item(N[m], K * Matrix::kBytesPerWeight);
+    const int64_t step = rows_per_item(N[m], K * Matrix::kBitsPerWeight / 8);
     for (int64_t b = 0; b < N[m]; b += step) items.push_back({m, b, std::min(N[m], b + step)});
     out.push_back(torch::empty({T, N[m]}, x.options()));
     acc.emplace_back(T * N[m]);
@@ -435,7 +617,7 @@ torch::Tensor moe_impl(const torch::Tensor& x, int64_t E, int64_t I, const GateU
   };
 
   // Gate rows [b, e) and the matching up rows I + [b, e) in one item.
-  auto up_items = items_for(I, 2 * H * Matrix::kBytesPerWeight);  // a gate and an up row each
+  auto up_items = items_for(I, 2 * H * Matrix::kBitsPerWeight / 8);  // a gate and an up row each
   parallel_items((int64_t)up_items.size(), [&](int64_t i) {
     const Item& it = up_items[i];
     const int64_t s0 = start[it.expert], n = count[it.expert];
@@ -459,7 +641,7 @@ torch::Tensor moe_impl(const torch::Tensor& x, int64_t E, int64_t I, const GateU
     }
   });
 
-  auto down_items = items_for(H, I * Matrix::kBytesPerWeight);
+  auto down_items = items_for(H, I * Matrix::kBitsPerWeight / 8);
   parallel_items((int64_t)down_items.size(), [&](int64_t i) {
     const Item& it = down_items[i];
     const int64_t s0 = start[it.expert];
@@ -481,23 +663,23 @@ torch::Tensor moe_impl(const torch::Tensor& x, int64_t E, int64_t I, const GateU
 
 }  // namespace
 
-// y (T, N) = x (T, K) @ W (N, K)^T [+ bias] for a handful of bf16 rows x; W bf16, or int8 with
-// per-row `scale` and `row_sum`.
+// y (T, N) = x (T, K) @ W (N, K)^T [+ bias] for a handful of bf16 rows x; W bf16, int8 with
+// per-row `scale` and `row_sum`, or packed int4 (N, Kp / 2) with its (N, Kp / 32) `scale`.
 torch::Tensor linear(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias,
                      c10::optional<torch::Tensor> scale, c10::optional<torch::Tensor> row_sum) {
   check(x, "x", 2, torch::kBFloat16);
   const Weights w = weights_from(weight, scale, row_sum, 2, "weight");
-  const int64_t N = weight.size(0), K = weight.size(1);
-  TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " features but the weight expects ", K);
+  const int64_t N = weight.size(0), K = x.size(1);
+  TORCH_CHECK(w.takes(K), "x has ", K, " features but the weight's rows do not match");
   torch::Tensor bias32;
   if (bias.has_value()) {
     TORCH_CHECK(bias->numel() == N, "bias has ", bias->numel(), " entries for ", N, " outputs");
     bias32 = bias->to(torch::kFloat32).contiguous();
   }
   const float* add = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
-  auto out = w.is_int8() ? linear_impl(x, std::vector{int8_matrix(w, 0, N, K)}, {N}, {add})
-                         : linear_impl(x, std::vector{bf16_matrix(w, 0, N, K)}, {N}, {add});
-  return out[0];
+  if (w.is_int8()) return linear_impl(x, std::vector{int8_matrix(w, 0, N, K)}, {N}, {add})[0];
+  if (w.is_int4()) return linear_impl(x, std::vector{int4_matrix(w, 0, N, K)}, {N}, {add})[0];
+  return linear_impl(x, std::vector{bf16_matrix(w, 0, N, K)}, {N}, {add})[0];
 }
 
 // x @ W^T for bf16 matrices without bias that share their input (q, k and v), in one region.
@@ -525,8 +707,8 @@ torch::Tensor moe(torch::Tensor x, torch::Tensor gate_up, torch::Tensor down, to
   const Weights gu = weights_from(gate_up, gate_up_scale, gate_up_sum, 3, "gate_up");
   const Weights dn = weights_from(down, down_scale, down_sum, 3, "down");
   const int64_t H = x.size(1), E = gate_up.size(0), I = gate_up.size(1) / 2;
-  TORCH_CHECK(gate_up.size(2) == H && down.size(0) == E && down.size(1) == H &&
-                  down.size(2) == I && gu.is_int8() == dn.is_int8(),
+  TORCH_CHECK(gu.takes(H) && down.size(0) == E && down.size(1) == H && dn.takes(I) &&
+                  gate_up.scalar_type() == down.scalar_type(),
               "expert weights do not match x or each other");
   TORCH_CHECK(idx.dim() == 2 && idx.size(0) == x.size(0) && weights.sizes() == idx.sizes(),
               "indices and weights must both be (tokens, top_k)");
@@ -535,6 +717,10 @@ torch::Tensor moe(torch::Tensor x, torch::Tensor gate_up, torch::Tensor down, to
     out = moe_impl<Int8Matrix>(
         x, E, I, [&](int64_t e) { return int8_matrix(gu, e, 2 * I, H); },
         [&](int64_t e) { return int8_matrix(dn, e, H, I); }, idx, weights);
+  } else if (gu.is_int4()) {
+    out = moe_impl<Int4Matrix>(
+        x, E, I, [&](int64_t e) { return int4_matrix(gu, e, 2 * I, H); },
+        [&](int64_t e) { return int4_matrix(dn, e, H, I); }, idx, weights);
   } else {
     out = moe_impl<Bf16Matrix>(
         x, E, I, [&](int64_t e) { return bf16_matrix(gu, e, 2 * I, H); },
@@ -574,13 +760,21 @@ void for_each_group(const torch::Tensor& counts, int64_t rows, const F& f) {
 }
 
 // Group e's weights as a bf16 (N, K) matrix: weight[e] itself, or for int8 weights (with
-// `scale`, (E, N) float32 per row) a copy dequantised by the calling thread, rounding as
-// olmoe.quantize.dequantize does (bf16(float(q) * scale)): a layer's experts never exist in bf16
-// all at once.
+// `scale`, (E, N) float32 per row) and int4 ones (`scale` (E, N, Kp / 32) float16) a copy
+// dequantised by the calling thread, rounding as olmoe.quantize does (bf16(float(q) * scale)):
+// a layer's experts never exist in bf16 all at once.
 torch::Tensor group_weight(const torch::Tensor& weight, const c10::optional<torch::Tensor>& scale,
-                           int64_t e) {
+                           int64_t e, int64_t K) {
+  if (weight.scalar_type() == torch::kByte) {
+    const int64_t N = weight.size(1), Kp = int4_padded(K);
+    auto w = torch::empty({N, K}, weight.options().dtype(torch::kBFloat16));
+    dequantize_int4_rows(weight.data_ptr<uint8_t>() + e * N * Kp / 2,
+                         scale->data_ptr<c10::Half>() + e * N * Kp / kInt4Group, Kp, K, N,
+                         reinterpret_cast<bf16*>(w.data_ptr()));
+    return w;
+  }
   if (weight.scalar_type() != torch::kChar) return weight[e];
-  const int64_t N = weight.size(1), K = weight.size(2);
+  const int64_t N = weight.size(1);
   auto w = torch::empty({N, K}, weight.options().dtype(torch::kBFloat16));
   const int8_t* q = weight.data_ptr<int8_t>() + e * N * K;
   const float* s = scale->data_ptr<float>() + e * N;
@@ -595,26 +789,30 @@ torch::Tensor group_weight(const torch::Tensor& weight, const c10::optional<torc
   return w;
 }
 
-void check_grouped_weight(const torch::Tensor& weight, const c10::optional<torch::Tensor>& scale,
-                          const char* name) {
-  if (weight.scalar_type() != torch::kChar) return;
-  TORCH_CHECK(scale.has_value(), name, ": int8 weights need their scale");
-  check(weight, name, 3, torch::kChar);
-  check(*scale, "scale", 2, torch::kFloat32);
+// Whether a grouped (E, N, *) weight fits rows of K inputs; checks a quantised one's scales.
+bool grouped_weight_takes(const torch::Tensor& weight, const c10::optional<torch::Tensor>& scale,
+                          int64_t K, const char* name) {
+  const auto type = weight.scalar_type();
+  if (type == torch::kByte) return weights_from(weight, scale, c10::nullopt, 3, name).takes(K);
+  if (type == torch::kChar) {
+    TORCH_CHECK(scale.has_value(), name, ": int8 weights need their scale");
+    check(weight, name, 3, torch::kChar);
+    check(*scale, "scale", 2, torch::kFloat32);
+  }
+  return weight.dim() == 3 && weight.size(2) == K;
 }
 
 torch::Tensor grouped_linear(torch::Tensor x, torch::Tensor weight, torch::Tensor counts,
                              c10::optional<torch::Tensor> scale) {
-  const bool int8 = weight.scalar_type() == torch::kChar;
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 3 && x.size(1) == weight.size(2) &&
-                  (int8 ? x.scalar_type() == torch::kBFloat16 : x.scalar_type() == weight.scalar_type()) &&
+  const bool quantised = weight.scalar_type() == torch::kChar || weight.scalar_type() == torch::kByte;
+  TORCH_CHECK(x.dim() == 2 && grouped_weight_takes(weight, scale, x.size(1), "weight") &&
+                  (quantised ? x.scalar_type() == torch::kBFloat16 : x.scalar_type() == weight.scalar_type()) &&
                   counts.size(0) == weight.size(0),
               "x (S, K), weight (E, N, K) and counts (E,) must match");
-  check_grouped_weight(weight, scale, "weight");
   auto out = torch::empty({x.size(0), weight.size(1)}, x.options());
   for_each_group(counts, x.size(0), [&](int64_t e, int64_t first_row, int64_t n) {
     auto rows = out.narrow(0, first_row, n);
-    at::mm_out(rows, x.narrow(0, first_row, n), group_weight(weight, scale, e).t());
+    at::mm_out(rows, x.narrow(0, first_row, n), group_weight(weight, scale, e, x.size(1)).t());
   });
   return out;
 }
@@ -630,12 +828,12 @@ torch::Tensor grouped_experts(torch::Tensor x, torch::Tensor gate_up, torch::Ten
                               torch::Tensor top_k_weights, c10::optional<torch::Tensor> gate_up_scale,
                               c10::optional<torch::Tensor> down_scale) {
   check(x, "x", 2, torch::kBFloat16);
-  check_grouped_weight(gate_up, gate_up_scale, "gate_up");
-  check_grouped_weight(down, down_scale, "down");
   const int64_t T = x.size(0), H = x.size(1), K = top_k_weights.size(1), S = T * K;
-  const int64_t E = gate_up.size(0), I = down.size(2);
-  TORCH_CHECK(gate_up.dim() == 3 && down.dim() == 3 && gate_up.size(1) == 2 * I &&
-                  gate_up.size(2) == H && down.size(0) == E && down.size(1) == H &&
+  TORCH_CHECK(gate_up.dim() == 3 && down.dim() == 3, "gate_up and down must be 3-d");
+  const int64_t E = gate_up.size(0), I = gate_up.size(1) / 2;
+  TORCH_CHECK(grouped_weight_takes(gate_up, gate_up_scale, H, "gate_up") &&
+                  grouped_weight_takes(down, down_scale, I, "down") &&
+                  gate_up.size(1) == 2 * I && down.size(0) == E && down.size(1) == H &&
                   counts.size(0) == E,
               "gate_up (E, 2I, H), down (E, H, I) and counts (E,) must match x (T, H)");
   TORCH_CHECK(top_k_weights.dim() == 2 && top_k_weights.size(0) == T &&
@@ -653,9 +851,9 @@ torch::Tensor grouped_experts(torch::Tensor x, torch::Tensor gate_up, torch::Ten
     auto rows = torch::empty({n, H}, x.options());
     bf16* R = reinterpret_cast<bf16*>(rows.data_ptr());
     for (int64_t j = 0; j < n; j++) std::copy_n(X + (slots[j] / K) * H, H, R + j * H);
-    const auto gate_and_up = at::mm(rows, group_weight(gate_up, gate_up_scale, e).t());  // (n, 2I)
+    const auto gate_and_up = at::mm(rows, group_weight(gate_up, gate_up_scale, e, H).t());  // (n, 2I)
     const auto act = at::silu(gate_and_up.narrow(1, 0, I)).mul_(gate_and_up.narrow(1, I, I));
-    auto y = at::mm(act, group_weight(down, down_scale, e).t());  // (n, H)
+    auto y = at::mm(act, group_weight(down, down_scale, e, I).t());  // (n, H)
     y.mul_(mix.index_select(0, order64.narrow(0, first_row, n)));  // y * weight, rounded once
     const bf16* Y = reinterpret_cast<const bf16*>(y.data_ptr());
     bf16* O = reinterpret_cast<bf16*>(out.data_ptr());
@@ -876,7 +1074,8 @@ std::vector<torch::Tensor> decode_layer(
 }
 
 // Tensors per layer in decode_layers' `weights`: decode_layer's from input_norm to down (the
-// required ones), then the four int8 extras (None for bf16 experts).
+// required ones), then the four extras of quantised experts: gate_up's scale and row sums,
+// down's scale and row sums (int8: all four; int4: the scales; bf16: none).
 constexpr size_t kRequiredWeights = 11, kWeightsPerLayer = kRequiredWeights + 4;
 
 // Whether every layer's weights are what decode_layer takes (dtype, device, layout), checked
@@ -886,15 +1085,20 @@ bool decode_weights_fit(const std::vector<c10::optional<torch::Tensor>>& weights
   for (size_t i = 0; i < weights.size(); i++) {
     const auto& w = weights[i];
     const size_t slot = i % kWeightsPerLayer;
-    const bool int8_experts = weights[i - slot + kRequiredWeights - 2]->scalar_type() == torch::kChar;
-    if (slot >= kRequiredWeights) {  // the int8 extras: there exactly for int8 experts
-      if (w.has_value() != int8_experts) return false;
+    const auto experts = weights[i - slot + kRequiredWeights - 2]->scalar_type();
+    if (slot >= kRequiredWeights) {  // the extras: scales (odd slots) and row sums (even slots)
+      const bool scale = (slot - kRequiredWeights) % 2 == 0;
+      const bool wanted = experts == torch::kChar || (experts == torch::kByte && scale);
+      if (w.has_value() != wanted) return false;
       if (w.has_value() && !w->device().is_cpu()) return false;
       continue;
     }
     const bool expert = slot >= kRequiredWeights - 2;
+    if (expert && experts != torch::kChar && experts != torch::kByte &&
+        experts != torch::kBFloat16)
+      return false;
     if (!w.has_value() || !w->device().is_cpu() || !w->is_contiguous() ||
-        w->scalar_type() != (expert && int8_experts ? torch::kChar : torch::kBFloat16))
+        w->scalar_type() != (expert ? experts : torch::kBFloat16))
       return false;
   }
   return true;
@@ -932,6 +1136,23 @@ std::vector<torch::Tensor> decode_layers(
   return out;
 }
 
+// The bf16 (N, K) matrix that a packed int4 weight (N, Kp / 2) with its (N, Kp / 32) float16
+// scales stands for, rows shared among the threads: a prefill's linear layer (the LM head)
+// multiplies it with oneDNN's GEMM.
+torch::Tensor dequantize_int4(torch::Tensor weight, torch::Tensor scale, int64_t K) {
+  const Weights w = weights_from(weight, scale, c10::nullopt, 2, "weight");
+  TORCH_CHECK(w.is_int4() && w.takes(K), "weight must be packed int4 rows of ", K, " inputs");
+  const int64_t N = weight.size(0), Kp = int4_padded(K);
+  auto out = torch::empty({N, K}, weight.options().dtype(torch::kBFloat16));
+  const uint8_t* data = weight.data_ptr<uint8_t>();
+  const c10::Half* scales = scale.data_ptr<c10::Half>();
+  bf16* to = reinterpret_cast<bf16*>(out.data_ptr());
+  at::parallel_for(0, N, 64, [&](int64_t b, int64_t e) {
+    dequantize_int4_rows(data + b * Kp / 2, scales + b * Kp / kInt4Group, Kp, K, e - b, to + b * K);
+  });
+  return out;
+}
+
 // Reads `buffer` once with 512-bit loads on all threads; returns a checksum so that the reads
 // cannot be optimised away. The benchmark times it to measure the memory read bandwidth.
 int64_t read_all(torch::Tensor buffer) {
@@ -960,8 +1181,9 @@ int64_t read_all(torch::Tensor buffer) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear", &linear, "x @ weight.T (+ bias) for a few bf16 rows; bf16 or int8 weight");
-  m.def("moe", &moe, "sparse MoE experts for a few bf16 tokens; bf16 or int8 experts");
+  m.def("linear", &linear, "x @ weight.T (+ bias) for a few bf16 rows; bf16, int8 or int4 weight");
+  m.def("moe", &moe, "sparse MoE experts for a few bf16 tokens; bf16, int8 or int4 experts");
+  m.def("dequantize_int4", &dequantize_int4, "a packed int4 weight as bf16");
   m.def("grouped_linear", &grouped_linear, "per-group x @ weight[e].T, the groups side by side");
   m.def("grouped_experts", &grouped_experts, "a prefill's experts, one pass per expert, side by side");
   m.def("grouped_weight_grad", &grouped_weight_grad, "per-group grad.T @ x, side by side");

@@ -3,7 +3,7 @@
 Between two layers of a decode step, Python runs in caches that the previous layer's weights
 have flushed; one native call for all layers (cpu.cpp's `decode_layers`) removes that time. It
 runs the same operations with the same roundings as the layers' per-module path (the tests
-compare bit for bit), and applies where every layer can: bf16 weights (int8 experts allowed), no
+compare bit for bit), and applies where every layer can: bf16 weights (int8 or int4 experts allowed), no
 attention bias, SiLU experts, inference.
 
 The plan, each layer's `LayerWeights`, is gathered once and kept beside the model (not on it)
@@ -40,8 +40,8 @@ class LayerWeights(NamedTuple):
     router: torch.Tensor
     gate_up: torch.Tensor
     down: torch.Tensor
-    gate_up_scale: torch.Tensor | None  # int8 experts: per-row scales and integer row sums
-    gate_up_row_sum: torch.Tensor | None
+    gate_up_scale: torch.Tensor | None  # int8 experts: per-row scales and integer row sums;
+    gate_up_row_sum: torch.Tensor | None  # int4: group scales, no sums
     down_scale: torch.Tensor | None
     down_row_sum: torch.Tensor | None
 
@@ -114,6 +114,9 @@ def _make_plan(model: OlmoeModel) -> DecodePlan | None:
             return None
         gate_up, down = child(experts, "gate_up_proj"), child(experts, "down_proj")
         extras = [None] * 4
+        if gate_up.dtype == torch.uint8:
+            scales = [child(experts, "gate_up_proj_scale"), child(experts, "down_proj_scale")]
+            extras = [scales[0], None, scales[1], None]
         if gate_up.dtype == torch.int8:
             extras = [
                 child(experts, "gate_up_proj_scale"), row_sum(experts, "gate_up_proj"),

@@ -4,11 +4,13 @@ kernels do well to them, and every other call to the reference `forward` they in
 This is the one place that decides which path runs. The rules:
 
 - Decode-sized calls (at most `MAX_TOKENS` rows) on bf16 activations with no gradient recorded
-  stream their weights through the native matrix-vector kernels: linear layers (bf16 or int8),
-  the router, RMSNorm, one query's attention, the experts.
+  stream their weights through the native matrix-vector kernels: linear layers (bf16, int8 or
+  int4), the router, RMSNorm, one query's attention, the experts.
 - A prefill's or a training step's experts (bf16, more than one thread) run their GEMMs side by
-  side, one expert per thread: without a gradient as one fused native pass per expert (bf16 or
-  int8 weights), with one as an autograd function of grouped GEMMs (bf16 weights).
+  side, one expert per thread: without a gradient as one fused native pass per expert (bf16,
+  int8 or int4 weights, a quantised expert dequantised by its thread), with one as an autograd
+  function of grouped GEMMs (bf16 weights).
+- A prefill's int4 linear layer (the LM head) is dequantised natively, then one GEMM.
 - Everything else (float32, float16, other activations, attention probabilities asked for) is
   the reference code itself.
 
@@ -34,11 +36,12 @@ from olmoe.moe import (
     grouped_experts,
     slots_by_expert,
 )
-from olmoe.quantize import Int8Experts, Int8Linear
+from olmoe.quantize import Int4Experts, Int4Linear, Int8Experts, Int8Linear
 
 # Up to this many rows a call streams its weights (the kernels); beyond it, it is a GEMM, which
 # oneDNN does well.
 MAX_TOKENS = 16
+QUANTIZED = (torch.int8, torch.uint8)  # int8 and packed int4 weights
 
 
 # ---------------------------------------------------------------------------- the rules
@@ -52,11 +55,11 @@ def records_grad(*tensors: torch.Tensor) -> bool:
 
 
 def streams(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `x @ weight.T` goes to the streaming kernels: a few bf16 rows on the CPU, bf16 or
-    int8 weights in the layout the kernels read (contiguous), no gradient."""
+    """Whether `x @ weight.T` goes to the streaming kernels: a few bf16 rows on the CPU, bf16,
+    int8 or int4 weights in the layout the kernels read (contiguous), no gradient."""
     return (
         x.dtype == torch.bfloat16
-        and weight.dtype in (torch.bfloat16, torch.int8)
+        and (weight.dtype == torch.bfloat16 or weight.dtype in QUANTIZED)
         and weight.is_contiguous()
         and x.device.type == "cpu"
         and decode_sized(x)
@@ -71,10 +74,10 @@ def small_bf16(x: torch.Tensor) -> bool:
 
 def side_by_side(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether an expert's GEMMs run one expert per thread: bf16 activations on the CPU with
-    more than one thread, and bf16 weights, or int8 ones without a gradient."""
+    more than one thread, and bf16 weights, or quantised ones without a gradient."""
     return (
         x.dtype == torch.bfloat16
-        and (weight.dtype == torch.bfloat16 or (weight.dtype == torch.int8 and not records_grad(x)))
+        and (weight.dtype == torch.bfloat16 or (weight.dtype in QUANTIZED and not records_grad(x)))
         and x.device.type == "cpu"
         and torch.get_num_threads() > 1
     )
@@ -178,6 +181,31 @@ class CpuInt8Experts(Int8Experts):
         return super().forward(x, routing)
 
 
+class CpuInt4Linear(Int4Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if streams(x, self.weight):
+            return native.linear(x, self.weight, self.bias, self.weight_scale)
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu":  # a prefill: one GEMM
+            weight = native.dequantize_int4(self.weight, self.weight_scale, self.in_features)
+            return F.linear(x, weight, self.bias)
+        return super().forward(x)
+
+
+class CpuInt4Experts(Int4Experts):
+    def forward(self, x: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
+        if self.act_fn is not F.silu:
+            return super().forward(x, routing)
+        if streams(x, self.gate_up_proj):
+            return native.moe(
+                x, self.gate_up_proj, self.down_proj, routing.top_k_indices,
+                routing.top_k_weights, self.gate_up_proj_scale, None, self.down_proj_scale, None,
+            )  # fmt: skip
+        if side_by_side(x, self.gate_up_proj):  # a prefill: each expert dequantised by its thread
+            scales = (self.gate_up_proj_scale, self.down_proj_scale)
+            return fused_experts(x, routing, self.gate_up_proj, self.down_proj, scales)
+        return super().forward(x, routing)
+
+
 # Each reference module class and the engine's class that replaces it.
 ENGINE_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: CpuLinear,
@@ -187,4 +215,6 @@ ENGINE_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
     OlmoeExperts: CpuExperts,
     Int8Linear: CpuInt8Linear,
     Int8Experts: CpuInt8Experts,
+    Int4Linear: CpuInt4Linear,
+    Int4Experts: CpuInt4Experts,
 }

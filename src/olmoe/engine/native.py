@@ -114,11 +114,18 @@ def linear(
     scale: torch.Tensor | None = None,
     row_sum: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`F.linear` for a few bf16 rows. x: (..., K); weight: (N, K) bf16, or int8 with its
-    per-row float32 `scale` and int32 `row_sum` (see olmoe.quantize)."""
+    """`F.linear` for a few bf16 rows. x: (..., K); weight: (N, K) bf16, int8 (N, K) with its
+    per-row float32 `scale` and int32 `row_sum`, or packed int4 (N, Kp / 2) uint8 with its
+    float16 `scale` (N, Kp / 32) (see olmoe.quantize)."""
     rows = x.reshape(-1, x.shape[-1]).contiguous()  # (T, K)
     out = compiled().linear(rows, weight, bias, scale, row_sum)  # (T, N)
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def dequantize_int4(weight: torch.Tensor, scale: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The bf16 (N, in_features) matrix of a packed int4 weight, rounded as
+    olmoe.quantize.dequantize_int4 rounds, the rows shared among the threads."""
+    return compiled().dequantize_int4(weight, scale, in_features)
 
 
 def moe(
@@ -133,8 +140,8 @@ def moe(
     down_sum: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The MoE block's expert part for a few bf16 tokens: x (T, H), gate_up (E, 2I, H),
-    down (E, H, I) (bf16, or int8 with per-row scales and sums), indices and weights (T, K)
-    from the router; returns (T, H)."""
+    down (E, H, I) (bf16, int8 with per-row scales and sums, or packed int4 with group scales
+    and no sums), indices and weights (T, K) from the router; returns (T, H)."""
     return compiled().moe(
         x.contiguous(), gate_up, down, indices, weights,
         gate_up_scale, gate_up_sum, down_scale, down_sum,
@@ -151,7 +158,8 @@ def grouped_experts(
     scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """A prefill's SiLU experts, each expert's slots in one pass on one thread, the experts side
-    by side: x (T, H) bf16; gate_up (E, 2I, H), down (E, H, I), bf16 or int8 with `scales`;
+    by side: x (T, H) bf16; gate_up (E, 2I, H), down (E, H, I), bf16, or int8 or packed int4
+    with `scales` (each expert dequantised to bf16 by its thread);
     slot_order (T * K,) the flat routing slots sorted by expert, counts (E,) per expert;
     top_k_weights (T, K) bf16. Returns (T * K, H): slot s holds its expert's output times the
     slot's weight (see cpu.cpp)."""
