@@ -453,3 +453,14 @@ def test_a_model_in_training_mode_decodes_through_the_modules(monkeypatch):
     calls = count_calls(monkeypatch, ["decode_layers"])
     logits_per_step(model, torch.tensor([[5, 17, 42, 7]]), steps=3)
     assert calls["decode_layers"] == 0
+
+
+def test_int8_weights_made_under_inference_mode_decode():
+    """Inference tensors keep no version counter: the row sums and the plan then follow the
+    tensors themselves (this raised before)."""
+    prompt = torch.tensor([[5, 17, 42, 7]])
+    reference = logits_per_step(engine.apply(quantize_model(tiny_model(seed=12).bfloat16())), prompt)
+    with torch.inference_mode():
+        model = engine.apply(quantize_model(tiny_model(seed=12).bfloat16()))
+    assert model.lm_head.weight.is_inference()
+    assert torch.equal(logits_per_step(model, prompt), reference)

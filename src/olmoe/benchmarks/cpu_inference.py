@@ -14,11 +14,13 @@ and decode tok/s at batch 1 and 8 (16-token prompt, 128 new tokens, eos ignored)
 olmoe's ratio to each peer, and each rate as a fraction of its hardware limit. --json writes
 every raw number and the machine info.
 
-Engines: olmoe, olmoe-int8 (when `from_pretrained` accepts quantize="int8"), transformers (its
-default experts implementation grouped_mm, else its eager loop, named in the output; the
+Engines: olmoe, olmoe-int8 and olmoe-int4 (when `from_pretrained` accepts quantize=), transformers
+(its default experts implementation grouped_mm, else its eager loop, named in the output; the
 non-default transformers-eager and transformers-batched_mm check that choice), llamacpp (bf16
-GGUF) and llamacpp-q8 (Q8_0 GGUF) when llama-cpp-python is installed. llama.cpp is a
-benchmark-only peer, built from source by its package (several minutes on 2 cores):
+GGUF), llamacpp-q8 (Q8_0), llamacpp-q4_0 and llamacpp-q4_k_m (made from the bf16 GGUF by
+llama.cpp's own quantiser) when llama-cpp-python is installed. llama.cpp decodes batch 8 as eight
+sequences of one context (its batched API). llama.cpp is a benchmark-only peer, built from source
+by its package (several minutes on 2 cores):
 
     CMAKE_ARGS="-DGGML_NATIVE=ON" .venv/bin/pip install -e '.[bench]'
     # or only the peer: CMAKE_ARGS="-DGGML_NATIVE=ON" .venv/bin/pip install llama-cpp-python==0.3.36
@@ -49,8 +51,12 @@ from olmoe.benchmarks import engines
 METRICS = ("load_s", "peak_rss_gb", "prefill_tok_s", "decode_b1_tok_s", "decode_b8_tok_s")
 HEADERS = ("load s", "peak RSS GB", "prefill-512 tok/s", "decode b1 tok/s", "decode b8 tok/s")
 # Bytes per weight of each storage format, as (attention, router and norms; experts and lm_head):
-# olmoe's int8 keeps attention in bf16; Q8_0 stores 32 int8 weights + one fp16 scale per block.
-BYTES_PER_WEIGHT = {"bf16": (2.0, 2.0), "int8": (2.0, 1.0), "q8_0": (34 / 32, 34 / 32)}
+# olmoe's int8 and int4 keep attention in bf16; olmoe's int4 and Q4_0 store 32 4-bit weights and
+# one fp16 scale per group, Q8_0 32 int8 weights and a scale. Q4_K_M mixes Q4_K (4.5 bits) with
+# Q6_K (6.56 bits) for the LM head and some down and value projections: 0.6 is its approximate mean.
+BYTES_PER_WEIGHT = {"bf16": (2.0, 2.0), "int8": (2.0, 1.0), "int4": (2.0, 18 / 32),
+                    "q8_0": (34 / 32, 34 / 32), "q4_0": (18 / 32, 18 / 32),
+                    "q4_k_m": (0.6, 0.6)}  # fmt: skip
 NOISY_SPREAD = 1.25
 BANDWIDTH_BUFFER_BYTES = 2 << 30  # far beyond the 32 MB L3: every read comes from DRAM
 MATMUL_SHAPE = (512, 2048, 2048)  # (M, K, N): a prefill-sized bf16 GEMM of the released width
@@ -196,7 +202,7 @@ def worker(engine: str, directory: Path, threads: int) -> int:
 
 def needed_gb(config: OlmoeConfig, engine: str) -> float:
     """Free memory a worker needs: its weights once (never a float32 copy) plus some slack."""
-    fmt = "q8_0" if engine in ("llamacpp-q8", "olmoe-int8") else "bf16"  # about one byte each
+    fmt = engines.ENGINES[engine][1].get("quantize") or engines.GGUF_TYPES.get(engine, "bf16")
     need = config.num_parameters() * max(BYTES_PER_WEIGHT[fmt]) * 1.05 + 0.5e9
     if engine == "transformers-batched_mm":
         # one bf16 copy of an expert's weights per (token, expert) pair of the prefill
@@ -418,8 +424,9 @@ def default_engines() -> list[str]:
 
     names = ["olmoe"]
     if "quantize" in inspect.signature(OlmoeForCausalLM.from_pretrained).parameters:
-        names.append("olmoe-int8")
-    return names + [n for n in ("transformers", "llamacpp", "llamacpp-q8") if engines.available(n)]
+        names += ["olmoe-int8", "olmoe-int4"]
+    peers = ("transformers", "llamacpp", "llamacpp-q8", "llamacpp-q4_0", "llamacpp-q4_k_m")
+    return names + [n for n in peers if engines.available(n)]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -524,9 +531,10 @@ def main(argv: list[str] | None = None) -> int:
     if engines.ensure_checkpoint(args.dir, args.shape):
         print(f"wrote a random bf16 {args.shape}-shape checkpoint to {args.dir}")
     errors = prepare_gguf(names, args)
-    if "olmoe-int8" in names and not engines.quantized_path(args.dir, "int8").is_dir():
-        print("writing the int8 checkpoint (once, as `olmoe quantize` does) ...", flush=True)
-        engines.ensure_quantized(args.dir, "int8")
+    for method in ("int8", "int4"):
+        if f"olmoe-{method}" in names and not engines.quantized_path(args.dir, method).is_dir():
+            print(f"writing the {method} checkpoint (once, as `olmoe quantize` does) ...", flush=True)
+            engines.ensure_quantized(args.dir, method)
     errors.update({n: "not installed" for n in names if not engines.available(n)})
 
     print(

@@ -132,12 +132,19 @@ def gguf_path(checkpoint: Path, outtype: str) -> Path:
     return checkpoint / "gguf" / f"model-{outtype}.gguf"
 
 
+# llama.cpp's own quantisation types (llama-quantize's names), made from the bf16 GGUF.
+QUANTIZED_GGUF = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+
+
 def ensure_gguf(checkpoint: Path, outtype: str, llama_cpp_src: str | None = None) -> Path:
-    """Convert the checkpoint once with llama.cpp's own converter; cached beside the weights
-    (the converter is only looked for when there is something to convert)."""
+    """Convert the checkpoint once with llama.cpp's own converter (bf16, q8_0), or quantise
+    its bf16 GGUF with llama.cpp's quantiser (q4_0, q4_k_m, as `llama-quantize` does); cached
+    beside the weights (the converter is only looked for when there is something to convert)."""
     target = gguf_path(checkpoint, outtype)
     if target.is_file():
         return target
+    if outtype in QUANTIZED_GGUF:
+        return quantize_gguf(ensure_gguf(checkpoint, "bf16", llama_cpp_src), target, outtype)
     converter = find_converter(llama_cpp_src)
     target.parent.mkdir(exist_ok=True)
     partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
@@ -149,6 +156,27 @@ def ensure_gguf(checkpoint: Path, outtype: str, llama_cpp_src: str | None = None
         if done.returncode != 0:
             tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
             raise RuntimeError(f"{' '.join(command)} failed:\n{tail}")
+        os.rename(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+def quantize_gguf(source: Path, target: Path, outtype: str) -> Path:
+    """llama.cpp's quantiser (the library call behind `llama-quantize`) from `source` into
+    `target`, through a partial file renamed into place."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, QUANTIZED_GGUF[outtype])
+    params.nthread = os.cpu_count() or 1
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    try:
+        status = llama_cpp.llama_model_quantize(
+            str(source).encode(), str(partial).encode(), params
+        )
+        if status != 0:
+            raise RuntimeError(f"llama.cpp could not quantise {source} to {outtype} ({status})")
         os.rename(partial, target)
     finally:
         partial.unlink(missing_ok=True)
@@ -404,46 +432,91 @@ def run_llamacpp(directory: Path, outtype: str = "bf16", threads: int = 2, **_) 
             verbose=False,
         )
 
-    def greedy(llm) -> int:
-        # The last position's logits straight from the context: one argmax, no sampler chain.
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(llm.n_vocab(),))
-        return int(logits.argmax())
-
     def prefill(llm, ids):
         llm.reset()
         llm.eval(ids[0].tolist())
 
+    sequences = {}  # the decode context, made once: the Llama class has one sequence only
+
     def decode(llm, ids, new_tokens):
-        prefill(llm, ids)
-        token = greedy(llm)
-        stamps = [time.perf_counter()]
-        for _ in range(new_tokens - 1):
-            llm.eval([token])
-            token = greedy(llm)
-            stamps.append(time.perf_counter())
+        if not sequences:
+            sequences["ctx"] = multi_sequence_context(llm, max(DECODE_BATCHES), threads)
+        ctx, (batch, length) = sequences["ctx"], ids.shape
+        vocab = llm.n_vocab()
+
+        def greedy(row) -> int:
+            # A row's logits straight from the context: one argmax, no sampler chain.
+            logits = llama_cpp.llama_get_logits_ith(ctx, row)
+            return int(np.ctypeslib.as_array(logits, shape=(vocab,)).argmax())
+
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        step = llama_cpp.llama_batch_init(batch * length, 0, batch)
+        try:
+            fill = [(b, t, int(ids[b, t]), t == length - 1) for b in range(batch) for t in range(length)]
+            run_batch(ctx, step, fill)
+            tokens = [greedy(b * length + length - 1) for b in range(batch)]
+            stamps = [time.perf_counter()]
+            for position in range(length, length + new_tokens - 1):
+                run_batch(ctx, step, [(b, position, tokens[b], True) for b in range(batch)])
+                tokens = [greedy(b) for b in range(batch)]
+                stamps.append(time.perf_counter())
+        finally:
+            llama_cpp.llama_batch_free(step)
         return stamps
 
-    # Batch 8 would need llama.cpp's multi-sequence batch API, which the Llama class does not
-    # expose; the table shows "—".
-    result = measure(load, prefill, decode, batches=(1,))
+    result = measure(load, prefill, decode)
     result["label"] = f"llama.cpp {llama_cpp.__version__} ({outtype} GGUF)"
     result["weights"] = outtype
     return result
+
+
+def multi_sequence_context(llm, sequences: int, threads: int):
+    """A second llama.cpp context on the loaded model with room for `sequences` sequences (the
+    low-level API, as llama.cpp's batched examples use it)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = sequences * 256
+    params.n_batch = params.n_ubatch = PREFILL_TOKENS
+    params.n_seq_max = sequences
+    params.n_threads = params.n_threads_batch = threads
+    ctx = llama_cpp.llama_init_from_model(llm.model, params)
+    if not ctx:
+        raise RuntimeError("llama.cpp could not make a context for batched decoding")
+    return ctx
+
+
+def run_batch(ctx, batch, entries) -> None:
+    """One llama_decode of `entries` (sequence, position, token, wants logits)."""
+    import llama_cpp
+
+    for i, (sequence, position, token, logits) in enumerate(entries):
+        batch.token[i], batch.pos[i], batch.logits[i] = token, position, logits
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = sequence
+    batch.n_tokens = len(entries)
+    status = llama_cpp.llama_decode(ctx, batch)
+    if status != 0:
+        raise RuntimeError(f"llama_decode failed ({status})")
 
 
 # Engine name -> (runner, keyword arguments). Ours first; the rest are peers.
 ENGINES: dict[str, tuple[Callable[..., dict], dict]] = {
     "olmoe": (run_olmoe, {}),
     "olmoe-int8": (run_olmoe, {"quantize": "int8"}),
+    "olmoe-int4": (run_olmoe, {"quantize": "int4"}),
     "transformers": (run_transformers, {}),
     # Not run by default: to check that the default really is transformers' fastest here.
     "transformers-batched_mm": (run_transformers, {"experts": "batched_mm"}),
     "transformers-eager": (run_transformers, {"experts": "eager"}),
     "llamacpp": (run_llamacpp, {"outtype": "bf16"}),
     "llamacpp-q8": (run_llamacpp, {"outtype": "q8_0"}),
+    "llamacpp-q4_0": (run_llamacpp, {"outtype": "q4_0"}),
+    "llamacpp-q4_k_m": (run_llamacpp, {"outtype": "q4_k_m"}),
 }
-OURS = ("olmoe", "olmoe-int8")
-GGUF_TYPES = {"llamacpp": "bf16", "llamacpp-q8": "q8_0"}
+OURS = ("olmoe", "olmoe-int8", "olmoe-int4")
+GGUF_TYPES = {"llamacpp": "bf16", "llamacpp-q8": "q8_0", "llamacpp-q4_0": "q4_0",
+              "llamacpp-q4_k_m": "q4_k_m"}  # fmt: skip
 
 
 def available(name: str) -> bool:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from olmoe.engine import native
-from olmoe.engine.layers import row_sum
+from olmoe.engine.layers import row_sum, version
 from olmoe.model import OlmoeModel
 from olmoe.moe import RouterOutput, route
 
@@ -67,7 +67,7 @@ class DecodePlan(NamedTuple):
 
     def current(self) -> bool:
         return all(table.get(key) is value for table, key, value in self.links) and all(
-            tensor._version == version for tensor, version in self.versions
+            version(tensor) == seen for tensor, seen in self.versions
         )
 
 
@@ -122,7 +122,7 @@ def _make_plan(model: OlmoeModel) -> DecodePlan | None:
                 child(experts, "gate_up_proj_scale"), row_sum(experts, "gate_up_proj"),
                 child(experts, "down_proj_scale"), row_sum(experts, "down_proj"),
             ]  # fmt: skip
-            versions += [(gate_up, gate_up._version), (down, down._version)]
+            versions += [(gate_up, version(gate_up)), (down, version(down))]
         norm_weights = [child(n, "weight") for n in norms]
         weights += LayerWeights(
             norm_weights[0], *matrices, norm_weights[1], norm_weights[2], norm_weights[3],

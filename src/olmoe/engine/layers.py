@@ -83,11 +83,17 @@ def side_by_side(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def version(tensor: torch.Tensor) -> int | None:
+    """The count of in-place writes to `tensor`; None for an inference tensor (made under
+    torch.inference_mode), which counts none: only a new tensor shows a change there."""
+    return None if tensor.is_inference() else tensor._version
+
+
 def row_sum(module: nn.Module, name: str) -> torch.Tensor:
     """The int32 row sums of an int8 weight, which the int8 kernels need; computed once and kept
     until the weight changes (a new tensor, or written in place)."""
     weight = getattr(module, name)
-    key = (weight.data_ptr(), weight._version)
+    key = (weight.data_ptr(), version(weight))
     cache = module.__dict__.setdefault("_engine_row_sums", {})
     if name not in cache or cache[name][0] != key:
         cache[name] = key, weight.sum(dim=-1, dtype=torch.int32)
