@@ -4,17 +4,20 @@
 LM head with int8 versions: symmetric, one float32 scale per output row (`w ~ scale * q`,
 `|q| <= 127`, `scale = max|w| / 127`). Decoding then reads about 0.6x the bytes of bf16 per token.
 
-`quantize_model(model, "int4")` stores them in 4 bits: one float16 scale per group of 32
-consecutive inputs (`w ~ scale * q`, `-8 <= q <= 7`, the scale of either sign), chosen per
+`quantize_model(model, "int4")` stores the experts and the attention projections in 4 bits and
+the LM head in int8: one float16 scale per group of 32 consecutive inputs (`w ~ scale * q`, `-8 <= q <= 7`, the scale of either sign), chosen per
 group to minimise the squared rounding error (a search over candidate scales, then a
 least-squares refit): on Gaussian weights its error is 6% below llama.cpp's Q4_0 rule (the
 largest-magnitude weight maps to -8). That is 4.5 bits per weight; the
 model reads about 0.3x the bytes of bf16 per token. Each row is padded with zeros to a multiple
-of 512 inputs and stored in the order the decode kernel reads (`pack_int4`'s doc).
+of 512 inputs and stored in the order the decode kernel reads (`pack_int4`'s doc). The LM head
+stays at 8 bits because at 4 it cost the trained quickstart model 1.5% perplexity, against 0.1%
+for 4-bit experts and attention together (docs/inference.md; llama.cpp's Q4 types likewise keep
+their output matrix at 6 bits).
 
-The attention projections, the embedding, the router and the norms keep their dtype: the router
-decides the experts, and attention is where quantisation costs accuracy most (behind full-width
-QK-norm a small error in q or k moves the softmax a lot; bench/int8_accuracy.py measures it).
+The embedding, the router and the norms keep their dtype everywhere: the router decides the
+experts, and a token reads one embedding row. int8 keeps attention too: behind full-width
+QK-norm a small error in q or k moves the softmax a lot (bench/quantization_accuracy.py).
 
 The modules here are the reference: they dequantise and multiply in PyTorch. The CPU engine
 (olmoe.engine) multiplies the quantised weights directly in native kernels.
@@ -41,7 +44,9 @@ QUANTIZATION_CONFIG = {"quant_method": QUANT_METHOD, "bits": 8, "symmetric": Tru
 INT4_GROUP = 32  # inputs per float16 scale
 INT4_BLOCK = 512  # inputs per block of the stored order; rows are padded to a multiple of it
 INT4_QUANTIZATION_CONFIG = {"quant_method": "olmoe-int4", "bits": 4, "symmetric": True,
-                            "group_size": INT4_GROUP, "block": INT4_BLOCK}  # fmt: skip
+                            "group_size": INT4_GROUP, "block": INT4_BLOCK,
+                            "modules": {"experts": "int4", "attention": "int4",
+                                        "lm_head": "int8"}}  # fmt: skip
 # quantize_model's method name for each quant_method a checkpoint may record.
 QUANT_METHODS = {QUANT_METHOD: "int8", INT4_QUANTIZATION_CONFIG["quant_method"]: "int4"}
 # Candidate scales per int4 group, as max|w| / divisor; the best then gets a least-squares refit.
@@ -292,8 +297,11 @@ class Int4Experts(_Int4Storage, _QuantizedExperts):
     float16 `gate_up_proj_scale` (E, 2I, Hp / 32) and `down_proj_scale` (E, H, Ip / 32)."""
 
 
-_MODULES = {"int8": (Int8Experts, Int8Linear, QUANTIZATION_CONFIG),
-            "int4": (Int4Experts, Int4Linear, INT4_QUANTIZATION_CONFIG)}  # fmt: skip
+# Per method: the experts' class, the attention projections' (None: they keep their dtype), the
+# LM head's, and the config recorded.
+_MODULES = {"int8": (Int8Experts, None, Int8Linear, QUANTIZATION_CONFIG),
+            "int4": (Int4Experts, Int4Linear, Int8Linear, INT4_QUANTIZATION_CONFIG)}  # fmt: skip
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def quantization_method(model: nn.Module) -> str | None:
@@ -324,11 +332,14 @@ def quantize_model(model: nn.Module, method: str = "int8") -> nn.Module:
             f"this model is already quantised as {current}; load the unquantised checkpoint "
             f"to quantise it as {method}"
         )
-    experts_class, linear_class, config = _MODULES[method]
+    experts_class, attention_class, head_class, config = _MODULES[method]
     base = getattr(model, "model", model)
     for layer in base.layers:
         layer.mlp.experts = experts_class.from_experts(layer.mlp.experts, model.config.hidden_act)
+        for name in _PROJECTIONS if attention_class else ():
+            attention = layer.self_attn
+            setattr(attention, name, attention_class.from_linear(getattr(attention, name)))
     if hasattr(model, "lm_head") and not model.config.tie_word_embeddings:
-        model.lm_head = linear_class.from_linear(model.lm_head)
+        model.lm_head = head_class.from_linear(model.lm_head)
     model.config.extra["quantization_config"] = dict(config)
     return model

@@ -194,7 +194,7 @@ def test_quantize_bits_4_writes_an_int4_checkpoint_that_generates(checkpoint, tm
     result = olmoe("quantize", str(directory), str(output), "--bits", "4")
     assert result.returncode == 0, result.stderr
     info = json.loads(olmoe("info", str(output), "--json").stdout)
-    assert set(info["dtypes"]) == {"float32", "float16", "uint8"}
+    assert set(info["dtypes"]) == {"float32", "float16", "uint8", "int8"}
     config = json.loads((output / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "olmoe-int4"
     result = olmoe("generate", str(output), "Bitcoin is", "--max-new-tokens", "5")

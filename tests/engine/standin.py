@@ -18,7 +18,8 @@ from olmoe.model import apply_rotary
 from olmoe.moe import route
 from olmoe import quantize
 
-WEIGHTS_PER_LAYER, REQUIRED_WEIGHTS = 15, 11
+WEIGHTS_PER_LAYER, REQUIRED_WEIGHTS, EXPERT_EXTRAS = 19, 11, 4
+PROJECTIONS = range(1, 5)  # q, k, v, o among the required weights
 
 
 def _dequantize(weight, scale, in_features):
@@ -98,15 +99,19 @@ def decode_attention(q, k, v, mask, scale):
 def _fits(weights) -> bool:
     for layer in range(0, len(weights), WEIGHTS_PER_LAYER):
         w = weights[layer : layer + WEIGHTS_PER_LAYER]
-        experts = w[REQUIRED_WEIGHTS - 2].dtype
+        experts, attention = w[REQUIRED_WEIGHTS - 2].dtype, w[1].dtype
         for slot, t in enumerate(w):
+            if slot >= REQUIRED_WEIGHTS + EXPERT_EXTRAS:  # int4 attention's scales
+                if (t is not None) != (attention == torch.uint8):
+                    return False
+                continue
             if slot >= REQUIRED_WEIGHTS:  # scales in even extras, int8 row sums in odd ones
                 scale = (slot - REQUIRED_WEIGHTS) % 2 == 0
                 if (t is not None) != (experts == torch.int8 or (experts == torch.uint8 and scale)):
                     return False
                 continue
             expert = slot >= REQUIRED_WEIGHTS - 2
-            wanted = experts if expert else torch.bfloat16
+            wanted = experts if expert else attention if slot in PROJECTIONS else torch.bfloat16
             if t is None or t.device.type != "cpu" or t.dtype != wanted:
                 return False
     return True
@@ -121,14 +126,14 @@ def decode_layers(x, weights, k_caches, v_caches, cos, sin, positions, kv_length
     b = x.shape[0]
     for layer, (k_cache, v_cache) in enumerate(zip(k_caches, v_caches)):
         (input_norm, q_w, k_w, v_w, o_w, q_norm, k_norm, post_norm, router, gate_up, down,
-         gate_up_scale, gate_up_sum, down_scale, down_sum) = weights[
+         gate_up_scale, gate_up_sum, down_scale, down_sum, q_s, k_s, v_s, o_s) = weights[
             layer * WEIGHTS_PER_LAYER : (layer + 1) * WEIGHTS_PER_LAYER
         ]  # fmt: skip
         g, d = k_cache.shape[1], k_cache.shape[3]
         n = rms_norm(out, input_norm, eps)
-        q = rms_norm(linear(n, q_w), q_norm, eps)
-        k = rms_norm(linear(n, k_w), k_norm, eps)
-        v = linear(n, v_w)
+        q = rms_norm(linear(n, q_w, None, q_s), q_norm, eps)
+        k = rms_norm(linear(n, k_w, None, k_s), k_norm, eps)
+        v = linear(n, v_w, None, v_s)
         if clip_qkv > 0:
             q, k, v = (t.clamp(-clip_qkv, clip_qkv) for t in (q, k, v))
         rotary = cos[:, None], sin[:, None]  # (B, 1, D): one position per row
@@ -141,7 +146,7 @@ def decode_layers(x, weights, k_caches, v_caches, cos, sin, positions, kv_length
             q.view(b, -1, d), k_cache[:, :, :kv_length], v_cache[:, :, :kv_length], mask,
             d**-0.5,
         )  # fmt: skip
-        h = out + linear(attended.reshape(b, -1), o_w)
+        h = out + linear(attended.reshape(b, -1), o_w, None, o_s)
         m = rms_norm(h, post_norm, eps)
         logits = linear(m, router)
         routing = route(logits, top_k, norm_topk_prob)

@@ -163,8 +163,9 @@ def test_apply_after_quantising_gives_the_int8_modules_their_engine_classes():
 
 def test_apply_gives_the_int4_modules_their_engine_classes():
     model = engine.apply(quantize_model(tiny_model().to(torch.bfloat16), "int4"))
-    assert type(model.lm_head) is layers.CpuInt4Linear
+    assert type(model.model.layers[1].self_attn.v_proj) is layers.CpuInt4Linear
     assert type(model.model.layers[1].mlp.experts) is layers.CpuInt4Experts
+    assert type(model.lm_head) is layers.CpuInt8Linear
     engine.remove(model)
     assert type(model.model.layers[1].mlp.experts) is Int4Experts
 
@@ -410,14 +411,13 @@ def test_quantised_modules_on_the_engine_match_the_reference(two_threads, method
     with torch.no_grad():
         for module, args in (
             ("lm_head", (x,)),
-            ("lm_head", (prefill_x,)),  # a prefill: dequantised, one GEMM (int4)
-            ("experts", (x, routing)),  # decode-sized: the streaming kernel
-            ("experts", (prefill_x, prefill_routing)),  # a prefill: one pass per expert
+            ("self_attn.o_proj", (x,)),  # int4: the streaming kernel
+            ("self_attn.o_proj", (prefill_x,)),  # int4: dequantised, one GEMM
+            ("mlp.experts", (x, routing)),  # decode-sized: the streaming kernel
+            ("mlp.experts", (prefill_x, prefill_routing)),  # a prefill: one pass per expert
         ):
-            fast = model.lm_head if module == "lm_head" else model.model.layers[0].mlp.experts
-            slow = (
-                reference.lm_head if module == "lm_head" else reference.model.layers[0].mlp.experts
-            )
+            name = module if module == "lm_head" else f"model.layers.0.{module}"
+            fast, slow = model.get_submodule(name), reference.get_submodule(name)
             # int4's decode kernels quantise activations to 8 bits per group of 32 (as
             # llama.cpp's Q8_0); int8's to 15 bits per row
             limit = 3e-2 if method == "int4" and len(args[0]) <= layers.MAX_TOKENS else 1e-2

@@ -682,18 +682,25 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor weight, c10::optional<torch:
   return linear_impl(x, std::vector{bf16_matrix(w, 0, N, K)}, {N}, {add})[0];
 }
 
-// x @ W^T for bf16 matrices without bias that share their input (q, k and v), in one region.
-std::vector<torch::Tensor> linears(const torch::Tensor& x, const std::vector<torch::Tensor>& weights) {
-  std::vector<Bf16Matrix> W;
+// x @ W^T for matrices of one kind, bf16 or int4, without bias that share their input (q, k
+// and v), in one region.
+std::vector<torch::Tensor> linears(const torch::Tensor& x, const std::vector<Weights>& weights) {
+  const int64_t K = x.size(1);
   std::vector<int64_t> N;
-  for (const auto& weight : weights) {
-    check(weight, "weight", 2, torch::kBFloat16);
-    TORCH_CHECK(weight.size(1) == x.size(1), "x has ", x.size(1), " features but a weight expects ",
-                weight.size(1));
-    W.push_back(bf16_matrix(Weights{weight, {}, {}}, 0, weight.size(0), weight.size(1)));
-    N.push_back(weight.size(0));
+  for (const auto& w : weights) {
+    TORCH_CHECK(w.takes(K) && !w.is_int8() && w.is_int4() == weights[0].is_int4(),
+                "x has ", K, " features; the weights must take them and be all bf16 or all int4");
+    N.push_back(w.data.size(0));
   }
-  return linear_impl(x, W, N, std::vector<const float*>(W.size(), nullptr));
+  const std::vector<const float*> no_bias(weights.size(), nullptr);
+  if (weights[0].is_int4()) {
+    std::vector<Int4Matrix> W;
+    for (size_t m = 0; m < weights.size(); m++) W.push_back(int4_matrix(weights[m], 0, N[m], K));
+    return linear_impl(x, W, N, no_bias);
+  }
+  std::vector<Bf16Matrix> W;
+  for (size_t m = 0; m < weights.size(); m++) W.push_back(bf16_matrix(weights[m], 0, N[m], K));
+  return linear_impl(x, W, N, no_bias);
 }
 
 // The MoE block's experts for a few bf16 tokens: out[t] = sum_k w[t,k] * down_e(silu(gate_e(x_t))
@@ -1005,7 +1012,8 @@ void rotate_in_place(torch::Tensor& x, const torch::Tensor& cos, const torch::Te
 // One OLMoE decoder layer for one new token per sequence (decoding), in one call: the same
 // operations, in the same order and with the same bf16 roundings, as OlmoeDecoderLayer's
 // PyTorch path, without a Python round trip per operation. x (B, H) bf16; attention weights
-// bf16 without bias; experts bf16 or int8 (with scales and row sums). The new key and value
+// bf16 or int4 (with scales) without bias; experts bf16, int8 (with scales and row sums) or int4
+// (with scales). The new key and value
 // are written at each row's own position (B,) of the (B, G, C, D) caches, and attention runs
 // over the first kv_length positions (a mask hides what a row has not written).
 // Returns the layer's output (B, H) and the router's logits (B, E).
@@ -1017,7 +1025,8 @@ std::vector<torch::Tensor> decode_layer(
     c10::optional<torch::Tensor> down_scale, c10::optional<torch::Tensor> down_sum,
     torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache, torch::Tensor v_cache,
     torch::Tensor positions, int64_t kv_length, c10::optional<torch::Tensor> mask, double eps,
-    double clip_qkv, int64_t top_k, bool norm_topk_prob) {
+    double clip_qkv, int64_t top_k, bool norm_topk_prob,
+    const std::vector<c10::optional<torch::Tensor>>& attention_scales) {
   check(x, "x", 2, torch::kBFloat16);
   check(k_cache, "k_cache", 4, torch::kBFloat16);
   check(v_cache, "v_cache", 4, torch::kBFloat16);
@@ -1035,7 +1044,11 @@ std::vector<torch::Tensor> decode_layer(
 
   // attention: h = x + o(attend(rope(norm(q(n))), rope(norm(k(n))), v(n))), n = norm(x)
   const auto n = rms_norm(x, input_norm, eps);
-  const auto qkv = linears(n, {q_weight, k_weight, v_weight});
+  const torch::Tensor* projections[4] = {&q_weight, &k_weight, &v_weight, &o_weight};
+  std::vector<Weights> attention;
+  for (int i = 0; i < 4; i++)
+    attention.push_back(weights_from(*projections[i], attention_scales[i], none, 2, "attention"));
+  const auto qkv = linears(n, {attention[0], attention[1], attention[2]});
   auto q = rms_norm(qkv[0], q_norm, eps);  // (B, N*D)
   auto k = rms_norm(qkv[1], k_norm, eps);  // (B, G*D)
   auto v = qkv[2];
@@ -1058,7 +1071,7 @@ std::vector<torch::Tensor> decode_layer(
   const auto attended =
       decode_attention(q.view({B, -1, D}), k_cache.narrow(2, 0, kv_length),
                        v_cache.narrow(2, 0, kv_length), mask, 1.0 / std::sqrt((double)D));
-  const auto h = add_bf16(x, linear(attended.view({B, -1}), o_weight, none, none, none));
+  const auto h = add_bf16(x, linear(attended.view({B, -1}), o_weight, none, attention_scales[3], none));
 
   // experts: out = h + moe(m), m = norm(h), routed by softmax(router(m)) over all experts
   const auto m = rms_norm(h, post_norm, eps);
@@ -1075,8 +1088,11 @@ std::vector<torch::Tensor> decode_layer(
 
 // Tensors per layer in decode_layers' `weights`: decode_layer's from input_norm to down (the
 // required ones), then the four extras of quantised experts: gate_up's scale and row sums,
-// down's scale and row sums (int8: all four; int4: the scales; bf16: none).
-constexpr size_t kRequiredWeights = 11, kWeightsPerLayer = kRequiredWeights + 4;
+// down's scale and row sums (int8: all four; int4: the scales; bf16: none), then the scales of
+// int4 q, k, v and o (none for bf16 attention).
+constexpr size_t kRequiredWeights = 11, kExpertExtras = 4, kAttentionScales = 4;
+constexpr size_t kWeightsPerLayer = kRequiredWeights + kExpertExtras + kAttentionScales;
+constexpr size_t kFirstProjection = 1, kLastProjection = 4;  // q, k, v, o among the required
 
 // Whether every layer's weights are what decode_layer takes (dtype, device, layout), checked
 // before any layer writes its cache entries: weights that do not fit fall back to the per-module
@@ -1086,7 +1102,13 @@ bool decode_weights_fit(const std::vector<c10::optional<torch::Tensor>>& weights
     const auto& w = weights[i];
     const size_t slot = i % kWeightsPerLayer;
     const auto experts = weights[i - slot + kRequiredWeights - 2]->scalar_type();
-    if (slot >= kRequiredWeights) {  // the extras: scales (odd slots) and row sums (even slots)
+    const auto attention = weights[i - slot + kFirstProjection]->scalar_type();
+    if (slot >= kRequiredWeights + kExpertExtras) {  // int4 attention's scales
+      if (w.has_value() != (attention == torch::kByte)) return false;
+      if (w.has_value() && !w->device().is_cpu()) return false;
+      continue;
+    }
+    if (slot >= kRequiredWeights) {  // the experts' extras: scales, then row sums
       const bool scale = (slot - kRequiredWeights) % 2 == 0;
       const bool wanted = experts == torch::kChar || (experts == torch::kByte && scale);
       if (w.has_value() != wanted) return false;
@@ -1094,11 +1116,14 @@ bool decode_weights_fit(const std::vector<c10::optional<torch::Tensor>>& weights
       continue;
     }
     const bool expert = slot >= kRequiredWeights - 2;
+    const bool projection = slot >= kFirstProjection && slot <= kLastProjection;
     if (expert && experts != torch::kChar && experts != torch::kByte &&
         experts != torch::kBFloat16)
       return false;
+    if (projection && attention != torch::kByte && attention != torch::kBFloat16) return false;
+    const auto wanted = expert ? experts : projection ? attention : torch::kBFloat16;
     if (!w.has_value() || !w->device().is_cpu() || !w->is_contiguous() ||
-        w->scalar_type() != (expert ? experts : torch::kBFloat16))
+        w->scalar_type() != wanted)
       return false;
   }
   return true;
@@ -1129,7 +1154,7 @@ std::vector<torch::Tensor> decode_layers(
     const auto result = decode_layer(
         out[0], *w[0], *w[1], *w[2], *w[3], *w[4], *w[5], *w[6], *w[7], *w[8], *w[9], *w[10],
         w[11], w[12], w[13], w[14], cos, sin, k_caches[l], v_caches[l], positions, kv_length, mask,
-        eps, clip_qkv, top_k, norm_topk_prob);
+        eps, clip_qkv, top_k, norm_topk_prob, {w[15], w[16], w[17], w[18]});
     out[0] = result[0];
     out.push_back(result[1]);
   }

@@ -3,7 +3,8 @@
 Between two layers of a decode step, Python runs in caches that the previous layer's weights
 have flushed; one native call for all layers (cpu.cpp's `decode_layers`) removes that time. It
 runs the same operations with the same roundings as the layers' per-module path (the tests
-compare bit for bit), and applies where every layer can: bf16 weights (int8 or int4 experts allowed), no
+compare bit for bit), and applies where every layer can: bf16 weights (int8 or int4 experts, int4
+attention allowed), no
 attention bias, SiLU experts, inference.
 
 The plan, each layer's `LayerWeights`, is gathered once and kept beside the model (not on it)
@@ -44,6 +45,10 @@ class LayerWeights(NamedTuple):
     gate_up_row_sum: torch.Tensor | None  # int4: group scales, no sums
     down_scale: torch.Tensor | None
     down_row_sum: torch.Tensor | None
+    q_scale: torch.Tensor | None  # int4 attention: the projections' group scales
+    k_scale: torch.Tensor | None
+    v_scale: torch.Tensor | None
+    o_scale: torch.Tensor | None
 
 
 class DecodeSettings(NamedTuple):
@@ -106,8 +111,11 @@ def _make_plan(model: OlmoeModel) -> DecodePlan | None:
         norms = [child(layer, "input_layernorm"), child(attn, "q_norm"), child(attn, "k_norm"),
                  child(layer, "post_attention_layernorm")]  # fmt: skip
         matrices = [child(m, "weight") for m in projections]
+        attention_scales = [None] * 4
+        if all(m.dtype == torch.uint8 for m in matrices):
+            attention_scales = [child(m, "weight_scale") for m in projections]
         if (
-            any(m.dtype != torch.bfloat16 for m in matrices)
+            (attention_scales[0] is None and any(m.dtype != torch.bfloat16 for m in matrices))
             or any(p.bias is not None for p in projections)
             or experts.act_fn is not F.silu
         ):
@@ -126,7 +134,7 @@ def _make_plan(model: OlmoeModel) -> DecodePlan | None:
         norm_weights = [child(n, "weight") for n in norms]
         weights += LayerWeights(
             norm_weights[0], *matrices, norm_weights[1], norm_weights[2], norm_weights[3],
-            child(gate, "weight"), gate_up, down, *extras,
+            child(gate, "weight"), gate_up, down, *extras, *attention_scales,
         )  # fmt: skip
         settings.add(
             DecodeSettings(norms[0].eps, attn.clip_qkv or 0.0, gate.top_k, gate.norm_topk_prob)
