@@ -1,14 +1,16 @@
 """olmoe against llama.cpp at batch-1 decoding, one token each in turn in one process.
 
     .venv/bin/python bench/decode_duel.py                  # 250 tokens each, about 3 minutes
-    .venv/bin/python bench/decode_duel.py --int8           # olmoe int8 against llama.cpp Q8_0
+    .venv/bin/python bench/decode_duel.py --weights int8   # olmoe int8 against llama.cpp Q8_0
+    .venv/bin/python bench/decode_duel.py --weights int4   # olmoe int4 against Q4_0 (--peer q4_k_m)
 
 This machine's memory bandwidth moves in phases (see bench/README.md), so
 engines measured minutes apart in separate processes can each draw a different one. Here both
 decode side by side, token for token, and see the same phases. Both must fit in memory at once,
 so the checkpoint is the released architecture cut to 8 of its 16 layers (6.9 GB of bf16
-weights, written and converted to a bf16 GGUF once into ~/.cache/olmoe/bench/half; with --int8,
-olmoe quantises it on load and llama.cpp reads a Q8_0 GGUF converted from it). Prints each
+weights, written and converted to a bf16 GGUF once into ~/.cache/olmoe/bench/half; with
+--weights int8 or int4, olmoe quantises it on load and llama.cpp reads a Q8_0 or Q4_0 GGUF made
+from it by llama.cpp's converter or quantiser). Prints each
 engine's median and mean tok/s and the per-token time ratios (>1: olmoe is faster).
 """
 
@@ -28,6 +30,10 @@ from olmoe import OlmoeConfig, OlmoeForCausalLM, generation
 from olmoe.benchmarks import engines
 
 
+# olmoe's weights -> llama.cpp's GGUF type of about the same size.
+PEERS = {"bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}
+
+
 def half_released() -> OlmoeConfig:
     config = OlmoeConfig.olmoe_1b_7b()
     config.num_hidden_layers = 8
@@ -40,10 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dir", type=Path, default=Path.home() / ".cache/olmoe/bench/half")
     parser.add_argument("--llama-cpp-src", help="as for olmoe bench")
-    parser.add_argument(
-        "--int8", action="store_true", help="olmoe int8 against llama.cpp Q8_0 (default: bf16)"
-    )
+    parser.add_argument("--weights", choices=sorted(PEERS), default="bf16",
+                        help="olmoe's weights (default bf16)")  # fmt: skip
+    parser.add_argument("--peer", choices=["bf16", "q8_0", "q4_0", "q4_k_m"],
+                        help="llama.cpp's GGUF type (default: bf16, q8_0, q4_0 for olmoe's bf16, "
+                        "int8, int4)")  # fmt: skip
     args = parser.parse_args(argv)
+    peer = args.peer or PEERS[args.weights]
     try:
         import llama_cpp
     except ImportError:
@@ -52,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.dir / "config.json").is_file():
         print(f"writing the 8-layer checkpoint to {args.dir} (once) ...", flush=True)
         engines.write_checkpoint(args.dir, half_released())
-    gguf = engines.ensure_gguf(args.dir, "q8_0" if args.int8 else "bf16", args.llama_cpp_src)
+    gguf = engines.ensure_gguf(args.dir, peer, args.llama_cpp_src)
     torch.set_num_threads(args.threads)
-    quantize = "int8" if args.int8 else None
+    quantize = None if args.weights == "bf16" else args.weights
     model = OlmoeForCausalLM.from_pretrained(args.dir, dtype=torch.bfloat16, quantize=quantize)
     model = olmoe.engine.apply(model)
     llm = llama_cpp.Llama(
@@ -84,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         ours_s.append(time.perf_counter() - start)
     per_token = [t / o for t, o in zip(theirs_s, ours_s)]
     quartiles = ", ".join(f"{q:.3f}" for q in statistics.quantiles(per_token, n=4))
-    ours_name = "olmoe int8" if args.int8 else "olmoe bf16"
-    theirs_name = f"llama.cpp {llama_cpp.__version__} {'Q8_0' if args.int8 else 'bf16'}"
+    ours_name = f"olmoe {args.weights}"
+    theirs_name = f"llama.cpp {llama_cpp.__version__} {peer.upper()}"
     for name, seconds in ((ours_name, ours_s), (theirs_name, theirs_s)):
         print(
             f"{name}: median {1 / statistics.median(seconds):.2f} tok/s, "

@@ -47,6 +47,7 @@ import torch
 
 from olmoe import OlmoeConfig
 from olmoe.benchmarks import engines
+from olmoe.hardware import matrix_units
 
 METRICS = ("load_s", "peak_rss_gb", "prefill_tok_s", "decode_b1_tok_s", "decode_b8_tok_s")
 HEADERS = ("load s", "peak RSS GB", "prefill-512 tok/s", "decode b1 tok/s", "decode b8 tok/s")
@@ -85,6 +86,7 @@ def machine_info(threads: int) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "mem_available_gb": round(mem_available_gb(), 1),
+        "matrix_units": matrix_units(),  # amx, avx512_bf16 or none: what oneDNN's GEMMs run on
         # on 2 cores any other busy process halves an engine's rate: say so next to the numbers
         "load_average_1min": os.getloadavg()[0],
     }
@@ -487,7 +489,8 @@ def print_report(report: dict, config: OlmoeConfig) -> None:
     print()
     print(
         f"{report['shape']} shape ({config.num_parameters() / 1e9:.2f}B parameters), "
-        f"{machine['threads']} threads, {machine['cpu']}, torch {machine['torch']}, "
+        f"{machine['threads']} threads, {machine['cpu']} (matrix units: "
+        f"{machine['matrix_units']}), torch {machine['torch']}, "
         f"load average {machine['load_average_1min']:.1f} at start; "
         f"median of {report['repeats']}"
     )

@@ -26,7 +26,7 @@ from olmoe.errors import ConfigError
 
 OBJECTIVES = ("pretrain", "sft", "dpo", "kto")
 OPTIMIZERS = ("adamw", "rmsprop")
-PRECISIONS = ("bf16", "fp32")
+PRECISIONS = ("bf16", "fp32", "auto")
 SCHEDULES = ("cosine", "linear", "constant")
 STRATEGIES = ("fsdp", "ddp")
 
@@ -196,7 +196,9 @@ class TrainSection:
     global_batch_tokens: int = 4_194_304  # pretraining: per optimizer step, all ranks
     global_batch_examples: int = 128  # sft, dpo, kto: examples (pairs) per optimizer step
     micro_batch_size: int = 4  # instances per forward pass on one rank
-    precision: str = "bf16"  # bf16 autocast over fp32 weights and optimizer state, or fp32
+    # bf16 autocast over fp32 weights and optimizer state, fp32, or auto: bf16 where the hardware
+    # multiplies bf16 natively, else fp32 (olmoe.hardware.training_precision)
+    precision: str = "bf16"
     seed: int = 6198  # model initialisation and any randomness in the step
     device: str = "auto"  # auto: cuda when available, else cpu
     threads: int | None = None  # torch CPU threads per process; null keeps torch's choice

@@ -33,6 +33,7 @@ import torch
 from olmoe import engine
 from olmoe.errors import ConfigError
 from olmoe.fileio import write_atomic
+from olmoe.hardware import training_precision
 from olmoe.model import causal_lm_loss
 from olmoe.train import distributed, state
 from olmoe.train.config import TrainConfig
@@ -296,7 +297,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def _autocast(self):
-        if self.config.train.precision == "bf16":
+        if training_precision(self.config.train.precision, self.env.device) == "bf16":
             return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
