@@ -29,7 +29,6 @@ import olmoe.engine
 from olmoe import OlmoeConfig, OlmoeForCausalLM, generation
 from olmoe.benchmarks import engines
 
-
 # olmoe's weights -> llama.cpp's GGUF type of about the same size.
 PEERS = {"bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}
 

@@ -44,12 +44,11 @@ def working_copy(model: Path) -> Path:
     quantised copies and GGUFs are written beside it (not into a run directory)."""
     key = hashlib.sha256(str(model.resolve()).encode()).hexdigest()[:12]
     target = CACHE / f"{model.name}-{key}"
-    files = [f for f in model.iterdir() if f.is_file() and not f.name.startswith(("log", "."))]
     target.mkdir(parents=True, exist_ok=True)
-    for file in files:
-        if file.suffix in (".json", ".safetensors", ".jinja") or file.name.startswith("tokenizer"):
-            if not (target / file.name).is_file():
-                shutil.copy2(file, target / file.name)
+    for file in model.iterdir():
+        wanted = file.suffix in (".json", ".safetensors", ".jinja") or file.name.startswith("tok")
+        if file.is_file() and wanted and not (target / file.name).is_file():
+            shutil.copy2(file, target / file.name)
     return target
 
 
@@ -57,8 +56,12 @@ def windows(data: Path, length: int, count: int) -> torch.Tensor:
     """The first `count` windows of `length` tokens of the validation split: (count, length)."""
     tokens = np.load(data / "valid.npy", mmap_mode="r")
     if len(tokens) < length * count:
-        raise SystemExit(f"{data} has {len(tokens)} validation tokens, fewer than {count} x {length}")
-    return torch.from_numpy(np.asarray(tokens[: length * count], dtype=np.int64)).view(count, length)
+        raise SystemExit(
+            f"{data} has {len(tokens)} validation tokens, fewer than {count} x {length}"
+        )
+    return torch.from_numpy(np.asarray(tokens[: length * count], dtype=np.int64)).view(
+        count, length
+    )
 
 
 def nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
@@ -119,7 +122,9 @@ def perplexity(args) -> dict:
     if engines.available("llamacpp"):
         for fmt in GGUF_FORMATS:
             gguf = engines.ensure_gguf(work, fmt, args.llama_cpp_src)
-            rows[f"llama.cpp {fmt}"] = math.exp(llamacpp_nll(gguf, batches, args.threads) / predicted)
+            rows[f"llama.cpp {fmt}"] = math.exp(
+                llamacpp_nll(gguf, batches, args.threads) / predicted
+            )
             print(f"llama.cpp {fmt} done", flush=True)
     base = rows["olmoe bf16 (prefill)"]
     print(f"\n{args.model}: {args.windows} windows x {length} tokens of {args.data}/valid.npy")
@@ -154,7 +159,10 @@ def logits(args) -> dict:
     found = {}
     for fmt in ("int8", "int4"):
         quantised = released_logits(engines.ensure_quantized(args.dir, fmt), prompt, args.steps)
-        found[fmt] = {"prefill": relative(quantised[0], bf16[0]), "decode": relative(quantised[1], bf16[1])}
+        found[fmt] = {
+            "prefill": relative(quantised[0], bf16[0]),
+            "decode": relative(quantised[1], bf16[1]),
+        }
         print(
             f"{fmt} vs bf16 logits, relative error: prefill-512 {found[fmt]['prefill']:.4f}, "
             f"decode {found[fmt]['decode']:.4f}",
@@ -170,7 +178,9 @@ def main() -> None:
     ppl.add_argument("model", type=Path, help="a trained olmoe checkpoint (bf16 or fp32)")
     ppl.add_argument("--data", type=Path, required=True, help="prepared dataset (olmoe data)")
     ppl.add_argument("--windows", type=int, default=16)
-    ppl.add_argument("--length", type=int, default=512, help="tokens per window (at most the context)")
+    ppl.add_argument(
+        "--length", type=int, default=512, help="tokens per window (at most the context)"
+    )
     ppl.add_argument("--threads", type=int, default=2)
     ppl.add_argument("--llama-cpp-src", help="unpacked llama-cpp-python sdist (see olmoe bench)")
     lg = commands.add_parser("logits", help="logit error on the random released-shape checkpoint")

@@ -35,7 +35,7 @@ def cpu_capability() -> dict:
 
 
 def matrix_units() -> str:
-    """"amx" (AMX bf16 tiles), "avx512_bf16" (AVX-512 BF16, no AMX) or "none"."""
+    """The matrix units: "amx" (AMX bf16 tiles), "avx512_bf16" (AVX-512 BF16, no AMX) or "none"."""
     flags = cpu_capability()
     if flags.get("amx_bf16") and flags.get("amx_tile"):
         return "amx"

@@ -198,7 +198,9 @@ class _QuantizedExperts(_QuantizedModule):
         super().__init__()
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden, inter
         for name, rows, cols in (("gate_up_proj", 2 * inter, hidden), ("down_proj", hidden, inter)):
-            stored = torch.empty(num_experts, *self.stored_shape(rows, cols), dtype=self.storage_dtype)
+            stored = torch.empty(
+                num_experts, *self.stored_shape(rows, cols), dtype=self.storage_dtype
+            )
             scale = torch.ones(num_experts, *self.scale_shape(rows, cols), dtype=self.scale_dtype)
             setattr(self, name, _frozen(stored))
             setattr(self, f"{name}_scale", _frozen(scale))
@@ -218,7 +220,9 @@ class _QuantizedExperts(_QuantizedModule):
 
     def expert_weight(self, name: str, e: int, dtype: torch.dtype) -> torch.Tensor:
         cols = self.hidden_size if name == "gate_up_proj" else self.intermediate_size
-        return self.dequantize(getattr(self, name)[e], getattr(self, f"{name}_scale")[e], cols, dtype)
+        return self.dequantize(
+            getattr(self, name)[e], getattr(self, f"{name}_scale")[e], cols, dtype
+        )
 
     def forward(self, x: torch.Tensor, routing) -> torch.Tensor:
         """Each expert that has tokens is dequantised on its own (one expert in the activations'
@@ -305,7 +309,7 @@ _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def quantization_method(model: nn.Module) -> str | None:
-    """"int8" or "int4" for a quantised model, None for one that is not."""
+    """The method of a quantised model ("int8" or "int4"), None for one that is not."""
     experts = getattr(model, "model", model).layers[0].mlp.experts
     return experts.method if isinstance(experts, _QuantizedExperts) else None
 

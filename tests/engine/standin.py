@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from olmoe import quantize
 from olmoe.model import apply_rotary
 from olmoe.moe import route
-from olmoe import quantize
 
 WEIGHTS_PER_LAYER, REQUIRED_WEIGHTS, EXPERT_EXTRAS = 19, 11, 4
 PROJECTIONS = range(1, 5)  # q, k, v, o among the required weights

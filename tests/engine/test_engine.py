@@ -187,7 +187,10 @@ def test_experts_run_side_by_side_only_for_bf16_with_threads(two_threads):
     weight, x = bf16(4, 8, 16), bf16(5, 16)
     assert layers.side_by_side(x, weight)
     assert not layers.side_by_side(x.float(), weight.float())
-    for quantised in (torch.zeros(4, 8, 16, dtype=torch.int8), torch.zeros(4, 8, 8, dtype=torch.uint8)):
+    for quantised in (
+        torch.zeros(4, 8, 16, dtype=torch.int8),
+        torch.zeros(4, 8, 8, dtype=torch.uint8),
+    ):
         assert layers.side_by_side(x, quantised)
         assert not layers.side_by_side(x.requires_grad_(), quantised)  # no backward here
         x = x.detach()
@@ -459,7 +462,9 @@ def test_int8_weights_made_under_inference_mode_decode():
     """Inference tensors keep no version counter: the row sums and the plan then follow the
     tensors themselves (this raised before)."""
     prompt = torch.tensor([[5, 17, 42, 7]])
-    reference = logits_per_step(engine.apply(quantize_model(tiny_model(seed=12).bfloat16())), prompt)
+    reference = logits_per_step(
+        engine.apply(quantize_model(tiny_model(seed=12).bfloat16())), prompt
+    )
     with torch.inference_mode():
         model = engine.apply(quantize_model(tiny_model(seed=12).bfloat16()))
     assert model.lm_head.weight.is_inference()

@@ -536,7 +536,9 @@ def main(argv: list[str] | None = None) -> int:
     errors = prepare_gguf(names, args)
     for method in ("int8", "int4"):
         if f"olmoe-{method}" in names and not engines.quantized_path(args.dir, method).is_dir():
-            print(f"writing the {method} checkpoint (once, as `olmoe quantize` does) ...", flush=True)
+            print(
+                f"writing the {method} checkpoint (once, as `olmoe quantize` does) ...", flush=True
+            )
             engines.ensure_quantized(args.dir, method)
     errors.update({n: "not installed" for n in names if not engines.available(n)})
 

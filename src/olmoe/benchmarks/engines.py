@@ -172,9 +172,7 @@ def quantize_gguf(source: Path, target: Path, outtype: str) -> Path:
     params.nthread = os.cpu_count() or 1
     partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
     try:
-        status = llama_cpp.llama_model_quantize(
-            str(source).encode(), str(partial).encode(), params
-        )
+        status = llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), params)
         if status != 0:
             raise RuntimeError(f"llama.cpp could not quantise {source} to {outtype} ({status})")
         os.rename(partial, target)
@@ -452,7 +450,9 @@ def run_llamacpp(directory: Path, outtype: str = "bf16", threads: int = 2, **_) 
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
         step = llama_cpp.llama_batch_init(batch * length, 0, batch)
         try:
-            fill = [(b, t, int(ids[b, t]), t == length - 1) for b in range(batch) for t in range(length)]
+            fill = [
+                (b, t, int(ids[b, t]), t == length - 1) for b in range(batch) for t in range(length)
+            ]
             run_batch(ctx, step, fill)
             tokens = [greedy(b * length + length - 1) for b in range(batch)]
             stamps = [time.perf_counter()]

@@ -3,9 +3,8 @@
 Between two layers of a decode step, Python runs in caches that the previous layer's weights
 have flushed; one native call for all layers (cpu.cpp's `decode_layers`) removes that time. It
 runs the same operations with the same roundings as the layers' per-module path (the tests
-compare bit for bit), and applies where every layer can: bf16 weights (int8 or int4 experts, int4
-attention allowed), no
-attention bias, SiLU experts, inference.
+compare bit for bit), and applies where every layer can: bf16 weights (int8 or int4 experts and
+int4 attention allowed), no attention bias, SiLU experts, inference.
 
 The plan, each layer's `LayerWeights`, is gathered once and kept beside the model (not on it)
 while every module and parameter it was read from is still in place: a replaced parameter or

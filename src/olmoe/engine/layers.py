@@ -10,7 +10,8 @@ This is the one place that decides which path runs. The rules:
   side, one expert per thread: without a gradient as one fused native pass per expert (bf16,
   int8 or int4 weights, a quantised expert dequantised by its thread), with one as an autograd
   function of grouped GEMMs (bf16 weights).
-- A prefill's int4 linear layer (the LM head) is dequantised natively, then one GEMM.
+- A prefill's int4 linear layers (the attention projections) are dequantised natively, then
+  one GEMM each.
 - Everything else (float32, float16, other activations, attention probabilities asked for) is
   the reference code itself.
 

@@ -60,8 +60,8 @@ _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 @register_model(MODEL_NAME)
 class OlmoeLM(LM):
     """`--model_args`: pretrained (a checkpoint directory or hub repo id), revision, dtype
-    (bf16, fp16, fp32 or their torch names; default bf16), quantize (int8), max_length (tokens
-    the model sees at once; default the model's window, at most 2048 as in `olmoe eval`),
+    (bf16, fp16, fp32 or their torch names; default bf16), quantize (int8 or int4), max_length
+    (tokens the model sees at once; default the model's window, at most 2048 as in `olmoe eval`),
     strategy (packed or flat), stride (rolling windows' step), seed (sampling). lm-eval's own
     `--batch_size` and `--device` arrive here too; an `auto` batch size means 8. From Python,
     `model` and `tokenizer` wrap an olmoe model already loaded."""
