@@ -172,20 +172,32 @@ class CpuInt8Linear(Int8Linear):
         return super().forward(x)
 
 
-class CpuInt8Experts(Int8Experts):
+class _CpuQuantizedExperts:
+    """The engine's forward for quantised experts (int8 or int4); `row_sums` gives what the
+    int8 kernels need beside the scales."""
+
+    def row_sums(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return None, None
+
     def forward(self, x: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
         if self.act_fn is not F.silu:
             return super().forward(x, routing)
         if streams(x, self.gate_up_proj):
+            gate_up_sum, down_sum = self.row_sums()
             return native.moe(
                 x, self.gate_up_proj, self.down_proj, routing.top_k_indices,
-                routing.top_k_weights, self.gate_up_proj_scale, row_sum(self, "gate_up_proj"),
-                self.down_proj_scale, row_sum(self, "down_proj"),
+                routing.top_k_weights, self.gate_up_proj_scale, gate_up_sum,
+                self.down_proj_scale, down_sum,
             )  # fmt: skip
         if side_by_side(x, self.gate_up_proj):  # a prefill: each expert dequantised by its thread
             scales = (self.gate_up_proj_scale, self.down_proj_scale)
             return fused_experts(x, routing, self.gate_up_proj, self.down_proj, scales)
         return super().forward(x, routing)
+
+
+class CpuInt8Experts(_CpuQuantizedExperts, Int8Experts):
+    def row_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return row_sum(self, "gate_up_proj"), row_sum(self, "down_proj")
 
 
 class CpuInt4Linear(Int4Linear):
@@ -198,19 +210,8 @@ class CpuInt4Linear(Int4Linear):
         return super().forward(x)
 
 
-class CpuInt4Experts(Int4Experts):
-    def forward(self, x: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
-        if self.act_fn is not F.silu:
-            return super().forward(x, routing)
-        if streams(x, self.gate_up_proj):
-            return native.moe(
-                x, self.gate_up_proj, self.down_proj, routing.top_k_indices,
-                routing.top_k_weights, self.gate_up_proj_scale, None, self.down_proj_scale, None,
-            )  # fmt: skip
-        if side_by_side(x, self.gate_up_proj):  # a prefill: each expert dequantised by its thread
-            scales = (self.gate_up_proj_scale, self.down_proj_scale)
-            return fused_experts(x, routing, self.gate_up_proj, self.down_proj, scales)
-        return super().forward(x, routing)
+class CpuInt4Experts(_CpuQuantizedExperts, Int4Experts):
+    pass
 
 
 # Each reference module class and the engine's class that replaces it.
