@@ -30,6 +30,8 @@ memory near the quantised bytes); transformers does not read them.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -308,6 +310,11 @@ _MODULES = {"int8": (Int8Experts, None, Int8Linear, QUANTIZATION_CONFIG),
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
+def quantization_config(method: str) -> dict:
+    """What config.json's `quantization_config` records for a model quantised with `method`."""
+    return copy.deepcopy(_MODULES[method][3])
+
+
 def quantization_method(model: nn.Module) -> str | None:
     """The method of a quantised model ("int8" or "int4"), None for one that is not."""
     experts = getattr(model, "model", model).layers[0].mlp.experts
@@ -336,7 +343,7 @@ def quantize_model(model: nn.Module, method: str = "int8") -> nn.Module:
             f"this model is already quantised as {current}; load the unquantised checkpoint "
             f"to quantise it as {method}"
         )
-    experts_class, attention_class, head_class, config = _MODULES[method]
+    experts_class, attention_class, head_class, _ = _MODULES[method]
     base = getattr(model, "model", model)
     for layer in base.layers:
         layer.mlp.experts = experts_class.from_experts(layer.mlp.experts, model.config.hidden_act)
@@ -345,5 +352,5 @@ def quantize_model(model: nn.Module, method: str = "int8") -> nn.Module:
             setattr(attention, name, attention_class.from_linear(getattr(attention, name)))
     if hasattr(model, "lm_head") and not model.config.tie_word_embeddings:
         model.lm_head = head_class.from_linear(model.lm_head)
-    model.config.extra["quantization_config"] = dict(config)
+    model.config.extra["quantization_config"] = quantization_config(method)
     return model

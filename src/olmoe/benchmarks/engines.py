@@ -14,6 +14,7 @@ the model.
 from __future__ import annotations
 
 import gc
+import json
 import os
 import re
 import shutil
@@ -299,9 +300,13 @@ def quantized_path(checkpoint: Path, method: str) -> Path:
 
 def ensure_quantized(checkpoint: Path, method: str) -> Path:
     """Write the checkpoint's quantised copy once, as `olmoe quantize` does (the worker then
-    loads int8 straight from disk, as a user would)."""
+    loads it straight from disk, as a user would); again when the format has changed since."""
+    from olmoe.quantize import quantization_config
+
     target = quantized_path(checkpoint, method)
-    if not (target / "config.json").is_file():
+    config = target / "config.json"
+    current = config.is_file() and json.loads(config.read_text()).get("quantization_config")
+    if current != quantization_config(method):
         model = OlmoeForCausalLM.from_pretrained(checkpoint, quantize=method)
         model.save_pretrained(target)  # staged and moved into place by save_pretrained
     return target
