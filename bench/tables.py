@@ -90,8 +90,10 @@ def render_cpu_inference(name: str, data: dict) -> list[str]:
     if threads:
         command += f" --threads {threads}"
     command += f" --json bench/{name}"
+    # results-released-cpu.json: "released shape"; results-released-int4-cpu.json: "... : int4"
+    variant = name.removeprefix(f"results-{data['shape']}").removesuffix("-cpu.json").strip("-")
     out = [
-        f"### CPU inference, {data['shape']} shape",
+        f"### CPU inference, {data['shape']} shape" + (f": {variant}" if variant else ""),
         "",
         f"Reproduce: `{command}`. Raw numbers: `bench/{name}`.",
         "",
