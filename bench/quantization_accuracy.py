@@ -41,8 +41,13 @@ GGUF_FORMATS = ("bf16", "q4_0", "q4_k_m")
 # ---------------------------------------------------------------------------- perplexity
 def working_copy(model: Path) -> Path:
     """The checkpoint's weights, config and tokenizer copied once into the cache, where its
-    quantised copies and GGUFs are written beside it (not into a run directory)."""
-    key = hashlib.sha256(str(model.resolve()).encode()).hexdigest()[:12]
+    quantised copies and GGUFs are written beside it (not into a run directory). Keyed by the
+    path and the weight files' sizes and times: a retrained model gets a fresh copy."""
+    stamps = [str(model.resolve())] + [
+        f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+        for f in sorted(model.glob("*.safetensors"))
+    ]
+    key = hashlib.sha256("\n".join(stamps).encode()).hexdigest()[:12]
     target = CACHE / f"{model.name}-{key}"
     target.mkdir(parents=True, exist_ok=True)
     for file in model.iterdir():

@@ -181,8 +181,9 @@ class _QuantizedLinear(_QuantizedModule):
     @classmethod
     def from_linear(cls, linear: nn.Linear):
         module = cls(linear.in_features, linear.out_features, linear.bias is not None)
-        q, scale = cls.quantize(linear.weight)
-        module.weight, module.weight_scale = _frozen(q), _frozen(scale)
+        if not linear.weight.is_meta:  # on the meta device the loader fills it from the file
+            q, scale = cls.quantize(linear.weight)
+            module.weight, module.weight_scale = _frozen(q), _frozen(scale)
         if linear.bias is not None:
             module.bias = linear.bias
         return module
@@ -212,6 +213,8 @@ class _QuantizedExperts(_QuantizedModule):
     def from_experts(cls, experts: OlmoeExperts, hidden_act: str):
         e, two_i, h = experts.gate_up_proj.shape
         module = cls(e, h, two_i // 2, hidden_act)
+        if experts.gate_up_proj.is_meta:  # the loader fills it from the file
+            return module
         # One expert at a time: a float32 copy of a whole layer would be a gigabyte.
         for name in ("gate_up_proj", "down_proj"):
             source, target = getattr(experts, name), getattr(module, name)

@@ -214,3 +214,18 @@ def test_int4_errs_more_than_int8_and_a_quantised_model_is_not_requantised():
     assert 0 < errors["int8"] < errors["int4"] < 0.5
     with pytest.raises(ConfigError, match="already quantised as int8"):
         quantize_model(quantize_model(copy.deepcopy(reference)), "int4")
+
+
+def test_loading_a_quantised_checkpoint_runs_no_quantiser(tmp_path, monkeypatch):
+    """The loader builds the int4 modules on the meta device and reads them from the file: the
+    scale search must not run there (on meta tensors it took minutes at the released shape)."""
+    from olmoe import quantize
+
+    quantize_model(tiny_model(seed=6).to(torch.bfloat16), "int4").save_pretrained(tmp_path)
+
+    def refuse(weight):
+        raise AssertionError("quantize_int4 ran while loading")
+
+    monkeypatch.setattr(quantize, "quantize_int4", refuse)
+    loaded = OlmoeForCausalLM.from_pretrained(tmp_path)
+    assert loaded.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.uint8

@@ -51,13 +51,22 @@ from olmoe.hardware import matrix_units
 
 METRICS = ("load_s", "peak_rss_gb", "prefill_tok_s", "decode_b1_tok_s", "decode_b8_tok_s")
 HEADERS = ("load s", "peak RSS GB", "prefill-512 tok/s", "decode b1 tok/s", "decode b8 tok/s")
-# Bytes per weight of each storage format, as (attention, router and norms; experts and lm_head):
-# olmoe's int8 and int4 keep attention in bf16; olmoe's int4 and Q4_0 store 32 4-bit weights and
-# one fp16 scale per group, Q8_0 32 int8 weights and a scale. Q4_K_M mixes Q4_K (4.5 bits) with
-# Q6_K (6.56 bits) for the LM head and some down and value projections: 0.6 is its approximate mean.
-BYTES_PER_WEIGHT = {"bf16": (2.0, 2.0), "int8": (2.0, 1.0), "int4": (2.0, 18 / 32),
-                    "q8_0": (34 / 32, 34 / 32), "q4_0": (18 / 32, 18 / 32),
-                    "q4_k_m": (0.6, 0.6)}  # fmt: skip
+# Bytes per weight of each storage format, as (attention; experts; lm_head): the router and the
+# norms are read in bf16 everywhere (llama.cpp keeps them in float32: a rounding error here). int4
+# and Q4_0 store 32 4-bit weights and a float16 scale per group, Q8_0 32 int8 weights and one.
+# olmoe's int8 keeps attention in bf16; its int4 keeps the LM head in int8 (a float32 scale per
+# row of 2,048). llama.cpp's Q4 types store the LM head as Q6_K (210 bytes per 256 weights);
+# Q4_K_M also stores the value projections and the experts' down projections of about half the
+# layers as Q6_K, the rest as Q4_K (144 bytes per 256): its means below are approximate.
+_Q6_K = 210 / 256
+BYTES_PER_WEIGHT = {
+    "bf16": (2.0, 2.0, 2.0),
+    "int8": (2.0, 1.0, 1.0),
+    "int4": (18 / 32, 18 / 32, 1.0),
+    "q8_0": (34 / 32, 34 / 32, 34 / 32),
+    "q4_0": (18 / 32, 18 / 32, _Q6_K),
+    "q4_k_m": (0.6, 0.6, _Q6_K),
+}
 NOISY_SPREAD = 1.25
 BANDWIDTH_BUFFER_BYTES = 2 << 30  # far beyond the 32 MB L3: every read comes from DRAM
 MATMUL_SHAPE = (512, 2048, 2048)  # (M, K, N): a prefill-sized bf16 GEMM of the released width
@@ -140,16 +149,17 @@ def expected_distinct_experts(config: OlmoeConfig, batch: int) -> float:
 
 
 def decode_bytes_per_token(
-    config: OlmoeConfig, batch: int, bytes_per_weight: tuple[float, float]
+    config: OlmoeConfig, batch: int, bytes_per_weight: tuple[float, float, float]
 ) -> float:
     """Weight bytes one decode step reads (each weight once, however many tokens use it),
     shared by its `batch` tokens. KV-cache reads (under 1% at these lengths) are not counted."""
-    dense, quantised = bytes_per_weight
+    attention, expert, head = bytes_per_weight
     w = weight_counts(config)
     experts = expected_distinct_experts(config, batch)
     layers = config.num_hidden_layers
-    step = dense * (layers * (w["attention"] + w["router"] + w["norms"]) + w["final_norm"])
-    step += quantised * (layers * experts * w["expert"] + w["lm_head"])
+    step = 2.0 * (layers * (w["router"] + w["norms"]) + w["final_norm"])
+    step += layers * (attention * w["attention"] + expert * experts * w["expert"])
+    step += head * w["lm_head"]
     return step / batch
 
 
