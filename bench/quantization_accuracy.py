@@ -95,7 +95,8 @@ def _olmoe_nll(model, batches: torch.Tensor) -> dict[str, float]:
     return {"prefill": prefill, "decode": decode}
 
 
-def llamacpp_nll(gguf: Path, batches: torch.Tensor, threads: int) -> float:
+def llamacpp_logits(gguf: Path, batches: torch.Tensor, threads: int):
+    """llama.cpp's logits (length, V) for each window in turn."""
     import llama_cpp
 
     length = batches.shape[1]
@@ -103,13 +104,16 @@ def llamacpp_nll(gguf: Path, batches: torch.Tensor, threads: int) -> float:
         model_path=str(gguf), n_ctx=length, n_batch=length, n_ubatch=length, logits_all=True,
         n_threads=threads, n_threads_batch=threads, verbose=False,
     )  # fmt: skip
-    total = 0.0
     for ids in batches:
         llm.reset()
         llm.eval(ids.tolist())
-        total += nll(torch.from_numpy(np.array(llm.scores[: length - 1])), ids[1:])
+        yield torch.from_numpy(np.array(llm.scores[:length]))
     del llm
-    return total
+
+
+def llamacpp_nll(gguf: Path, batches: torch.Tensor, threads: int) -> float:
+    logits = llamacpp_logits(gguf, batches, threads)
+    return sum(nll(window[:-1], ids[1:]) for window, ids in zip(logits, batches))
 
 
 def perplexity(args) -> dict:
@@ -173,6 +177,17 @@ def logits(args) -> dict:
             f"decode {found[fmt]['decode']:.4f}",
             flush=True,
         )
+    if engines.available("llamacpp"):  # llama.cpp's own formats against its own bf16
+        reference = None
+        for fmt in GGUF_FORMATS:
+            gguf = engines.ensure_gguf(args.dir, fmt, args.llama_cpp_src)
+            (window,) = llamacpp_logits(gguf, prompt, torch.get_num_threads())
+            if reference is None:
+                reference = window
+                continue
+            found[f"llama.cpp {fmt}"] = {"prefill": relative(window, reference)}
+            print(f"llama.cpp {fmt} vs llama.cpp bf16 logits, relative error: prefill-512 "
+                  f"{found[f'llama.cpp {fmt}']['prefill']:.4f}", flush=True)  # fmt: skip
     return found
 
 
@@ -191,6 +206,7 @@ def main() -> None:
     lg = commands.add_parser("logits", help="logit error on the random released-shape checkpoint")
     lg.add_argument("--dir", type=Path, default=Path.home() / ".cache/olmoe/bench/released")
     lg.add_argument("--steps", type=int, default=32)
+    lg.add_argument("--llama-cpp-src", help="unpacked llama-cpp-python sdist (see olmoe bench)")
     for sub in (ppl, lg):
         sub.add_argument("--json", type=Path, help="write the numbers here")
     args = parser.parse_args()
