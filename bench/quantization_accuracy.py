@@ -75,23 +75,32 @@ def nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return float(-log_probs.gather(-1, targets[:, None]).sum())
 
 
+def load(directory: Path):
+    return olmoe.engine.apply(OlmoeForCausalLM.from_pretrained(directory, dtype=torch.bfloat16))
+
+
+@torch.inference_mode()
+def both_paths(model, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits of one sequence `ids` (L,) through both of olmoe's paths: one forward over it
+    (the GEMMs), (L, V); and its first `steps` tokens one per call (the decode kernels),
+    (steps, V)."""
+    prefill = model(ids[None]).logits[0]
+    out = model(ids[None, :1], use_cache=True)
+    cache, decoded = out.past_key_values, [out.logits[0, -1]]
+    for t in range(1, steps):
+        out = model(ids[None, t : t + 1], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        decoded.append(out.logits[0, -1])
+    return prefill, torch.stack(decoded)
+
+
 def olmoe_nll(directory: Path, batches: torch.Tensor) -> dict[str, float]:
-    model = olmoe.engine.apply(OlmoeForCausalLM.from_pretrained(directory, dtype=torch.bfloat16))
-    with torch.inference_mode():
-        return _olmoe_nll(model, batches)
-
-
-def _olmoe_nll(model, batches: torch.Tensor) -> dict[str, float]:
+    model = load(directory)
     prefill = decode = 0.0
     for ids in batches:
-        prefill += nll(model(ids[None]).logits[0, :-1], ids[1:])
-        out = model(ids[None, :1], use_cache=True)
-        cache, steps = out.past_key_values, [out.logits[0, -1]]
-        for t in range(1, len(ids) - 1):  # one token per call: the decode kernels
-            out = model(ids[None, t : t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            steps.append(out.logits[0, -1])
-        decode += nll(torch.stack(steps), ids[1:])
+        whole, stepwise = both_paths(model, ids, len(ids) - 1)
+        prefill += nll(whole[:-1], ids[1:])
+        decode += nll(stepwise, ids[1:])
     return {"prefill": prefill, "decode": decode}
 
 
@@ -144,18 +153,12 @@ def perplexity(args) -> dict:
 
 
 # ---------------------------------------------------------------------------- logits
-@torch.inference_mode()
 def released_logits(directory: Path, prompt: torch.Tensor, steps: int):
-    model = olmoe.engine.apply(OlmoeForCausalLM.from_pretrained(directory, dtype=torch.bfloat16))
-    prefill = model(prompt).logits.float()  # (1, L, V): the GEMM path
-    out = model(prompt[:, :1], use_cache=True)
-    cache, decoded = out.past_key_values, [out.logits[:, -1].float()]
-    for t in range(1, steps):  # one token per call: the decode kernels
-        out = model(prompt[:, t : t + 1], past_key_values=cache, use_cache=True)
-        decoded.append(out.logits[:, -1].float())
+    model = load(directory)
+    prefill, decoded = both_paths(model, prompt[0], steps)
     del model
     gc.collect()
-    return prefill, torch.cat(decoded)
+    return prefill.float(), decoded.float()
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:

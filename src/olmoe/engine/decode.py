@@ -124,7 +124,7 @@ def _make_plan(model: OlmoeModel) -> DecodePlan | None:
         if gate_up.dtype == torch.uint8:
             scales = [child(experts, "gate_up_proj_scale"), child(experts, "down_proj_scale")]
             extras = [scales[0], None, scales[1], None]
-        if gate_up.dtype == torch.int8:
+        elif gate_up.dtype == torch.int8:
             extras = [
                 child(experts, "gate_up_proj_scale"), row_sum(experts, "gate_up_proj"),
                 child(experts, "down_proj_scale"), row_sum(experts, "down_proj"),
