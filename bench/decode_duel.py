@@ -3,14 +3,19 @@
     .venv/bin/python bench/decode_duel.py                  # 250 tokens each, about 3 minutes
     .venv/bin/python bench/decode_duel.py --weights int8   # olmoe int8 against llama.cpp Q8_0
     .venv/bin/python bench/decode_duel.py --weights int4   # olmoe int4 against Q4_0 (--peer q4_k_m)
+    .venv/bin/python bench/decode_duel.py --weights int4 --dir ~/.cache/olmoe/bench/released
+                                                           # the whole released shape (any
+                                                           # checkpoint: --dir is read as is)
 
 This machine's memory bandwidth moves in phases (see bench/README.md), so
 engines measured minutes apart in separate processes can each draw a different one. Here both
 decode side by side, token for token, and see the same phases. Both must fit in memory at once,
 so the checkpoint is the released architecture cut to 8 of its 16 layers (6.9 GB of bf16
 weights, written and converted to a bf16 GGUF once into ~/.cache/olmoe/bench/half; with
---weights int8 or int4, olmoe quantises it on load and llama.cpp reads a Q8_0 or Q4_0 GGUF made
-from it by llama.cpp's converter or quantiser). Prints each
+--weights int8 or int4, olmoe reads its quantised copy, written once beside it as `olmoe
+quantize` writes it, and llama.cpp a Q8_0 or Q4_0 GGUF made from it by llama.cpp's converter or
+quantiser). 4-bit weights fit the whole released shape twice: pass --dir with a released-shape
+checkpoint, such as the one `olmoe bench --shape released` writes. Prints each
 engine's median and mean tok/s and the per-token time ratios (>1: olmoe is faster).
 """
 
@@ -62,9 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         engines.write_checkpoint(args.dir, half_released())
     gguf = engines.ensure_gguf(args.dir, peer, args.llama_cpp_src)
     torch.set_num_threads(args.threads)
-    quantize = None if args.weights == "bf16" else args.weights
-    model = OlmoeForCausalLM.from_pretrained(args.dir, dtype=torch.bfloat16, quantize=quantize)
-    model = olmoe.engine.apply(model)
+    source = args.dir
+    if args.weights != "bf16":
+        print(f"olmoe's {args.weights} copy of {args.dir} ...", flush=True)
+        source = engines.ensure_quantized(args.dir, args.weights)
+    model = olmoe.engine.apply(OlmoeForCausalLM.from_pretrained(source, dtype=torch.bfloat16))
     llm = llama_cpp.Llama(
         model_path=str(gguf), n_threads=args.threads, n_threads_batch=args.threads, n_ctx=1024,
         logits_all=False, verbose=False,

@@ -385,41 +385,77 @@ struct Int4Matrix {
   }
 };
 
+// Index vectors for `int4_groups`: a transpose in three rounds of two-register permutes.
+struct Int4Transpose {
+  __m512i round1[2], round2[2], round3[2];
+  Int4Transpose() {
+    alignas(64) int32_t index[16];
+    for (int k = 0; k < 2; k++) {  // groups 8k + t, registers 2a, 2a + 1 side by side
+      for (int t = 0; t < 8; t++)
+        for (int u = 0; u < 2; u++) index[2 * t + u] = 8 * k + t + 16 * u;
+      round1[k] = _mm512_load_si512(index);
+    }
+    for (int m = 0; m < 2; m++) {  // groups 4m + t of those, four registers side by side
+      for (int t = 0; t < 4; t++)
+        for (int v = 0; v < 4; v++) index[4 * t + v] = 2 * (4 * m + t) + v % 2 + 16 * (v / 2);
+      round2[m] = _mm512_load_si512(index);
+    }
+    for (int n = 0; n < 2; n++) {  // groups 2n + t of those, all eight registers side by side
+      for (int t = 0; t < 2; t++)
+        for (int w = 0; w < 8; w++) index[8 * t + w] = 4 * (2 * n + t) + w % 4 + 16 * (w / 4);
+      round3[n] = _mm512_load_si512(index);
+    }
+  }
+};
+
+// One 512-input block of a packed int4 row (see pack_int4: byte c of register r holds input
+// 32 (c / 4) + 4 r + c % 4) as its 16 groups' nibbles in the inputs' order: groups 2j and
+// 2j + 1 in the low and high halves of groups[j], one byte per input.
+inline void int4_groups(const uint8_t* data, __m512i groups[8]) {
+  static const Int4Transpose order;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512i registers[8];  // dword l of register r: group l's inputs 4r .. 4r + 3
+  for (int p = 0; p < 4; p++) {
+    const __m512i w = _mm512_loadu_si512(data + 64 * p);
+    registers[2 * p] = _mm512_and_si512(w, low);
+    registers[2 * p + 1] = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
+  }
+  __m512i pairs[4][2], quads[2][2][2];
+  for (int a = 0; a < 4; a++)
+    for (int k = 0; k < 2; k++)
+      pairs[a][k] =
+          _mm512_permutex2var_epi32(registers[2 * a], order.round1[k], registers[2 * a + 1]);
+  for (int c = 0; c < 2; c++)
+    for (int k = 0; k < 2; k++)
+      for (int m = 0; m < 2; m++)
+        quads[c][k][m] =
+            _mm512_permutex2var_epi32(pairs[2 * c][k], order.round2[m], pairs[2 * c + 1][k]);
+  for (int k = 0; k < 2; k++)
+    for (int m = 0; m < 2; m++)
+      for (int n = 0; n < 2; n++)
+        groups[4 * k + 2 * m + n] =
+            _mm512_permutex2var_epi32(quads[0][k][m], order.round3[n], quads[1][k][m]);
+}
+
 // Rows of a packed int4 matrix (Kp / 2 bytes and Kp / 32 float16 scales each) as bf16 rows of
-// K values, each bf16(float(q) * float(scale)) as olmoe.quantize.dequantize_int4 rounds. Block
-// by block: the values in the stored order, then each group's 32 gathered into place.
+// K values, each bf16(float(q) * float(scale)) as olmoe.quantize.dequantize_int4 rounds: per
+// group, its 16 possible values are computed once and its 32 nibbles look them up.
 void dequantize_int4_rows(const uint8_t* data, const c10::Half* scale, int64_t Kp, int64_t K,
                           int64_t rows, bf16* out) {
-  alignas(64) bf16 stored[kInt4Block];  // one block's values in the stored order
-  const __m512i low = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi32(8);
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  __m512i quarter_lanes[4];  // byte quarter m of a register: lanes 4m .. 4m + 3, 4 values each
-  for (int m = 0; m < 4; m++)
-    quarter_lanes[m] = _mm512_srli_epi32(_mm512_add_epi32(_mm512_set1_epi32(16 * m), lane), 2);
-  // group l's 32 values: four from each register r, the 64-bit word 16 r + l of `stored`
-  const __m512i words = _mm512_setr_epi64(0, 16, 32, 48, 64, 80, 96, 112);
+  const __m512 values = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
   for (int64_t row = 0; row < rows; row++)
     for (int64_t b = 0; b < K; b += kInt4Block) {
-      const __m512 ws = _mm512_cvtph_ps(_mm256_loadu_si256(
-          reinterpret_cast<const __m256i*>(scale + row * (Kp / kInt4Group) + b / kInt4Group)));
-      for (int p = 0; p < 4; p++) {
-        const __m512i w = _mm512_loadu_si512(data + row * (Kp / 2) + b / 2 + 64 * p);
-        alignas(64) uint8_t nibbles[2][64];
-        _mm512_store_si512(nibbles[0], _mm512_and_si512(w, low));
-        _mm512_store_si512(nibbles[1], _mm512_and_si512(_mm512_srli_epi16(w, 4), low));
-        for (int h = 0; h < 2; h++)
-          for (int m = 0; m < 4; m++) {
-            const __m512i n = _mm512_cvtepu8_epi32(
-                _mm_load_si128(reinterpret_cast<const __m128i*>(nibbles[h] + 16 * m)));
-            const __m512 value = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(n, eight)),
-                                               _mm512_permutexvar_ps(quarter_lanes[m], ws));
-            _mm256_store_si256(reinterpret_cast<__m256i*>(stored + 64 * (2 * p + h) + 16 * m),
-                               (__m256i)_mm512_cvtneps_pbh(value));
-          }
-      }
+      __m512i groups[8];
+      int4_groups(data + row * (Kp / 2) + b / 2, groups);
+      alignas(64) float scales[kInt4Groups];
+      _mm512_store_ps(scales, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                                  scale + row * (Kp / kInt4Group) + b / kInt4Group))));
       for (int64_t l = 0; l < kInt4Groups && b + kInt4Group * l < K; l++) {
-        const __m512i group =
-            _mm512_i64gather_epi64(_mm512_add_epi64(words, _mm512_set1_epi64(l)), stored, 8);
+        const __m256i nibbles = l % 2 ? _mm512_extracti64x4_epi64(groups[l / 2], 1)
+                                      : _mm512_castsi512_si256(groups[l / 2]);
+        const __m512i table = _mm512_castsi256_si512(
+            (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(values, _mm512_set1_ps(scales[l]))));
+        const __m512i group = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(nibbles), table);
         const int64_t col = b + kInt4Group * l, left = K - col;
         const __mmask32 keep = left >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << left) - 1);
         _mm512_mask_storeu_epi16(out + row * K + col, keep, group);
@@ -766,34 +802,48 @@ void for_each_group(const torch::Tensor& counts, int64_t rows, const F& f) {
   });
 }
 
-// Group e's weights as a bf16 (N, K) matrix: weight[e] itself, or for int8 weights (with
-// `scale`, (E, N) float32 per row) and int4 ones (`scale` (E, N, Kp / 32) float16) a copy
-// dequantised by the calling thread, rounding as olmoe.quantize does (bf16(float(q) * scale)):
-// a layer's experts never exist in bf16 all at once.
-torch::Tensor group_weight(const torch::Tensor& weight, const c10::optional<torch::Tensor>& scale,
-                           int64_t e, int64_t K) {
-  if (weight.scalar_type() == torch::kByte) {
-    const int64_t N = weight.size(1), Kp = int4_padded(K);
-    auto w = torch::empty({N, K}, weight.options().dtype(torch::kBFloat16));
-    dequantize_int4_rows(weight.data_ptr<uint8_t>() + e * N * Kp / 2,
-                         scale->data_ptr<c10::Half>() + e * N * Kp / kInt4Group, Kp, K, N,
-                         reinterpret_cast<bf16*>(w.data_ptr()));
-    return w;
+// Weight rows per tile of a quantised product: a tile dequantised to bf16 (at most 1 MB) stays
+// in the core's L2 cache for the GEMM that reads it, where a whole dequantised expert (8 MB)
+// would go out to memory and back.
+constexpr int64_t kTileBytes = 1 << 20;
+
+// x (n, K) bf16 @ weight[e]^T into out (n, N) bf16, by oneDNN's GEMM on the calling thread.
+// bf16 weights directly; int8 (`scale` (E, N) float32 per row) and int4 (`scale`
+// (E, N, Kp / 32) float16) weights a tile of rows at a time, dequantised by the calling thread
+// as olmoe.quantize rounds (bf16(float(q) * scale)): a layer's experts never exist in bf16 all
+// at once.
+void expert_product(const torch::Tensor& x, const torch::Tensor& weight,
+                    const c10::optional<torch::Tensor>& scale, int64_t e, torch::Tensor out) {
+  const auto type = weight.scalar_type();
+  if (type != torch::kByte && type != torch::kChar) {
+    at::mm_out(out, x, weight[e].t());
+    return;
   }
-  if (weight.scalar_type() != torch::kChar) return weight[e];
-  const int64_t N = weight.size(1);
-  auto w = torch::empty({N, K}, weight.options().dtype(torch::kBFloat16));
-  const int8_t* q = weight.data_ptr<int8_t>() + e * N * K;
-  const float* s = scale->data_ptr<float>() + e * N;
-  bf16* to = reinterpret_cast<bf16*>(w.data_ptr());
-  for (int64_t r = 0; r < N; r++)
-    for (int64_t k = 0; k < K; k += 16) {
-      const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-          _mm_maskz_loadu_epi8(first(K - k), q + r * K + k)));
-      _mm256_mask_storeu_epi16(to + r * K + k, first(K - k),
-                               (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(v, _mm512_set1_ps(s[r]))));
+  const int64_t K = x.size(1), N = weight.size(1);
+  const int64_t tile = std::max<int64_t>(16, std::min(N, kTileBytes / (2 * K)));
+  auto buffer = torch::empty({tile, K}, x.options());
+  bf16* to = reinterpret_cast<bf16*>(buffer.data_ptr());
+  for (int64_t r0 = 0; r0 < N; r0 += tile) {
+    const int64_t rows = std::min(tile, N - r0);
+    if (type == torch::kByte) {
+      const int64_t Kp = int4_padded(K);
+      dequantize_int4_rows(weight.data_ptr<uint8_t>() + (e * N + r0) * Kp / 2,
+                           scale->data_ptr<c10::Half>() + (e * N + r0) * Kp / kInt4Group, Kp, K,
+                           rows, to);
+    } else {
+      const int8_t* q = weight.data_ptr<int8_t>() + (e * N + r0) * K;
+      const float* s = scale->data_ptr<float>() + e * N + r0;
+      for (int64_t r = 0; r < rows; r++)
+        for (int64_t k = 0; k < K; k += 16) {
+          const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+              _mm_maskz_loadu_epi8(first(K - k), q + r * K + k)));
+          _mm256_mask_storeu_epi16(to + r * K + k, first(K - k),
+                                   (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(v, _mm512_set1_ps(s[r]))));
+        }
     }
-  return w;
+    auto part = out.narrow(1, r0, rows);
+    at::mm_out(part, x, buffer.narrow(0, 0, rows).t());
+  }
 }
 
 // Whether a grouped (E, N, *) weight fits rows of K inputs; checks a quantised one's scales.
@@ -818,8 +868,7 @@ torch::Tensor grouped_linear(torch::Tensor x, torch::Tensor weight, torch::Tenso
               "x (S, K), weight (E, N, K) and counts (E,) must match");
   auto out = torch::empty({x.size(0), weight.size(1)}, x.options());
   for_each_group(counts, x.size(0), [&](int64_t e, int64_t first_row, int64_t n) {
-    auto rows = out.narrow(0, first_row, n);
-    at::mm_out(rows, x.narrow(0, first_row, n), group_weight(weight, scale, e, x.size(1)).t());
+    expert_product(x.narrow(0, first_row, n), weight, scale, e, out.narrow(0, first_row, n));
   });
   return out;
 }
@@ -858,9 +907,11 @@ torch::Tensor grouped_experts(torch::Tensor x, torch::Tensor gate_up, torch::Ten
     auto rows = torch::empty({n, H}, x.options());
     bf16* R = reinterpret_cast<bf16*>(rows.data_ptr());
     for (int64_t j = 0; j < n; j++) std::copy_n(X + (slots[j] / K) * H, H, R + j * H);
-    const auto gate_and_up = at::mm(rows, group_weight(gate_up, gate_up_scale, e, H).t());  // (n, 2I)
+    auto gate_and_up = torch::empty({n, 2 * I}, x.options());
+    expert_product(rows, gate_up, gate_up_scale, e, gate_and_up);
     const auto act = at::silu(gate_and_up.narrow(1, 0, I)).mul_(gate_and_up.narrow(1, I, I));
-    auto y = at::mm(act, group_weight(down, down_scale, e, I).t());  // (n, H)
+    auto y = torch::empty({n, H}, x.options());
+    expert_product(act, down, down_scale, e, y);
     y.mul_(mix.index_select(0, order64.narrow(0, first_row, n)));  // y * weight, rounded once
     const bf16* Y = reinterpret_cast<const bf16*>(y.data_ptr());
     bf16* O = reinterpret_cast<bf16*>(out.data_ptr());
