@@ -32,8 +32,8 @@ def linear(rows, weight, bias=None, scale=None, row_sum=None):
     return F.linear(rows, _dequantize(weight, scale, rows.shape[-1]), bias)
 
 
-def dequantize_int4(weight, scale, in_features):
-    return _dequantize(weight, scale, in_features)
+def quantized_linear(rows, weight, scale, bias=None):
+    return F.linear(rows, _dequantize(weight, scale, rows.shape[-1]), bias)
 
 
 def rms_norm(rows, weight, eps):

@@ -197,6 +197,31 @@ def test_grouped_int8_linear_is_each_group_times_its_dequantised_weights(counts)
     assert got.shape == (x.shape[0], 24) and torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize(
+    "tokens, out_features, in_features, bias",
+    [(40, 24, 40, False), (17, 600, 2048, True),  # 1 MB tiles: three, the last one partial
+     (33, 70, 1100, False)],
+)  # fmt: skip
+def test_quantized_linear_is_the_product_with_the_dequantised_weight(
+    method, tokens, out_features, in_features, bias
+):
+    """A prefill's quantised linear layer: tile by tile, the threads side by side, it is
+    F.linear with the weight dequantised as olmoe.quantize rounds it."""
+    quantise, restore = (
+        (quantize_rows, lambda q, s: dequantize(q, s, torch.bfloat16))
+        if method == "int8"
+        else (quantize_int4, lambda q, s: dequantize_int4(q, s, in_features, torch.bfloat16))
+    )
+    x = bf16(tokens, in_features, seed=13)
+    q, scale = quantise(bf16(out_features, in_features, scale=0.05, seed=14))
+    b = bf16(out_features, seed=15) if bias else None
+    got = native.quantized_linear(x, q, scale, b)
+    expected = x.double() @ restore(q, scale).double().T + (0 if b is None else b.double())
+    assert got.shape == (tokens, out_features)
+    assert_close(got.double(), expected.bfloat16().double(), **BF16_ULP)
+
+
 # ---------------------------------------------------------------------------- int4
 def group_quantised(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The int4 kernels' activations: each group of 32 (zero padded to the weights' blocks)
@@ -230,9 +255,11 @@ def test_int4_linear_kernel_is_exact_on_the_quantised_values(tokens, out_feature
 
 @pytest.mark.parametrize("in_features", [32, 100, 512, 1100, 2048])
 def test_int4_dequantisation_equals_the_reference_bit_for_bit(in_features):
+    """Through the prefill's product with the identity: each output is one weight times 1."""
     packed, scale = quantize_int4(bf16(70, in_features, scale=0.3, seed=3))
     expected = dequantize_int4(packed, scale, in_features, torch.bfloat16)
-    assert torch.equal(native.dequantize_int4(packed, scale, in_features), expected)
+    identity = torch.eye(in_features, dtype=torch.bfloat16)
+    assert torch.equal(native.quantized_linear(identity, packed, scale).T, expected)
 
 
 @pytest.mark.parametrize("tokens, experts, top_k, only", [(1, 8, 2, None), (8, 64, 8, None),

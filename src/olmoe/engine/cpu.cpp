@@ -802,16 +802,66 @@ void for_each_group(const torch::Tensor& counts, int64_t rows, const F& f) {
   });
 }
 
-// Weight rows per tile of a quantised product: a tile dequantised to bf16 (at most 1 MB) stays
-// in the core's L2 cache for the GEMM that reads it, where a whole dequantised expert (8 MB)
-// would go out to memory and back.
-constexpr int64_t kTileBytes = 1 << 20;
+// Weight rows per tile of a quantised product: a tile dequantised to bf16 (at most 2 MB) stays
+// in the core's caches for the GEMM that reads it, where a whole dequantised matrix (8 MB) would
+// go out to memory and back; 1 MB tiles (this L2's size on AMD's Zen 4) were slower, each GEMM
+// call having its own fixed cost.
+constexpr int64_t kTileBytes = 2 << 20;
+inline int64_t tile_rows(int64_t N, int64_t K) {
+  return std::max<int64_t>(16, std::min(N, kTileBytes / (2 * K)));
+}
 
-// x (n, K) bf16 @ weight[e]^T into out (n, N) bf16, by oneDNN's GEMM on the calling thread.
-// bf16 weights directly; int8 (`scale` (E, N) float32 per row) and int4 (`scale`
-// (E, N, Kp / 32) float16) weights a tile of rows at a time, dequantised by the calling thread
-// as olmoe.quantize rounds (bf16(float(q) * scale)): a layer's experts never exist in bf16 all
-// at once.
+// Rows [r0, r0 + rows) of matrix e of a quantised (E, N, *) weight, E = 1 for a 2-d one, as
+// bf16 rows of K values, rounded as olmoe.quantize rounds (bf16(float(q) * scale)): int8 with
+// `scale` (E, N) float32 per row, or packed int4 with `scale` (E, N, Kp / 32) float16.
+void dequantize_tile(const torch::Tensor& weight, const torch::Tensor& scale, int64_t e,
+                     int64_t r0, int64_t rows, int64_t K, bf16* to) {
+  const int64_t N = weight.size(-2), first_row = e * N + r0;
+  if (weight.scalar_type() == torch::kByte) {
+    const int64_t Kp = int4_padded(K);
+    dequantize_int4_rows(weight.data_ptr<uint8_t>() + first_row * Kp / 2,
+                         scale.data_ptr<c10::Half>() + first_row * Kp / kInt4Group, Kp, K, rows,
+                         to);
+    return;
+  }
+  const int8_t* q = weight.data_ptr<int8_t>() + first_row * K;
+  const float* s = scale.data_ptr<float>() + first_row;
+  for (int64_t r = 0; r < rows; r++) {
+    const int8_t* from = q + r * K;
+    const __m512 row_scale = _mm512_set1_ps(s[r]);
+    const auto scaled = [&](int64_t k) {  // up to 16 values from input k
+      return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                               _mm_maskz_loadu_epi8(first(K - k), from + k))),
+                           row_scale);
+    };
+    bf16* out = to + r * K;
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32)  // two float vectors rounded into one bf16 vector
+      _mm512_storeu_si512(out + k, (__m512i)_mm512_cvtne2ps_pbh(scaled(k + 16), scaled(k)));
+    for (; k < K; k += 16)
+      _mm256_mask_storeu_epi16(out + k, first(K - k), (__m256i)_mm512_cvtneps_pbh(scaled(k)));
+  }
+}
+
+// out[:, r0 : r0 + rows] = x (n, K) @ those rows^T (+ bias[r0 : r0 + rows]), dequantised into
+// `buffer` (at least rows x K bf16) and multiplied by oneDNN's GEMM on the calling thread.
+void quantized_tile(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale,
+                    const torch::Tensor& bias, int64_t e, int64_t r0, int64_t rows,
+                    torch::Tensor& buffer, torch::Tensor& out) {
+  const int64_t K = x.size(1);
+  dequantize_tile(weight, scale, e, r0, rows, K, reinterpret_cast<bf16*>(buffer.data_ptr()));
+  auto part = out.narrow(1, r0, rows);
+  const auto tile = buffer.narrow(0, 0, rows * K).view({rows, K}).t();
+  if (bias.defined()) {
+    at::addmm_out(part, bias.narrow(0, r0, rows), x, tile);
+  } else {
+    at::mm_out(part, x, tile);
+  }
+}
+
+// x (n, K) bf16 @ weight[e]^T into out (n, N) bf16, on the calling thread: bf16 weights by one
+// oneDNN GEMM, quantised ones a tile at a time, so that a layer's experts never exist in bf16
+// all at once.
 void expert_product(const torch::Tensor& x, const torch::Tensor& weight,
                     const c10::optional<torch::Tensor>& scale, int64_t e, torch::Tensor out) {
   const auto type = weight.scalar_type();
@@ -819,31 +869,10 @@ void expert_product(const torch::Tensor& x, const torch::Tensor& weight,
     at::mm_out(out, x, weight[e].t());
     return;
   }
-  const int64_t K = x.size(1), N = weight.size(1);
-  const int64_t tile = std::max<int64_t>(16, std::min(N, kTileBytes / (2 * K)));
-  auto buffer = torch::empty({tile, K}, x.options());
-  bf16* to = reinterpret_cast<bf16*>(buffer.data_ptr());
-  for (int64_t r0 = 0; r0 < N; r0 += tile) {
-    const int64_t rows = std::min(tile, N - r0);
-    if (type == torch::kByte) {
-      const int64_t Kp = int4_padded(K);
-      dequantize_int4_rows(weight.data_ptr<uint8_t>() + (e * N + r0) * Kp / 2,
-                           scale->data_ptr<c10::Half>() + (e * N + r0) * Kp / kInt4Group, Kp, K,
-                           rows, to);
-    } else {
-      const int8_t* q = weight.data_ptr<int8_t>() + (e * N + r0) * K;
-      const float* s = scale->data_ptr<float>() + e * N + r0;
-      for (int64_t r = 0; r < rows; r++)
-        for (int64_t k = 0; k < K; k += 16) {
-          const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-              _mm_maskz_loadu_epi8(first(K - k), q + r * K + k)));
-          _mm256_mask_storeu_epi16(to + r * K + k, first(K - k),
-                                   (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(v, _mm512_set1_ps(s[r]))));
-        }
-    }
-    auto part = out.narrow(1, r0, rows);
-    at::mm_out(part, x, buffer.narrow(0, 0, rows).t());
-  }
+  const int64_t K = x.size(1), N = weight.size(1), tile = tile_rows(N, K);
+  auto buffer = torch::empty({tile * K}, x.options());
+  for (int64_t r0 = 0; r0 < N; r0 += tile)
+    quantized_tile(x, weight, *scale, {}, e, r0, std::min(tile, N - r0), buffer, out);
 }
 
 // Whether a grouped (E, N, *) weight fits rows of K inputs; checks a quantised one's scales.
@@ -1212,19 +1241,35 @@ std::vector<torch::Tensor> decode_layers(
   return out;
 }
 
-// The bf16 (N, K) matrix that a packed int4 weight (N, Kp / 2) with its (N, Kp / 32) float16
-// scales stands for, rows shared among the threads: a prefill's linear layer (the LM head)
-// multiplies it with oneDNN's GEMM.
-torch::Tensor dequantize_int4(torch::Tensor weight, torch::Tensor scale, int64_t K) {
-  const Weights w = weights_from(weight, scale, c10::nullopt, 2, "weight");
-  TORCH_CHECK(w.is_int4() && w.takes(K), "weight must be packed int4 rows of ", K, " inputs");
-  const int64_t N = weight.size(0), Kp = int4_padded(K);
-  auto out = torch::empty({N, K}, weight.options().dtype(torch::kBFloat16));
-  const uint8_t* data = weight.data_ptr<uint8_t>();
-  const c10::Half* scales = scale.data_ptr<c10::Half>();
-  bf16* to = reinterpret_cast<bf16*>(out.data_ptr());
-  at::parallel_for(0, N, 64, [&](int64_t b, int64_t e) {
-    dequantize_int4_rows(data + b * Kp / 2, scales + b * Kp / kInt4Group, Kp, K, e - b, to + b * K);
+// y (T, N) = x (T, K) @ W^T (+ bias) for many bf16 rows x and a quantised W (int8 (N, K) with
+// its float32 scale per row, or packed int4 with its float16 group scales): a prefill's linear
+// layer. The threads share the tiles of W, each dequantising its tile into its own cache for
+// its own GEMM: the dequantised matrix never goes out to memory.
+torch::Tensor quantized_linear(torch::Tensor x, torch::Tensor weight, torch::Tensor scale,
+                               c10::optional<torch::Tensor> bias) {
+  check(x, "x", 2, torch::kBFloat16);
+  const int64_t N = weight.size(0), K = x.size(1);
+  if (weight.scalar_type() == torch::kChar) {
+    check(weight, "weight", 2, torch::kChar);
+    check(scale, "scale", 1, torch::kFloat32);
+    TORCH_CHECK(weight.size(1) == K && scale.size(0) == N, "int8 weight (N, K) and scale (N,) ",
+                "must match x's ", K, " features");
+  } else {
+    TORCH_CHECK(weights_from(weight, scale, c10::nullopt, 2, "weight").takes(K),
+                "weight must be packed int4 rows of ", K, " inputs");
+  }
+  torch::Tensor add;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == N, "bias has ", bias->numel(), " entries for ", N, " outputs");
+    add = bias->to(torch::kBFloat16).contiguous();
+  }
+  auto out = torch::empty({x.size(0), N}, x.options());
+  const int64_t tile = tile_rows((N + at::get_num_threads() - 1) / at::get_num_threads(), K);
+  parallel_items((N + tile - 1) / tile, [&](int64_t i) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in for_each_group
+    auto buffer = torch::empty({tile * K}, x.options());
+    const int64_t r0 = i * tile;
+    quantized_tile(x, weight, scale, add, 0, r0, std::min(tile, N - r0), buffer, out);
   });
   return out;
 }
@@ -1259,7 +1304,7 @@ int64_t read_all(torch::Tensor buffer) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "x @ weight.T (+ bias) for a few bf16 rows; bf16, int8 or int4 weight");
   m.def("moe", &moe, "sparse MoE experts for a few bf16 tokens; bf16, int8 or int4 experts");
-  m.def("dequantize_int4", &dequantize_int4, "a packed int4 weight as bf16");
+  m.def("quantized_linear", &quantized_linear, "x @ dequantised(weight).T, tile by tile");
   m.def("grouped_linear", &grouped_linear, "per-group x @ weight[e].T, the groups side by side");
   m.def("grouped_experts", &grouped_experts, "a prefill's experts, one pass per expert, side by side");
   m.def("grouped_weight_grad", &grouped_weight_grad, "per-group grad.T @ x, side by side");

@@ -68,6 +68,17 @@ def streams(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def prefill_sized(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether a quantised linear layer's GEMM goes native: bf16 rows (and bias) on the CPU, no
+    gradient (the kernel has no backward)."""
+    return (
+        x.dtype == torch.bfloat16
+        and x.device.type == "cpu"
+        and (bias is None or bias.dtype == torch.bfloat16)
+        and not records_grad(x, *([] if bias is None else [bias]))
+    )
+
+
 def small_bf16(x: torch.Tensor) -> bool:
     """Whether an activation-only op (a norm, one query's attention) on `x` goes native."""
     return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled()
@@ -169,6 +180,8 @@ class CpuInt8Linear(Int8Linear):
             return native.linear(
                 x, self.weight, self.bias, self.weight_scale, row_sum(self, "weight")
             )
+        if prefill_sized(x, self.bias):
+            return native.quantized_linear(x, self.weight, self.weight_scale, self.bias)
         return super().forward(x)
 
 
@@ -204,9 +217,8 @@ class CpuInt4Linear(Int4Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if streams(x, self.weight):
             return native.linear(x, self.weight, self.bias, self.weight_scale)
-        if x.dtype == torch.bfloat16 and x.device.type == "cpu":  # a prefill: one GEMM
-            weight = native.dequantize_int4(self.weight, self.weight_scale, self.in_features)
-            return F.linear(x, weight, self.bias)
+        if prefill_sized(x, self.bias):
+            return native.quantized_linear(x, self.weight, self.weight_scale, self.bias)
         return super().forward(x)
 
 

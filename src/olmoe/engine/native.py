@@ -122,10 +122,15 @@ def linear(
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-def dequantize_int4(weight: torch.Tensor, scale: torch.Tensor, in_features: int) -> torch.Tensor:
-    """The bf16 (N, in_features) matrix of a packed int4 weight, rounded as
-    olmoe.quantize.dequantize_int4 rounds, the rows shared among the threads."""
-    return compiled().dequantize_int4(weight, scale, in_features)
+def quantized_linear(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`F.linear` for many bf16 rows (a prefill) and a quantised weight: int8 (N, K) with its
+    float32 `scale` (N,), or packed int4 with its float16 `scale` (see olmoe.quantize). The
+    weight is dequantised a tile at a time (as olmoe.quantize rounds) into the GEMM."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    out = compiled().quantized_linear(rows, weight, scale, bias)
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 def moe(
