@@ -26,6 +26,24 @@ def moe_formula(x, gate_up, down, indices, weights):
     return out
 
 
+def activation_rounding_slack(x, gate_up, down, indices, weights):
+    """How far one bf16 rounding step of an expert activation moves each output (T, H): the
+    kernel sums gate/up in float32, which may round a few activations to the neighbouring bf16
+    value of moe_formula's. A missing or wrong product term moves an output about 2^8 times
+    further."""
+    slack = torch.zeros(x.shape, dtype=torch.float64)
+    inter = down.shape[2]
+    for t in range(x.shape[0]):
+        for k in range(indices.shape[1]):
+            e = int(indices[t, k])
+            gate_up_out = gate_up[e].double() @ x[t].double()
+            act = F.silu(gate_up_out[:inter]) * gate_up_out[inter:]
+            step = torch.ldexp(torch.ones_like(act), torch.frexp(act).exponent - 8)
+            largest = (down[e].double().abs() * step).amax(dim=1)
+            slack[t] += weights[t, k].double().abs() * largest
+    return slack
+
+
 def random_routing(tokens, experts, top_k, seed, only=None):
     """Router output for random logits; `only` restricts the choice to those experts."""
     logits = torch.randn(tokens, experts, generator=torch.Generator().manual_seed(seed))

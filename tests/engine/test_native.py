@@ -22,10 +22,10 @@ from olmoe.quantize import (
     quantize_rows,
     unpack_int4,
 )
-from tests.engine.helpers import bf16, moe_formula, random_routing
+from tests.engine.helpers import activation_rounding_slack, bf16, moe_formula, random_routing
 
 pytestmark = pytest.mark.skipif(
-    native.compiled() is None, reason="needs an x86 CPU with AVX-512 BF16/VNNI and a C++ compiler"
+    native.compiled() is None, reason="needs an x86 CPU with AVX-512 BF16/VNNI or AVX2 and a C++ compiler"
 )
 BF16_ULP = dict(rtol=2**-7, atol=1e-6)  # one bf16 rounding of a float32-exact result
 
@@ -71,8 +71,12 @@ def test_moe_matches_float64(tokens, experts, top_k, hidden, inter, only):
     routing = random_routing(tokens, experts, top_k, seed=8, only=only)
     got = native.moe(x, gate_up, down, routing.top_k_indices, routing.top_k_weights)
     expected = moe_formula(x, gate_up, down, routing.top_k_indices, routing.top_k_weights)
+    slack = activation_rounding_slack(
+        x, gate_up, down, routing.top_k_indices, routing.top_k_weights
+    )
     assert got.dtype == torch.bfloat16
-    assert_close(got.double(), expected.bfloat16().double(), rtol=2**-6, atol=1e-4)
+    error = (got.double() - expected.bfloat16().double()).abs()
+    assert (error <= 1e-4 + 2**-6 * expected.abs() + slack).all(), error.max()
 
 
 def test_moe_silu_holds_for_large_and_tiny_gate_values():

@@ -20,13 +20,18 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu.cpp")
-REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni")
-# -fopenmp makes at::parallel_for use threads (without it the kernels run on one core); no
-# -fopenmp at link time, so that the OpenMP runtime is torch's own, not a second one whose
-# threads would fight torch's.
-COMPILER_FLAGS = [
-    "-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni",
-]  # fmt: skip
+HEADERS = ("cpu_layout.h", "cpu_avx512.h", "cpu_avx2.h")  # cpu.cpp includes one back end's
+# The back ends, best first: (CPU flags it needs, compiler flags). cpu.cpp includes the one the
+# compiler flags enable. -fopenmp makes at::parallel_for use threads (without it the kernels run
+# on one core); no -fopenmp at link time, so that the OpenMP runtime is torch's own, not a
+# second one whose threads would fight torch's.
+BACK_ENDS = {
+    "avx512": (
+        ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni"),
+        ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni"],
+    ),
+    "avx2": (("avx2", "fma", "f16c"), ["-O3", "-fopenmp", "-mavx2", "-mfma", "-mf16c"]),
+}  # fmt: skip
 
 
 def cpu_flags() -> set[str]:
@@ -40,19 +45,25 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def back_end() -> str | None:
+    """The best kernel back end this CPU runs ("avx512" or "avx2"), or None."""
+    flags = cpu_flags()
+    return next((name for name, (needs, _) in BACK_ENDS.items() if set(needs) <= flags), None)
+
+
 @functools.cache
 def compiled():
-    """The compiled kernel module, or None where it cannot run here: no AVX-512 BF16/VNNI, no
-    compiler, or OLMOE_KERNELS=0."""
+    """The compiled kernel module, or None where it cannot run here: neither AVX-512 BF16/VNNI
+    nor AVX2 with FMA and F16C, no compiler, or OLMOE_KERNELS=0."""
     if os.environ.get("OLMOE_KERNELS", "1") == "0":
         return None
-    missing = [f for f in REQUIRED_CPU_FLAGS if f not in cpu_flags()]
-    if missing:
+    name = back_end()
+    if name is None:
         return None
-    library = library_path()
-    name, build = library.stem, library.parent
+    library = library_path(name)
+    build = library.parent
     try:
-        return _import(name, library) if library.exists() else _build(name, build, library)
+        return _import(library) if library.exists() else _build(name, build, library)
     except Exception as exc:  # no compiler, no ninja, a failed build: PyTorch still works
         warnings.warn(
             f"olmoe's CPU kernels could not be built ({type(exc).__name__}: {exc}); decoding "
@@ -62,17 +73,22 @@ def compiled():
         return None
 
 
-def library_path() -> Path:
-    """Where the library built from this cpu.cpp, torch and flags lives (it may not exist)."""
+def library_path(name: str) -> Path:
+    """Where the library of back end `name` built from these sources and this torch lives (it
+    may not exist)."""
     from olmoe.assets import cache_dir
 
-    recipe = SOURCE.read_bytes() + torch.__version__.encode() + " ".join(COMPILER_FLAGS).encode()
+    flags = BACK_ENDS[name][1]
+    sources = [SOURCE, *(SOURCE.with_name(header) for header in HEADERS)]
+    recipe = b"".join(path.read_bytes() for path in sources)
+    recipe += torch.__version__.encode() + " ".join(flags).encode()
     digest = hashlib.sha256(recipe).hexdigest()[:12]
-    return cache_dir() / "kernels" / digest / f"olmoe_cpu_{digest}.so"
+    return cache_dir() / "kernels" / digest / f"olmoe_cpu_{name}_{digest}.so"
 
 
 def _build(name: str, build: Path, library: Path):
-    """Compile cpu.cpp into `library`, one process at a time, and return the module.
+    """Compile cpu.cpp with back end `name` into `library`, one process at a time, and return
+    the module.
 
     The lock is an flock, which the OS drops when its holder dies: torch's own build lock is a
     file that a process killed mid-build leaves behind, after which every later build would wait
@@ -85,23 +101,23 @@ def _build(name: str, build: Path, library: Path):
     with open(build / "build.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if library.exists():  # another process built it while this one waited
-            return _import(name, library)
+            return _import(library)
         print("olmoe: compiling the CPU decode kernels (once, about a minute)...", file=sys.stderr)
         staging = build / "staging"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         module = load(
-            name=name, sources=[str(SOURCE)], build_directory=str(staging),
-            extra_cflags=COMPILER_FLAGS, verbose=False,
+            name=library.stem, sources=[str(SOURCE)], build_directory=str(staging),
+            extra_cflags=BACK_ENDS[name][1], verbose=False,
         )  # fmt: skip
         os.replace(staging / library.name, library)
         shutil.rmtree(staging, ignore_errors=True)
         return module
 
 
-def _import(name: str, library: Path):
+def _import(library: Path):
     """Import the built extension module straight from its file: no rebuild check, no lock."""
-    spec = importlib.util.spec_from_file_location(name, library)
+    spec = importlib.util.spec_from_file_location(library.stem, library)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -1,0 +1,486 @@
+// The kernels' AVX2 back end (with FMA and F16C), for CPUs without AVX-512 BF16 (AMD Zen 2 and
+// 3, Intel's client cores): the same interface as cpu_avx512.h, the same integer results and the
+// same bf16 roundings, in 256-bit vectors and without bf16 or VNNI dot products:
+// - bf16: activations widened to float32 once per call; each 16-weight load is widened by two
+//   interleaving unpacks (elements 0-3 and 8-11, then 4-7 and 12-15), so the activations are
+//   stored in that order and the products need no further shuffle.
+// - int8: activations as 16-bit integers q (|q| <= 16383), weights widened to 16 bits; vpmaddwd
+//   sums pairs of exact products into 32 bits.
+// - int4: the packed layout's bytes against int8 activations by vpmaddubsw (unsigned nibble
+//   times signed byte, pairs summed in 16 bits: at most 2 x 15 x 127 per pair, eight pairs per
+//   block without overflow), then vpmaddwd by ones into each group's 32-bit lane.
+#pragma once
+
+#include <immintrin.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "cpu_layout.h"
+
+namespace {
+
+// ------------------------------------------------------------------------- vector helpers
+// Up to 8 values as floats (zero beyond n), from float or bf16 memory.
+inline __m256 load_floats(const float* x, int64_t n) {
+  if (n >= 8) return _mm256_loadu_ps(x);
+  alignas(32) float part[8] = {};
+  std::copy_n(x, std::max<int64_t>(n, 0), part);
+  return _mm256_load_ps(part);
+}
+inline __m256 widen(__m128i bf16s) {  // 8 bf16 -> 8 floats, in order
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bf16s), 16));
+}
+inline __m256 load_floats(const bf16* x, int64_t n) {
+  if (n >= 8) return widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+  alignas(16) bf16 part[8] = {};
+  std::copy_n(x, std::max<int64_t>(n, 0), part);
+  return widen(_mm_load_si128(reinterpret_cast<const __m128i*>(part)));
+}
+
+// 8 floats rounded to bf16, to nearest even (a NaN stays a NaN), as 8 16-bit values in order.
+inline __m128i to_bf16(__m256 x) {
+  const __m256i bits = _mm256_castps_si256(x);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i rounded = _mm256_srli_epi32(
+      _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+  rounded = _mm256_or_si256(rounded, _mm256_and_si256(nan, _mm256_set1_epi32(0x0040)));
+  const __m256i packed = _mm256_packus_epi32(rounded, rounded);  // per 128-bit half
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
+}
+inline void store_bf16(bf16* out, __m256 x, int64_t n) {
+  if (n >= 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), to_bf16(x));
+    return;
+  }
+  alignas(16) bf16 part[8];
+  _mm_store_si128(reinterpret_cast<__m128i*>(part), to_bf16(x));
+  std::copy_n(part, std::max<int64_t>(n, 0), out);
+}
+
+inline float reduce_add(__m256 x) {
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
+}
+inline int64_t reduce_add(__m256i x) {
+  alignas(32) int32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), x);
+  int64_t sum = 0;
+  for (int32_t lane : lanes) sum += lane;
+  return sum;
+}
+inline float reduce_max(__m256 x) {
+  const __m128 half = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  const __m128 pair = _mm_max_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_max_ss(pair, _mm_movehdup_ps(pair)));
+}
+inline __m256 abs_ps(__m256 x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x); }
+
+// e^x as cpu_avx512.h's exp_ps: x = n ln2 + r, e^r by its Taylor polynomial to degree 6, times
+// 2^n built in the exponent bits (2^-127 comes out as 0).
+inline __m256 exp_ps(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.0f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+  for (float c : {1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f})
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  const __m256i power = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(power));
+}
+
+// Rows shorter than a whole number of 16-value chunks: the last chunk comes from a zeroed copy.
+constexpr int64_t kChunk = 16;
+inline int64_t chunks(int64_t k) { return (k + kChunk - 1) / kChunk * kChunk; }
+template <class T>
+inline const T* chunk_at(const T* row, int64_t k, int64_t K, T (&spare)[kChunk]) {
+  if (k + kChunk <= K) return row + k;
+  std::fill(spare, spare + kChunk, T(0));
+  std::copy(row + k, row + K, spare);
+  return spare;
+}
+
+// ------------------------------------------------------------------------- activations
+// Rounded to bf16 (as PyTorch rounds), widened to float32 in the weights' unpack order.
+struct Bf16Activations {
+  std::vector<float> data;  // rows x Kp, zero padded
+  int64_t K = 0, Kp = 0;
+  void resize(int64_t rows, int64_t k) {
+    K = k;
+    Kp = chunks(k);
+    data.assign(rows * Kp, 0.0f);
+  }
+  void set_row(int64_t row, const float* x) {
+    std::vector<bf16> rounded(K);
+    for (int64_t k = 0; k < K; k += 8) store_bf16(rounded.data() + k, load_floats(x + k, K - k), K - k);
+    set_row(row, rounded.data());
+  }
+  void set_row(int64_t row, const bf16* x) {
+    float* out = data.data() + row * Kp;
+    for (int64_t k = 0; k < K; k++) {  // chunk element e goes to the unpacks' position
+      const int64_t e = k % kChunk, base = k - e;
+      const int64_t at = e % 4 + 4 * (e / 8) + 8 * (e % 8 / 4);
+      const uint32_t bits = (uint32_t)x[k] << 16;
+      std::memcpy(out + base + at, &bits, 4);
+    }
+  }
+};
+
+struct Int8Activations {
+  std::vector<int16_t> q;    // rows x Kp: round(x / s), |q| <= 16383, zero padded
+  std::vector<float> scale;  // rows
+  int64_t K = 0, Kp = 0;
+  void resize(int64_t rows, int64_t k) {
+    K = k;
+    Kp = chunks(k);
+    q.assign(rows * Kp, 0);
+    scale.resize(rows);
+  }
+  template <class T>
+  void set_row(int64_t row, const T* x) {
+    __m256 peak = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) peak = _mm256_max_ps(peak, abs_ps(load_floats(x + k, K - k)));
+    const float top = reduce_max(peak);
+    const float s = top > 0.0f ? top / 16383.0f : 1.0f;
+    scale[row] = s;
+    int16_t* out = q.data() + row * Kp;
+    for (int64_t k = 0; k < K; k += 8) {  // nearest even, as cpu_avx512.h rounds
+      alignas(32) int32_t values[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(values),
+                         _mm256_cvtps_epi32(_mm256_div_ps(load_floats(x + k, K - k), _mm256_set1_ps(s))));
+      for (int64_t i = 0; i < 8 && k + i < K; i++) out[k + i] = (int16_t)values[i];
+    }
+  }
+};
+
+struct Int4Activations {
+  std::vector<int8_t> q;        // rows x Kp, in the weights' input order within each block
+  std::vector<float> scale;     // rows x Kp / 32: the group's max |x| / 127
+  std::vector<int32_t> offset;  // rows x Kp / 32: 8 x the sum of the group's q (the nibbles' + 8)
+  int64_t K = 0, Kp = 0;
+  void resize(int64_t rows, int64_t k) {
+    K = k;
+    Kp = int4_padded(k);
+    q.assign(rows * Kp, 0);
+    scale.assign(rows * Kp / kInt4Group, 0.0f);
+    offset.assign(rows * Kp / kInt4Group, 0);
+  }
+  template <class T>
+  void set_row(int64_t row, const T* x) {
+    int8_t* Q = q.data() + row * Kp;
+    const int64_t g0 = row * Kp / kInt4Group;
+    for (int64_t k = 0; k < K; k += kInt4Group) {
+      __m256 v[4], peak = _mm256_setzero_ps();
+      for (int i = 0; i < 4; i++) {
+        v[i] = load_floats(x + k + 8 * i, K - k - 8 * i);
+        peak = _mm256_max_ps(peak, abs_ps(v[i]));
+      }
+      const float top = reduce_max(peak);
+      const float s = top > 0.0f ? top / 127.0f : 1.0f;
+      alignas(32) int32_t values[kInt4Group];
+      int32_t sum = 0;
+      for (int i = 0; i < 4; i++)
+        _mm256_store_si256(reinterpret_cast<__m256i*>(values + 8 * i),
+                           _mm256_cvtps_epi32(_mm256_div_ps(v[i], _mm256_set1_ps(s))));
+      for (int32_t value : values) sum += value;
+      scale[g0 + k / kInt4Group] = s;
+      offset[g0 + k / kInt4Group] = 8 * sum;
+      int8_t* block = Q + k / kInt4Block * kInt4Block;
+      const int64_t lane = k % kInt4Block / kInt4Group;
+      for (int r = 0; r < 8; r++)
+        for (int c = 0; c < 4; c++) block[64 * r + 4 * lane + c] = (int8_t)values[4 * r + c];
+    }
+  }
+};
+
+// ------------------------------------------------------------------------- weights
+// Each matrix's rows<U, NV> and dot<R, NV> (the names gemv calls) compute
+// out[v * ldo + r] = dot(row r, activation row v0 + v) for rows r in [begin, end), v < NV, one
+// row after the other (a single sequential stream per thread); A accumulators per activation row
+// keep enough independent sums in flight with few activation rows.
+template <int NV>
+constexpr int kAccumulators = NV == 1 ? 4 : NV == 2 ? 2 : 1;
+
+// A (rows, K) bf16 matrix; `ld` elements between rows.
+struct Bf16Matrix {
+  using Activations = Bf16Activations;
+  static constexpr int64_t kBitsPerWeight = 16;
+  static constexpr int kWideRows = 1, kSingleUnroll = 1;
+  const bf16* data;
+  int64_t ld;
+
+  template <int U, int NV>
+  void rows(int64_t begin, int64_t end, const Activations& x, int64_t v0, float* out,
+            int64_t ldo) const {
+    constexpr int A = kAccumulators<NV>;
+    const int64_t K = x.K, Kp = x.Kp;
+    const float* X = x.data.data() + v0 * Kp;
+    const __m256i zero = _mm256_setzero_si256();
+    bf16 spare[kChunk];
+    for (int64_t r = begin; r < end; r++) {
+      const bf16* w = data + r * ld;
+      __m256 acc[A][NV];
+      for (int a = 0; a < A; a++)
+        for (int v = 0; v < NV; v++) acc[a][v] = _mm256_setzero_ps();
+      for (int64_t k = 0, j = 0; k < K; k += kChunk, j = (j + 1) % A) {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk_at(w, k, K, spare)));
+        const __m256 low = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, wv));
+        const __m256 high = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, wv));
+        for (int v = 0; v < NV; v++) {
+          const float* xv = X + v * Kp + k;
+          for (int a = 0; a < A; a++)
+            if (a == j) {  // unrolled by the compiler: one accumulator per chunk in turn
+              acc[a][v] = _mm256_fmadd_ps(low, _mm256_loadu_ps(xv), acc[a][v]);
+              acc[a][v] = _mm256_fmadd_ps(high, _mm256_loadu_ps(xv + 8), acc[a][v]);
+            }
+        }
+      }
+      for (int v = 0; v < NV; v++) {
+        __m256 sum = acc[0][v];
+        for (int a = 1; a < A; a++) sum = _mm256_add_ps(sum, acc[a][v]);
+        out[v * ldo + r] = reduce_add(sum);
+      }
+    }
+  }
+  template <int R, int NV>
+  void dot(int64_t begin, int64_t end, const Activations& x, int64_t v0, float* out,
+           int64_t ldo) const {
+    rows<1, NV>(begin, end, x, v0, out, ldo);
+  }
+};
+
+// A (rows, K) int8 matrix with one float scale per row (the row sums are for cpu_avx512.h).
+struct Int8Matrix {
+  using Activations = Int8Activations;
+  static constexpr int64_t kBitsPerWeight = 8;
+  static constexpr int kWideRows = 1, kSingleUnroll = 1;
+  // Values per 32-bit partial sum before it moves to 64 bits: 2 x 127 x 16383 per pair keeps
+  // 4096 inputs (256 pairs per lane) below 2^31.
+  static constexpr int64_t kExactSpan = 4096;
+  const int8_t* data;
+  int64_t ld;
+  const float* scale;
+  const int32_t* row_sum;
+
+  template <int U, int NV>
+  void rows(int64_t begin, int64_t end, const Activations& x, int64_t v0, float* out,
+            int64_t ldo) const {
+    const int64_t K = x.K, Kp = x.Kp;
+    const int16_t* X = x.q.data() + v0 * Kp;
+    int8_t spare[kChunk];
+    for (int64_t r = begin; r < end; r++) {
+      const int8_t* w = data + r * ld;
+      int64_t total[NV] = {};
+      for (int64_t k0 = 0; k0 < K; k0 += kExactSpan) {
+        __m256i acc[NV];
+        for (int v = 0; v < NV; v++) acc[v] = _mm256_setzero_si256();
+        for (int64_t k = k0; k < std::min(K, k0 + kExactSpan); k += kChunk) {
+          const __m256i wv = _mm256_cvtepi8_epi16(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(chunk_at(w, k, K, spare))));
+          for (int v = 0; v < NV; v++)
+            acc[v] = _mm256_add_epi32(
+                acc[v], _mm256_madd_epi16(wv, _mm256_loadu_si256(
+                                                  reinterpret_cast<const __m256i*>(X + v * Kp + k))));
+        }
+        for (int v = 0; v < NV; v++) total[v] += reduce_add(acc[v]);
+      }
+      for (int v = 0; v < NV; v++) out[v * ldo + r] = (float)total[v] * scale[r] * x.scale[v0 + v];
+    }
+  }
+  template <int R, int NV>
+  void dot(int64_t begin, int64_t end, const Activations& x, int64_t v0, float* out,
+           int64_t ldo) const {
+    rows<1, NV>(begin, end, x, v0, out, ldo);
+  }
+};
+
+// A (rows, Kp / 2) packed int4 matrix with (rows, Kp / 32) float16 scales. A 64-byte chunk's
+// two 32-byte halves hold groups 0-7 and 8-15 of the block (byte c: group c / 4).
+struct Int4Matrix {
+  using Activations = Int4Activations;
+  static constexpr int64_t kBitsPerWeight = 4;
+  static constexpr int kWideRows = 1, kSingleUnroll = 1;
+  const uint8_t* data;
+  int64_t ld;  // bytes per row, Kp / 2
+  const c10::Half* scale;
+
+  template <int U, int NV>
+  void rows(int64_t begin, int64_t end, const Activations& x, int64_t v0, float* out,
+            int64_t ldo) const {
+    const int64_t Kp = x.Kp, G = Kp / kInt4Group;
+    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    for (int64_t r = begin; r < end; r++) {
+      const uint8_t* w = data + r * ld;
+      __m256 acc[NV];
+      for (int v = 0; v < NV; v++) acc[v] = _mm256_setzero_ps();
+      for (int64_t b = 0; b < Kp; b += kInt4Block)
+        for (int h = 0; h < 2; h++) {
+          __m256i sums[NV];
+          for (int v = 0; v < NV; v++) sums[v] = _mm256_setzero_si256();
+          for (int p = 0; p < 4; p++) {
+            const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b / 2 + 64 * p + 32 * h));
+            const __m256i lo = _mm256_and_si256(wv, low);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), low);
+            for (int v = 0; v < NV; v++) {
+              const int8_t* q = x.q.data() + (v0 + v) * Kp + b + 32 * h;
+              const __m256i qlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * 2 * p));
+              const __m256i qhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * (2 * p + 1)));
+              sums[v] = _mm256_add_epi16(sums[v], _mm256_maddubs_epi16(lo, qlo));
+              sums[v] = _mm256_add_epi16(sums[v], _mm256_maddubs_epi16(hi, qhi));
+            }
+          }
+          const int64_t group = b / kInt4Group + 8 * h;
+          const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scale + r * G + group)));
+          for (int v = 0; v < NV; v++) {
+            const int64_t g = (v0 + v) * G + group;
+            const __m256i exact = _mm256_sub_epi32(
+                _mm256_madd_epi16(sums[v], ones),
+                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.offset.data() + g)));
+            acc[v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact),
+                                     _mm256_mul_ps(ws, _mm256_loadu_ps(x.scale.data() + g)), acc[v]);
+          }
+        }
+      for (int v = 0; v < NV; v++) out[v * ldo + r] = reduce_add(acc[v]);
+    }
+  }
+  template <int R, int NV>
+  void dot(int64_t begin, int64_t end, const Activations& x, int64_t v0, float* out,
+           int64_t ldo) const {
+    rows<1, NV>(begin, end, x, v0, out, ldo);
+  }
+};
+
+// ------------------------------------------------------------------------- dequantisation
+// Rows of a packed int4 matrix (Kp / 2 bytes and Kp / 32 float16 scales each) as bf16 rows of
+// K values, each bf16(float(q) * float(scale)) as olmoe.quantize.dequantize_int4 rounds: per
+// group, its 16 possible values are computed once and its 32 nibbles look them up.
+inline void dequantize_int4_rows(const uint8_t* data, const c10::Half* scale, int64_t Kp,
+                                 int64_t K, int64_t rows, bf16* out) {
+  for (int64_t row = 0; row < rows; row++)
+    for (int64_t b = 0; b < K; b += kInt4Block) {
+      const uint8_t* block = data + row * (Kp / 2) + b / 2;
+      for (int64_t l = 0; l < kInt4Groups && b + kInt4Group * l < K; l++) {
+        const float s = (float)scale[row * (Kp / kInt4Group) + b / kInt4Group + l];
+        bf16 table[16];
+        for (int n = 0; n < 16; n++) table[n] = c10::BFloat16((float)(n - 8) * s).x;
+        bf16* to = out + row * K + b + kInt4Group * l;
+        const int64_t count = std::min<int64_t>(kInt4Group, K - b - kInt4Group * l);
+        for (int64_t i = 0; i < count; i++) {  // input 4 r + c of the group: register r, byte c
+          const int r = (int)i / 4;
+          const uint8_t byte = block[64 * (r / 2) + 4 * l + i % 4];
+          to[i] = table[r % 2 ? byte >> 4 : byte & 0x0F];
+        }
+      }
+    }
+}
+
+// Rows of an int8 matrix (K values each, one float32 scale per row) as bf16 rows, each value
+// bf16(float(q) * scale) as olmoe.quantize.dequantize_int8 rounds.
+inline void dequantize_int8_rows(const int8_t* q, const float* s, int64_t K, int64_t rows,
+                                 bf16* to) {
+  for (int64_t r = 0; r < rows; r++) {
+    const __m256 row_scale = _mm256_set1_ps(s[r]);
+    for (int64_t k = 0; k < K; k += 8) {
+      alignas(8) int8_t part[8] = {};
+      std::copy_n(q + r * K + k, std::min<int64_t>(8, K - k), part);
+      const __m256 values = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(part))));
+      store_bf16(to + r * K + k, _mm256_mul_ps(values, row_scale), K - k);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------- elementwise
+// out[i] = bf16(x[i] + add[i]) (add may be null), i < n, rounded to nearest even.
+inline void round_to_bf16(const float* x, const float* add, bf16* out, int64_t n) {
+  for (int64_t i = 0; i < n; i += 8) {
+    __m256 value = load_floats(x + i, n - i);
+    if (add) value = _mm256_add_ps(value, load_floats(add + i, n - i));
+    store_bf16(out + i, value, n - i);
+  }
+}
+
+// out[i] = silu(gate[i]) * up[i] = gate * up / (1 + e^-gate), i < n.
+inline void silu_times(const float* gate, const float* up, float* out, int64_t n) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (int64_t r = 0; r < n; r += 8) {
+    const __m256 g = load_floats(gate + r, n - r), u = load_floats(up + r, n - r);
+    const __m256 denominator = _mm256_add_ps(one, exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), g)));
+    alignas(32) float part[8];
+    _mm256_store_ps(part, _mm256_div_ps(_mm256_mul_ps(g, u), denominator));
+    std::copy_n(part, std::min<int64_t>(8, n - r), out + r);
+  }
+}
+
+// One query's attention: out (D) = softmax(query . keys * scale + mask) . values over P cached
+// positions, key/value p at K0 / V0 + p * stride; mask (P) additive or null; score: P floats of
+// scratch.
+inline void attend(const bf16* query, const bf16* K0, int64_t k_stride, const bf16* V0,
+                   int64_t v_stride, int64_t P, int64_t D, float scale, const float* mask,
+                   float* score, bf16* out) {
+  constexpr int64_t kDims = 64;  // output dimensions accumulated in registers per pass over P
+  float peak = -INFINITY;
+  for (int64_t p = 0; p < P; p++) {
+    const bf16* key = K0 + p * k_stride;
+    __m256 dot = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8)
+      dot = _mm256_fmadd_ps(load_floats(query + d, D - d), load_floats(key + d, D - d), dot);
+    score[p] = reduce_add(dot) * scale + (mask ? mask[p] : 0.0f);
+    peak = std::max(peak, score[p]);
+  }
+  float total = 0.0f;
+  for (int64_t p = 0; p < P; p += 8) {
+    alignas(32) float part[8];
+    _mm256_store_ps(part, exp_ps(_mm256_sub_ps(load_floats(score + p, P - p), _mm256_set1_ps(peak))));
+    for (int64_t i = 0; i < 8 && p + i < P; i++) total += score[p + i] = part[i];
+  }
+  for (int64_t p = 0; p < P; p++) score[p] /= total;
+  for (int64_t d0 = 0; d0 < D; d0 += kDims) {
+    __m256 acc[kDims / 8];
+    for (auto& a : acc) a = _mm256_setzero_ps();
+    for (int64_t p = 0; p < P; p++) {
+      const bf16* value = V0 + p * v_stride + d0;
+      const __m256 w = _mm256_set1_ps(score[p]);
+      for (int64_t c = 0; c < kDims / 8 && d0 + 8 * c < D; c++)
+        acc[c] = _mm256_fmadd_ps(w, load_floats(value + 8 * c, D - d0 - 8 * c), acc[c]);
+    }
+    for (int64_t c = 0; c < kDims / 8 && d0 + 8 * c < D; c++)
+      store_bf16(out + d0 + 8 * c, acc[c], D - d0 - 8 * c);
+  }
+}
+
+// out[i] = bf16(float(a[i]) + float(b[i])), i < n.
+inline void add_to_bf16(const bf16* a, const bf16* b, bf16* out, int64_t n) {
+  for (int64_t i = 0; i < n; i += 8)
+    store_bf16(out + i, _mm256_add_ps(load_floats(a + i, n - i), load_floats(b + i, n - i)), n - i);
+}
+
+// A checksum of 64-byte lines [b, e) of p (64-byte aligned), read with four loads in flight.
+inline int64_t xor_lines(const uint8_t* bytes, int64_t b, int64_t e) {
+  const __m256i* p = reinterpret_cast<const __m256i*>(bytes);
+  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t i = b;
+  for (; i + 2 <= e; i += 2) {
+    a0 = _mm256_xor_si256(a0, _mm256_load_si256(p + 2 * i));
+    a1 = _mm256_xor_si256(a1, _mm256_load_si256(p + 2 * i + 1));
+    a2 = _mm256_xor_si256(a2, _mm256_load_si256(p + 2 * i + 2));
+    a3 = _mm256_xor_si256(a3, _mm256_load_si256(p + 2 * i + 3));
+  }
+  for (; i < e; i++) {
+    a0 = _mm256_xor_si256(a0, _mm256_load_si256(p + 2 * i));
+    a1 = _mm256_xor_si256(a1, _mm256_load_si256(p + 2 * i + 1));
+  }
+  const __m256i a = _mm256_xor_si256(_mm256_xor_si256(a0, a1), _mm256_xor_si256(a2, a3));
+  alignas(32) int64_t lanes[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), a);
+  return lanes[0] + lanes[1] + lanes[2] + lanes[3];
+}
+
+}  // namespace
