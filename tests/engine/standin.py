@@ -1,8 +1,8 @@
 """A PyTorch stand-in for the compiled kernels (olmoe/engine/cpu.cpp): the same functions, the
 same arguments in the same order, the same results as far as plain PyTorch gives them.
 
-The engine's tests run on it where the real kernels cannot (a CPU without AVX-512 BF16, no
-compiler), so that the engine's wiring — which call goes native, what it is handed, in which
+The engine's tests run on it where the real kernels cannot (a CPU with neither AVX-512 BF16 nor
+AVX2, no compiler), so that the engine's wiring — which call goes native, what it is handed, in which
 order, and what happens when the kernel refuses — is tested on every machine. Where the real
 kernels run, the same tests run on them instead. Each op here is built from the same PyTorch
 steps as the per-module path, so that the one-call decode step equals it bit for bit, as the
@@ -34,6 +34,13 @@ def linear(rows, weight, bias=None, scale=None, row_sum=None):
 
 def quantized_linear(rows, weight, scale, bias=None):
     return F.linear(rows, _dequantize(weight, scale, rows.shape[-1]), bias)
+
+
+def prefill_linear(rows, weight, bias=None):
+    return F.linear(rows.float(), weight.float(), None if bias is None else bias.float()).bfloat16()
+
+
+bf16_gemm = True  # as on a CPU with bf16 instructions: the engine leaves bf16 GEMMs to PyTorch
 
 
 def rms_norm(rows, weight, eps):

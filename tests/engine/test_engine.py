@@ -183,7 +183,7 @@ def test_kernels_stay_out_of_training_and_float32():
         assert not layers.streams(big, weight)  # a prefill: a GEMM
 
 
-def test_experts_run_side_by_side_only_for_bf16_with_threads(two_threads):
+def test_experts_run_side_by_side_only_for_bf16_with_threads(monkeypatch, two_threads):
     weight, x = bf16(4, 8, 16), bf16(5, 16)
     assert layers.side_by_side(x, weight)
     assert not layers.side_by_side(x.float(), weight.float())
@@ -194,8 +194,31 @@ def test_experts_run_side_by_side_only_for_bf16_with_threads(two_threads):
         assert layers.side_by_side(x, quantised)
         assert not layers.side_by_side(x.requires_grad_(), quantised)  # no backward here
         x = x.detach()
-    torch.set_num_threads(1)  # one thread: nothing to run side by side
+    torch.set_num_threads(1)  # one thread: nothing to run side by side...
+    monkeypatch.setattr(native, "bf16_gemm", lambda: True)
     assert not layers.side_by_side(x.detach(), weight)
+    monkeypatch.setattr(native, "bf16_gemm", lambda: False)
+    assert layers.side_by_side(x.detach(), weight)  # ...but PyTorch would emulate bf16 there
+
+
+def test_prefill_gemms_go_native_in_float32_only_where_bf16_gemms_are_emulated(monkeypatch):
+    """Without bf16 instructions (the AVX2 back end) a prefill's bf16 linear layers and router
+    multiply natively in float32; elsewhere they stay oneDNN's bf16 GEMMs. Both give the
+    reference's logits."""
+    model = tiny_model(seed=11).bfloat16().eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(ids).logits
+    engine.apply(model)
+    for emulated in (False, True):
+        monkeypatch.setattr(native, "bf16_gemm", lambda e=emulated: not e)
+        calls = count_calls(monkeypatch, ["prefill_linear"])
+        with torch.no_grad():
+            got = model(ids).logits
+        layers_count = model.config.num_hidden_layers
+        # q, k, v, o and the router per layer, and the LM head
+        assert calls["prefill_linear"] == (5 * layers_count + 1 if emulated else 0)
+        assert_close(got.float(), expected.float(), rtol=2**-6, atol=2**-6)
 
 
 # ---------------------------------------------------------------------------- decoding

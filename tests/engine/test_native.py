@@ -53,6 +53,17 @@ def test_linear_keeps_leading_dimensions():
     assert_close(native.linear(x, weight), F.linear(x, weight), rtol=2**-7, atol=1e-3)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows, out_features, in_features", [(40, 96, 200), (17, 33, 64)])
+def test_prefill_linear_matches_float64(rows, out_features, in_features, bias):
+    x, weight = bf16(rows, in_features, seed=1), bf16(out_features, in_features, seed=2)
+    add = bf16(out_features, seed=3) if bias else None
+    got = native.prefill_linear(x, weight, add)
+    expected = x.double() @ weight.double().T + (add.double() if bias else 0)
+    assert got.dtype == torch.bfloat16
+    assert_close(got.double(), expected, **BF16_ULP)
+
+
 @pytest.mark.parametrize(
     "tokens, experts, top_k, hidden, inter, only",
     [

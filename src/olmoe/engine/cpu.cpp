@@ -369,6 +369,25 @@ void for_each_group(const torch::Tensor& counts, int64_t rows, const F& f) {
   });
 }
 
+// out = x @ w (+ bias), into `out` (a view may be): oneDNN's GEMM, unless the operands are bf16
+// and the back end has no bf16 GEMM (kBf16Gemm): without bf16 instructions oneDNN emulates
+// bf16 products hundreds of times slower than float32 ones (docs/inference.md), so there the
+// operands are widened to float32 (exactly) and the float32 sums rounded once into `out`, as
+// a bf16 GEMM rounds them.
+void gemm_out(torch::Tensor out, const torch::Tensor& x, const torch::Tensor& w,
+                const torch::Tensor& bias = {}) {
+  if (kBf16Gemm || x.scalar_type() != torch::kBFloat16) {
+    if (bias.defined()) {
+      at::addmm_out(out, bias, x, w);
+    } else {
+      at::mm_out(out, x, w);
+    }
+    return;
+  }
+  const auto wide = [](const torch::Tensor& t) { return t.to(torch::kFloat32); };
+  out.copy_(bias.defined() ? at::addmm(wide(bias), wide(x), wide(w)) : at::mm(wide(x), wide(w)));
+}
+
 // Weight rows per tile of a quantised product: a tile dequantised to bf16 (at most 2 MB) stays
 // in the core's caches for the GEMM that reads it, where a whole dequantised matrix (8 MB) would
 // go out to memory and back; 1 MB tiles (this L2's size on AMD's Zen 4) were slower, each GEMM
@@ -404,11 +423,7 @@ void quantized_tile(const torch::Tensor& x, const torch::Tensor& weight, const t
   dequantize_tile(weight, scale, e, r0, rows, K, reinterpret_cast<bf16*>(buffer.data_ptr()));
   auto part = out.narrow(1, r0, rows);
   const auto tile = buffer.narrow(0, 0, rows * K).view({rows, K}).t();
-  if (bias.defined()) {
-    at::addmm_out(part, bias.narrow(0, r0, rows), x, tile);
-  } else {
-    at::mm_out(part, x, tile);
-  }
+  gemm_out(part, x, tile, bias.defined() ? bias.narrow(0, r0, rows) : bias);
 }
 
 // x (n, K) bf16 @ weight[e]^T into out (n, N) bf16, on the calling thread: bf16 weights by one
@@ -418,7 +433,7 @@ void expert_product(const torch::Tensor& x, const torch::Tensor& weight,
                     const c10::optional<torch::Tensor>& scale, int64_t e, torch::Tensor out) {
   const auto type = weight.scalar_type();
   if (type != torch::kByte && type != torch::kChar) {
-    at::mm_out(out, x, weight[e].t());
+    gemm_out(out, x, weight[e].t());
     return;
   }
   const int64_t K = x.size(1), N = weight.size(1), tile = tile_rows(N, K);
@@ -510,7 +525,7 @@ torch::Tensor grouped_weight_grad(torch::Tensor grad, torch::Tensor x, torch::Te
   auto out = torch::zeros({counts.size(0), grad.size(1), x.size(1)}, x.options());
   for_each_group(counts, x.size(0), [&](int64_t e, int64_t first, int64_t n) {
     auto slice = out[e];
-    at::mm_out(slice, grad.narrow(0, first, n).t(), x.narrow(0, first, n));
+    gemm_out(slice, grad.narrow(0, first, n).t(), x.narrow(0, first, n));
   });
   return out;
 }
@@ -793,6 +808,28 @@ torch::Tensor quantized_linear(torch::Tensor x, torch::Tensor weight, torch::Ten
   return out;
 }
 
+// y (T, N) = x (T, K) @ weight (N, K)^T (+ bias) for many bf16 rows and a bf16 weight, by the
+// back end's GEMM (see gemm_out): the engine calls it where that is not oneDNN's bf16 GEMM.
+torch::Tensor prefill_linear(torch::Tensor x, torch::Tensor weight,
+                             c10::optional<torch::Tensor> bias) {
+  check(x, "x", 2, torch::kBFloat16);
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kBFloat16 &&
+                  weight.device().is_cpu(),
+              "weight must be a 2-d bf16 CPU tensor (any layout)");
+  TORCH_CHECK(weight.size(1) == x.size(1), "x has ", x.size(1), " features, weight takes ",
+              weight.size(1));
+  torch::Tensor add;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == weight.size(0), "bias has ", bias->numel(), " entries for ",
+                weight.size(0), " outputs");
+    add = bias->to(torch::kBFloat16);
+  }
+  auto out = torch::empty({x.size(0), weight.size(0)}, x.options());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in for_each_group
+  gemm_out(out, x, weight.t(), add);
+  return out;
+}
+
 // Reads `buffer` once with 512-bit loads on all threads; returns a checksum so that the reads
 // cannot be optimised away. The benchmark times it to measure the memory read bandwidth.
 int64_t read_all(torch::Tensor buffer) {
@@ -820,5 +857,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of a few bf16 rows");
   m.def("decode_attention", &decode_attention, "one query per sequence over the KV cache");
   m.def("decode_layers", &decode_layers, "every decoder layer for one new token per sequence");
+  m.def("prefill_linear", &prefill_linear, "x @ weight.T (+ bias) by the back end's GEMM");
   m.def("read_all", &read_all, "read a buffer once (memory bandwidth probe)");
+  m.attr("bf16_gemm") = kBf16Gemm;  // whether bf16 products go to oneDNN as they are
 }

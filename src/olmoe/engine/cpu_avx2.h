@@ -23,6 +23,9 @@
 
 namespace {
 
+// oneDNN emulates bf16 products here: cpu.cpp's gemm_out widens them to float32.
+constexpr bool kBf16Gemm = false;
+
 // ------------------------------------------------------------------------- vector helpers
 // Up to 8 values as floats (zero beyond n), from float or bf16 memory.
 inline __m256 load_floats(const float* x, int64_t n) {

@@ -14,6 +14,8 @@
 
 namespace {
 
+constexpr bool kBf16Gemm = true;  // oneDNN multiplies bf16 with the same instructions
+
 // ------------------------------------------------------------------------- vector helpers
 inline __mmask16 first(int64_t n) {
   return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);

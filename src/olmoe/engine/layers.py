@@ -12,6 +12,9 @@ This is the one place that decides which path runs. The rules:
   function of grouped GEMMs (bf16 weights).
 - A prefill's int4 linear layers (the attention projections) are dequantised natively, then
   one GEMM each.
+- On a CPU without bf16 instructions (the AVX2 back end), where PyTorch emulates bf16 GEMMs, a
+  prefill's bf16 linear layers and the router go native to be multiplied in float32 (the
+  experts' GEMMs do so inside their native pass).
 - Everything else (float32, float16, other activations, attention probabilities asked for) is
   the reference code itself.
 
@@ -79,6 +82,19 @@ def prefill_sized(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
     )
 
 
+def widened(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether a bf16 GEMM (a prefill's linear layer) goes native to be multiplied in float32:
+    on CPUs where PyTorch's bf16 GEMMs are emulated (native.bf16_gemm), bf16 operands on the
+    CPU, no gradient."""
+    return (
+        weight.dtype == torch.bfloat16
+        and prefill_sized(x, bias)
+        and weight.device.type == "cpu"
+        and not records_grad(weight)
+        and not native.bf16_gemm()
+    )
+
+
 def small_bf16(x: torch.Tensor) -> bool:
     """Whether an activation-only op (a norm, one query's attention) on `x` goes native."""
     return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled()
@@ -86,12 +102,13 @@ def small_bf16(x: torch.Tensor) -> bool:
 
 def side_by_side(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether an expert's GEMMs run one expert per thread: bf16 activations on the CPU with
-    more than one thread, and bf16 weights, or quantised ones without a gradient."""
+    more than one thread (or any number where the native pass multiplies in float32 and
+    PyTorch would emulate bf16), and bf16 weights, or quantised ones without a gradient."""
     return (
         x.dtype == torch.bfloat16
         and (weight.dtype == torch.bfloat16 or (weight.dtype in QUANTIZED and not records_grad(x)))
         and x.device.type == "cpu"
-        and torch.get_num_threads() > 1
+        and (torch.get_num_threads() > 1 or not native.bf16_gemm())  # one thread: see `widened`
     )
 
 
@@ -134,6 +151,8 @@ class CpuLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if streams(x, self.weight):
             return native.linear(x, self.weight, self.bias)
+        if widened(x, self.weight, self.bias):
+            return native.prefill_linear(x, self.weight, self.bias)
         return super().forward(x)
 
 
@@ -148,6 +167,8 @@ class CpuRouter(OlmoeRouter):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         if streams(x, self.weight):  # oneDNN is at its slowest at this narrow shape
             return native.linear(x, self.weight)
+        if widened(x, self.weight, None):
+            return native.prefill_linear(x, self.weight)
         return super().logits(x)
 
 

@@ -149,6 +149,23 @@ def quantized_linear(
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
+def prefill_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`F.linear` for many bf16 rows and a bf16 weight through float32's GEMM, rounded once (as
+    a bf16 GEMM rounds): for CPUs whose bf16 GEMMs are emulated (see `bf16_gemm`)."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    out = compiled().prefill_linear(rows, weight, bias)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def bf16_gemm() -> bool:
+    """Whether this back end hands bf16 GEMMs to oneDNN as they are: false for AVX2, where
+    oneDNN emulates bf16 products hundreds of times slower than float32 ones and the kernels
+    multiply in float32 instead (and so must the engine's prefill linear layers)."""
+    return compiled().bf16_gemm
+
+
 def moe(
     x: torch.Tensor,
     gate_up: torch.Tensor,
