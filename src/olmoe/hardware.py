@@ -7,10 +7,11 @@ between them (docs/training.md#precision):
   times faster than float32. oneDNN, behind torch's matmuls, uses them itself; a process must
   first ask Linux for the tiles' register state (arch_prctl ARCH_REQ_XCOMP_PERM), which oneDNN
   does, and torch.cpu._init_amx does for code of its own. olmoe's native kernels (engine/cpu.cpp)
-  use AVX-512 BF16/VNNI instructions only, which need no such request.
+  use AVX-512 BF16/VNNI (or AVX2) instructions only, which need no such request.
 - AVX-512 BF16 without AMX (AMD EPYC Zen 4 on): bf16 dot-product instructions; bf16 GEMMs run
   about twice as fast as float32 ones.
-- neither (AVX2 only): bf16 is emulated; bf16 GEMMs run far slower than float32.
+- neither (AVX2 only): bf16 is emulated; bf16 GEMMs run far slower than float32 (the engine's
+  AVX2 back end multiplies bf16 operands in float32 instead).
 
 `torch._C._cpu._get_cpu_capability` reads the CPU's feature flags (cpuinfo), the same source
 oneDNN dispatches on.

@@ -495,15 +495,18 @@ def test_command_modules_import_heavy_libraries_only_inside_functions():
     assert not offenders, offenders
 
 
-@pytest.mark.parametrize("native_bf16", [False, True])
+@pytest.mark.parametrize("native_bf16, engine", [(False, False), (True, False), (False, True)])
 def test_a_person_loading_bf16_on_a_cpu_without_bf16_matmul_is_told(
-    checkpoint, monkeypatch, capsys, native_bf16
+    checkpoint, monkeypatch, capsys, native_bf16, engine
 ):
+    """Unless the engine runs the model: it multiplies bf16 in float32 itself there."""
     import argparse
 
+    import olmoe.engine
     from olmoe.cli import common
 
     monkeypatch.setattr(common, "cpu_has_bf16_matmul", lambda: native_bf16)
+    monkeypatch.setattr(olmoe.engine, "applied", lambda model: engine)
     monkeypatch.setattr("sys.stderr.isatty", lambda: True)
     directory = checkpoint[0]
     args = argparse.Namespace(
@@ -511,4 +514,4 @@ def test_a_person_loading_bf16_on_a_cpu_without_bf16_matmul_is_told(
     )
     common.load_model(args)
     note = "--dtype fp32" in capsys.readouterr().err
-    assert note is not native_bf16
+    assert note is not (native_bf16 or engine)

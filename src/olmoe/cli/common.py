@@ -81,12 +81,18 @@ def load_model(args):
     )
     model = olmoe.engine.apply(model)
     tokenizer = Tokenizer.from_pretrained(args.model, revision=args.revision)
-    slow_bf16 = args.dtype == "bf16" and device.type == "cpu" and not cpu_has_bf16_matmul()
+    # The engine multiplies bf16 in float32 itself where PyTorch would emulate bf16 products.
+    slow_bf16 = (
+        args.dtype == "bf16"
+        and device.type == "cpu"
+        and not cpu_has_bf16_matmul()
+        and not olmoe.engine.applied(model)
+    )
     if slow_bf16 and sys.stderr.isatty():  # a note for a person, not for scripts' stderr
         print(
-            "olmoe: this CPU has no bf16 matrix instructions (AVX-512 BF16 or AMX), so bf16 "
-            "matrix products run far slower than float32 here: pass --dtype fp32 if the model "
-            "fits in memory twice over",
+            "olmoe: this CPU has no bf16 matrix instructions (AVX-512 BF16 or AMX) and olmoe's "
+            "CPU engine does not run this model, so bf16 matrix products run far slower than "
+            "float32 here: pass --dtype fp32 if the model fits in memory twice over",
             file=sys.stderr,
         )
     return model, tokenizer, time.perf_counter() - started
