@@ -123,7 +123,8 @@ struct Bf16Activations {
   }
   void set_row(int64_t row, const float* x) {
     std::vector<bf16> rounded(K);
-    for (int64_t k = 0; k < K; k += 8) store_bf16(rounded.data() + k, load_floats(x + k, K - k), K - k);
+    for (int64_t k = 0; k < K; k += 8)
+      store_bf16(rounded.data() + k, load_floats(x + k, K - k), K - k);
     set_row(row, rounded.data());
   }
   void set_row(int64_t row, const bf16* x) {
@@ -150,15 +151,16 @@ struct Int8Activations {
   template <class T>
   void set_row(int64_t row, const T* x) {
     __m256 peak = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; k += 8) peak = _mm256_max_ps(peak, abs_ps(load_floats(x + k, K - k)));
+    for (int64_t k = 0; k < K; k += 8)
+      peak = _mm256_max_ps(peak, abs_ps(load_floats(x + k, K - k)));
     const float top = reduce_max(peak);
     const float s = top > 0.0f ? top / 16383.0f : 1.0f;
     scale[row] = s;
     int16_t* out = q.data() + row * Kp;
     for (int64_t k = 0; k < K; k += 8) {  // nearest even, as cpu_avx512.h rounds
       alignas(32) int32_t values[8];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(values),
-                         _mm256_cvtps_epi32(_mm256_div_ps(load_floats(x + k, K - k), _mm256_set1_ps(s))));
+      const __m256 scaled = _mm256_div_ps(load_floats(x + k, K - k), _mm256_set1_ps(s));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(values), _mm256_cvtps_epi32(scaled));
       for (int64_t i = 0; i < 8 && k + i < K; i++) out[k + i] = (int16_t)values[i];
     }
   }
@@ -205,66 +207,87 @@ struct Int4Activations {
 };
 
 // ------------------------------------------------------------------------- weights
-// Each matrix's rows<U, NV> and dot<R, NV> (the names gemv calls) compute
-// out[v * ldo + r] = dot(row r, activation row v0 + v) for rows r in [begin, end), v < NV, one
-// row after the other (a single sequential stream per thread); A accumulators per activation row
-// keep enough independent sums in flight with few activation rows.
-template <int NV>
-constexpr int kAccumulators = NV == 1 ? 4 : NV == 2 ? 2 : 1;
+// Each matrix's `products<S, NV>(row, ...)` computes out[v * ldo + row[i]] = dot(row row[i],
+// activation row v0 + v) for S rows, v < NV; `split_rows` below feeds it the rows of [begin,
+// end) as the names gemv calls (rows<U, NV>, dot<R, NV>).
+//
+// With one activation row, S = kStreams rows at a time from S separate stretches of the range:
+// S sequential streams, which the prefetchers follow each on its own, keep more reads in flight
+// than one row after the other (as cpu_avx512.h's int4 kernel; docs/inference.md has the
+// measurements). With more activation rows there is enough work per weight byte, and one row at
+// a time leaves the registers to the activation rows' accumulators.
+template <int S, class Matrix, int NV>
+void split_rows(const Matrix& W, int64_t begin, int64_t end,
+                const typename Matrix::Activations& x, int64_t v0, float* out, int64_t ldo) {
+  const int64_t part = (end - begin) / S;
+  int64_t row[S];
+  for (int64_t j = 0; j < part; j++) {
+    for (int i = 0; i < S; i++) row[i] = begin + i * part + j;
+    W.template products<S, NV>(row, x, v0, out, ldo);
+  }
+  for (int64_t r = begin + S * part; r < end; r++) W.template products<1, NV>(&r, x, v0, out, ldo);
+}
 
-// A (rows, K) bf16 matrix; `ld` elements between rows.
-struct Bf16Matrix {
-  using Activations = Bf16Activations;
-  static constexpr int64_t kBitsPerWeight = 16;
-  static constexpr int kWideRows = 1, kSingleUnroll = 1;
-  const bf16* data;
-  int64_t ld;
-
-  template <int U, int NV>
+// gemv's names for the products, the same for every matrix kind.
+template <class Matrix>
+struct SplitRows {
+  template <int U, int NV, class Activations>
   void rows(int64_t begin, int64_t end, const Activations& x, int64_t v0, float* out,
             int64_t ldo) const {
-    constexpr int A = kAccumulators<NV>;
-    const int64_t K = x.K, Kp = x.Kp;
-    const float* X = x.data.data() + v0 * Kp;
-    const __m256i zero = _mm256_setzero_si256();
-    bf16 spare[kChunk];
-    for (int64_t r = begin; r < end; r++) {
-      const bf16* w = data + r * ld;
-      __m256 acc[A][NV];
-      for (int a = 0; a < A; a++)
-        for (int v = 0; v < NV; v++) acc[a][v] = _mm256_setzero_ps();
-      for (int64_t k = 0, j = 0; k < K; k += kChunk, j = (j + 1) % A) {
-        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk_at(w, k, K, spare)));
-        const __m256 low = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, wv));
-        const __m256 high = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, wv));
-        for (int v = 0; v < NV; v++) {
-          const float* xv = X + v * Kp + k;
-          for (int a = 0; a < A; a++)
-            if (a == j) {  // unrolled by the compiler: one accumulator per chunk in turn
-              acc[a][v] = _mm256_fmadd_ps(low, _mm256_loadu_ps(xv), acc[a][v]);
-              acc[a][v] = _mm256_fmadd_ps(high, _mm256_loadu_ps(xv + 8), acc[a][v]);
-            }
-        }
-      }
-      for (int v = 0; v < NV; v++) {
-        __m256 sum = acc[0][v];
-        for (int a = 1; a < A; a++) sum = _mm256_add_ps(sum, acc[a][v]);
-        out[v * ldo + r] = reduce_add(sum);
-      }
-    }
+    split_rows<NV == 1 ? Matrix::kStreams : 1, Matrix, NV>(
+        static_cast<const Matrix&>(*this), begin, end, x, v0, out, ldo);
   }
-  template <int R, int NV>
+  template <int R, int NV, class Activations>
   void dot(int64_t begin, int64_t end, const Activations& x, int64_t v0, float* out,
            int64_t ldo) const {
     rows<1, NV>(begin, end, x, v0, out, ldo);
   }
 };
 
+// A (rows, K) bf16 matrix; `ld` elements between rows.
+struct Bf16Matrix : SplitRows<Bf16Matrix> {
+  using Activations = Bf16Activations;
+  static constexpr int64_t kBitsPerWeight = 16;
+  static constexpr int kWideRows = 1, kSingleUnroll = 1, kStreams = 4;
+  const bf16* data;
+  int64_t ld;
+  Bf16Matrix(const bf16* data, int64_t ld) : data(data), ld(ld) {}
+
+  // Two accumulators per row and activation row (low and high unpacks) keep enough
+  // independent sums in flight.
+  template <int S, int NV>
+  void products(const int64_t* row, const Activations& x, int64_t v0, float* out,
+                int64_t ldo) const {
+    const int64_t K = x.K, Kp = x.Kp;
+    const float* X = x.data.data() + v0 * Kp;
+    const __m256i zero = _mm256_setzero_si256();
+    bf16 spare[kChunk];
+    __m256 acc[S][NV][2];
+    for (int i = 0; i < S; i++)
+      for (int v = 0; v < NV; v++) acc[i][v][0] = acc[i][v][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += kChunk)
+      for (int i = 0; i < S; i++) {
+        const bf16* w = chunk_at(data + row[i] * ld, k, K, spare);
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+        const __m256 low = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, wv));
+        const __m256 high = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, wv));
+        for (int v = 0; v < NV; v++) {
+          const float* xv = X + v * Kp + k;
+          acc[i][v][0] = _mm256_fmadd_ps(low, _mm256_loadu_ps(xv), acc[i][v][0]);
+          acc[i][v][1] = _mm256_fmadd_ps(high, _mm256_loadu_ps(xv + 8), acc[i][v][1]);
+        }
+      }
+    for (int i = 0; i < S; i++)
+      for (int v = 0; v < NV; v++)
+        out[v * ldo + row[i]] = reduce_add(_mm256_add_ps(acc[i][v][0], acc[i][v][1]));
+  }
+};
+
 // A (rows, K) int8 matrix with one float scale per row (the row sums are for cpu_avx512.h).
-struct Int8Matrix {
+struct Int8Matrix : SplitRows<Int8Matrix> {
   using Activations = Int8Activations;
   static constexpr int64_t kBitsPerWeight = 8;
-  static constexpr int kWideRows = 1, kSingleUnroll = 1;
+  static constexpr int kWideRows = 1, kSingleUnroll = 1, kStreams = 4;
   // Values per 32-bit partial sum before it moves to 64 bits: 2 x 127 x 16383 per pair keeps
   // 4096 inputs (256 pairs per lane) below 2^31.
   static constexpr int64_t kExactSpan = 4096;
@@ -272,92 +295,93 @@ struct Int8Matrix {
   int64_t ld;
   const float* scale;
   const int32_t* row_sum;
+  Int8Matrix(const int8_t* data, int64_t ld, const float* scale, const int32_t* row_sum)
+      : data(data), ld(ld), scale(scale), row_sum(row_sum) {}
 
-  template <int U, int NV>
-  void rows(int64_t begin, int64_t end, const Activations& x, int64_t v0, float* out,
-            int64_t ldo) const {
+  template <int S, int NV>
+  void products(const int64_t* row, const Activations& x, int64_t v0, float* out,
+                int64_t ldo) const {
     const int64_t K = x.K, Kp = x.Kp;
     const int16_t* X = x.q.data() + v0 * Kp;
     int8_t spare[kChunk];
-    for (int64_t r = begin; r < end; r++) {
-      const int8_t* w = data + r * ld;
-      int64_t total[NV] = {};
-      for (int64_t k0 = 0; k0 < K; k0 += kExactSpan) {
-        __m256i acc[NV];
-        for (int v = 0; v < NV; v++) acc[v] = _mm256_setzero_si256();
-        for (int64_t k = k0; k < std::min(K, k0 + kExactSpan); k += kChunk) {
-          const __m256i wv = _mm256_cvtepi8_epi16(
-              _mm_loadu_si128(reinterpret_cast<const __m128i*>(chunk_at(w, k, K, spare))));
-          for (int v = 0; v < NV; v++)
-            acc[v] = _mm256_add_epi32(
-                acc[v], _mm256_madd_epi16(wv, _mm256_loadu_si256(
-                                                  reinterpret_cast<const __m256i*>(X + v * Kp + k))));
+    int64_t total[S][NV] = {};
+    for (int64_t k0 = 0; k0 < K; k0 += kExactSpan) {
+      __m256i acc[S][NV];
+      for (int i = 0; i < S; i++)
+        for (int v = 0; v < NV; v++) acc[i][v] = _mm256_setzero_si256();
+      for (int64_t k = k0; k < std::min(K, k0 + kExactSpan); k += kChunk)
+        for (int i = 0; i < S; i++) {
+          const int8_t* w = chunk_at(data + row[i] * ld, k, K, spare);
+          const __m256i wv =
+              _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+          for (int v = 0; v < NV; v++) {
+            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X + v * Kp + k));
+            acc[i][v] = _mm256_add_epi32(acc[i][v], _mm256_madd_epi16(wv, xv));
+          }
         }
-        for (int v = 0; v < NV; v++) total[v] += reduce_add(acc[v]);
-      }
-      for (int v = 0; v < NV; v++) out[v * ldo + r] = (float)total[v] * scale[r] * x.scale[v0 + v];
+      for (int i = 0; i < S; i++)
+        for (int v = 0; v < NV; v++) total[i][v] += reduce_add(acc[i][v]);
     }
-  }
-  template <int R, int NV>
-  void dot(int64_t begin, int64_t end, const Activations& x, int64_t v0, float* out,
-           int64_t ldo) const {
-    rows<1, NV>(begin, end, x, v0, out, ldo);
+    for (int i = 0; i < S; i++)
+      for (int v = 0; v < NV; v++)
+        out[v * ldo + row[i]] = (float)total[i][v] * scale[row[i]] * x.scale[v0 + v];
   }
 };
 
 // A (rows, Kp / 2) packed int4 matrix with (rows, Kp / 32) float16 scales. A 64-byte chunk's
 // two 32-byte halves hold groups 0-7 and 8-15 of the block (byte c: group c / 4).
-struct Int4Matrix {
+struct Int4Matrix : SplitRows<Int4Matrix> {
   using Activations = Int4Activations;
   static constexpr int64_t kBitsPerWeight = 4;
-  static constexpr int kWideRows = 1, kSingleUnroll = 1;
+  static constexpr int kWideRows = 1, kSingleUnroll = 1, kStreams = 3;
   const uint8_t* data;
   int64_t ld;  // bytes per row, Kp / 2
   const c10::Half* scale;
+  Int4Matrix(const uint8_t* data, int64_t ld, const c10::Half* scale)
+      : data(data), ld(ld), scale(scale) {}
 
-  template <int U, int NV>
-  void rows(int64_t begin, int64_t end, const Activations& x, int64_t v0, float* out,
-            int64_t ldo) const {
+  template <int S, int NV>
+  void products(const int64_t* row, const Activations& x, int64_t v0, float* out,
+                int64_t ldo) const {
     const int64_t Kp = x.Kp, G = Kp / kInt4Group;
     const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    for (int64_t r = begin; r < end; r++) {
-      const uint8_t* w = data + r * ld;
-      __m256 acc[NV];
-      for (int v = 0; v < NV; v++) acc[v] = _mm256_setzero_ps();
-      for (int64_t b = 0; b < Kp; b += kInt4Block)
-        for (int h = 0; h < 2; h++) {
+    __m256 acc[S][NV];
+    for (int i = 0; i < S; i++)
+      for (int v = 0; v < NV; v++) acc[i][v] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < Kp; b += kInt4Block)
+      for (int h = 0; h < 2; h++) {
+        const int64_t group = b / kInt4Group + 8 * h;
+        for (int i = 0; i < S; i++) {
+          const uint8_t* w = data + row[i] * ld + b / 2 + 32 * h;
           __m256i sums[NV];
           for (int v = 0; v < NV; v++) sums[v] = _mm256_setzero_si256();
           for (int p = 0; p < 4; p++) {
-            const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b / 2 + 64 * p + 32 * h));
+            const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * p));
             const __m256i lo = _mm256_and_si256(wv, low);
             const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), low);
             for (int v = 0; v < NV; v++) {
-              const int8_t* q = x.q.data() + (v0 + v) * Kp + b + 32 * h;
-              const __m256i qlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * 2 * p));
-              const __m256i qhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * (2 * p + 1)));
+              const int8_t* q = x.q.data() + (v0 + v) * Kp + b + 32 * h + 128 * p;
+              const __m256i qlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+              const __m256i qhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64));
               sums[v] = _mm256_add_epi16(sums[v], _mm256_maddubs_epi16(lo, qlo));
               sums[v] = _mm256_add_epi16(sums[v], _mm256_maddubs_epi16(hi, qhi));
             }
           }
-          const int64_t group = b / kInt4Group + 8 * h;
-          const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scale + r * G + group)));
+          const __m256 ws = _mm256_cvtph_ps(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(scale + row[i] * G + group)));
           for (int v = 0; v < NV; v++) {
             const int64_t g = (v0 + v) * G + group;
             const __m256i exact = _mm256_sub_epi32(
                 _mm256_madd_epi16(sums[v], ones),
                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.offset.data() + g)));
-            acc[v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact),
-                                     _mm256_mul_ps(ws, _mm256_loadu_ps(x.scale.data() + g)), acc[v]);
+            acc[i][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact),
+                                        _mm256_mul_ps(ws, _mm256_loadu_ps(x.scale.data() + g)),
+                                        acc[i][v]);
           }
         }
-      for (int v = 0; v < NV; v++) out[v * ldo + r] = reduce_add(acc[v]);
-    }
-  }
-  template <int R, int NV>
-  void dot(int64_t begin, int64_t end, const Activations& x, int64_t v0, float* out,
-           int64_t ldo) const {
-    rows<1, NV>(begin, end, x, v0, out, ldo);
+      }
+    for (int i = 0; i < S; i++)
+      for (int v = 0; v < NV; v++) out[v * ldo + row[i]] = reduce_add(acc[i][v]);
   }
 };
 
@@ -394,7 +418,8 @@ inline void dequantize_int8_rows(const int8_t* q, const float* s, int64_t K, int
     for (int64_t k = 0; k < K; k += 8) {
       alignas(8) int8_t part[8] = {};
       std::copy_n(q + r * K + k, std::min<int64_t>(8, K - k), part);
-      const __m256 values = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(part))));
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(part));
+      const __m256 values = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
       store_bf16(to + r * K + k, _mm256_mul_ps(values, row_scale), K - k);
     }
   }
@@ -441,7 +466,8 @@ inline void attend(const bf16* query, const bf16* K0, int64_t k_stride, const bf
   float total = 0.0f;
   for (int64_t p = 0; p < P; p += 8) {
     alignas(32) float part[8];
-    _mm256_store_ps(part, exp_ps(_mm256_sub_ps(load_floats(score + p, P - p), _mm256_set1_ps(peak))));
+    const __m256 shifted = _mm256_sub_ps(load_floats(score + p, P - p), _mm256_set1_ps(peak));
+    _mm256_store_ps(part, exp_ps(shifted));
     for (int64_t i = 0; i < 8 && p + i < P; i++) total += score[p + i] = part[i];
   }
   for (int64_t p = 0; p < P; p++) score[p] /= total;
