@@ -69,7 +69,8 @@ def _machine_line(data: dict) -> str:
     probes = []
     if "matmul" in data:
         shape = " x ".join(str(n) for n in data["matmul"].get("shape_mkn", []))
-        probes.append(f"bf16 GEMM {data['matmul']['gflop_s']:.0f} GFLOP/s ({shape}, M x K x N)")
+        dtype = {"bfloat16": "bf16", "float32": "float32"}[data["matmul"].get("dtype", "bfloat16")]
+        probes.append(f"{dtype} GEMM {data['matmul']['gflop_s']:.0f} GFLOP/s ({shape}, M x K x N)")
     if "bandwidth" in data:
         probes.append(f"memory read {data['bandwidth']['gb_s']:.1f} GB/s")
     if probes:

@@ -206,7 +206,9 @@ def test_prefill_gemms_go_native_in_float32_only_where_bf16_gemms_are_emulated(m
     multiply natively in float32; elsewhere they stay oneDNN's bf16 GEMMs. Both give the
     reference's logits."""
     model = tiny_model(seed=11).bfloat16().eval()
-    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(
+        0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1)
+    )
     with torch.no_grad():
         expected = model(ids).logits
     engine.apply(model)

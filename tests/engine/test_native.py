@@ -25,7 +25,8 @@ from olmoe.quantize import (
 from tests.engine.helpers import activation_rounding_slack, bf16, moe_formula, random_routing
 
 pytestmark = pytest.mark.skipif(
-    native.compiled() is None, reason="needs an x86 CPU with AVX-512 BF16/VNNI or AVX2 and a C++ compiler"
+    native.compiled() is None,
+    reason="needs an x86 CPU with AVX-512 BF16/VNNI or AVX2 and a C++ compiler",
 )
 BF16_ULP = dict(rtol=2**-7, atol=1e-6)  # one bf16 rounding of a float32-exact result
 

@@ -115,13 +115,20 @@ def read_bandwidth_gb_s(repeats: int = 5) -> dict:
 
 
 def matmul_gflop_s(repeats: int = 10) -> dict:
-    """Best bf16 GEMM rate of torch (oneDNN) at prefill size: the compute limit for prefill."""
+    """Best GEMM rate of torch (oneDNN) at prefill size, the compute limit for prefill: in bf16
+    where the CPU multiplies bf16 natively, else in float32, which is what olmoe's engine
+    multiplies a bf16 model's prefill in there (PyTorch's emulated bf16 GEMM is no limit)."""
     m, k, n = MATMUL_SHAPE
+    dtype = torch.bfloat16 if matrix_units() != "none" else torch.float32
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(m, k, generator=generator).to(torch.bfloat16)
-    b = torch.randn(k, n, generator=generator).to(torch.bfloat16)
+    a = torch.randn(m, k, generator=generator).to(dtype)
+    b = torch.randn(k, n, generator=generator).to(dtype)
     seconds = engines.best_seconds(lambda: torch.mm(a, b), repeats)
-    return {"gflop_s": 2 * m * k * n / seconds / 1e9, "shape_mkn": list(MATMUL_SHAPE)}
+    return {
+        "gflop_s": 2 * m * k * n / seconds / 1e9,
+        "shape_mkn": list(MATMUL_SHAPE),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
 
 
 # ---------------------------------------------------------------------------- limits
@@ -505,7 +512,8 @@ def print_report(report: dict, config: OlmoeConfig) -> None:
         f"median of {report['repeats']}"
     )
     print(
-        f"read bandwidth {report['bandwidth']['gb_s']:.1f} GB/s, bf16 matmul "
+        f"read bandwidth {report['bandwidth']['gb_s']:.1f} GB/s, "
+        f"{report['matmul'].get('dtype', 'bfloat16')} matmul "
         f"{report['matmul']['gflop_s']:.0f} GFLOP/s ({'x'.join(map(str, MATMUL_SHAPE))} MKN); "
         "(%) = share of the limit in the engine's weight format"
     )
@@ -553,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     errors.update({n: "not installed" for n in names if not engines.available(n)})
 
     print(
-        f"measuring read bandwidth ({BANDWIDTH_BUFFER_BYTES >> 30} GiB buffer) and bf16 matmul "
+        f"measuring read bandwidth ({BANDWIDTH_BUFFER_BYTES >> 30} GiB buffer) and the matmul rate "
         f"with {args.threads} threads ...",
         flush=True,
     )

@@ -5,15 +5,15 @@
 `apply` swaps the class of each module that has a faster CPU version (linear layers, RMSNorm,
 the router, attention, the experts, their int8 forms, and the decoder stack) for an engine
 subclass with the same parameters and checkpoint keys. Those subclasses send the calls that
-native kernels (AVX-512 BF16/VNNI, or AVX2) do well to them (see olmoe/engine/layers.py for which calls) and run one
-decode step's layers in one native call (olmoe/engine/decode.py); every other call goes to the
-reference code they inherit. They compute what the reference computes, in bf16 with float32
+native kernels (AVX-512 BF16/VNNI, or AVX2) do well to them (see olmoe/engine/layers.py for
+which calls) and run one decode step's layers in one native call (olmoe/engine/decode.py);
+every other call goes to the reference code they inherit. They compute what the reference computes, in bf16 with float32
 sums; tests/engine compares each path with the reference.
 
 `generate`, the command line, the server, evaluation and the trainer apply it themselves.
-Where it cannot run (neither AVX-512 BF16/VNNI nor AVX2, no compiler, or OLMOE_KERNELS=0), and for a model
-with any of the paper's design switches off the released architecture, `apply` changes
-nothing; `remove` gives the reference modules back.
+Where it cannot run (neither AVX-512 BF16/VNNI nor AVX2, no compiler, or OLMOE_KERNELS=0), and
+for a model with any of the paper's design switches off the released architecture, `apply`
+changes nothing; `remove` gives the reference modules back.
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ HEADERS = ("cpu_layout.h", "cpu_avx512.h", "cpu_avx2.h")  # cpu.cpp includes one
 BACK_ENDS = {
     "avx512": (
         ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni"),
-        ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni"],
+        ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16",
+         "-mavx512vnni"],
     ),
     "avx2": (("avx2", "fma", "f16c"), ["-O3", "-fopenmp", "-mavx2", "-mfma", "-mf16c"]),
 }  # fmt: skip
