@@ -388,23 +388,43 @@ struct Int4Matrix : SplitRows<Int4Matrix> {
 // ------------------------------------------------------------------------- dequantisation
 // Rows of a packed int4 matrix (Kp / 2 bytes and Kp / 32 float16 scales each) as bf16 rows of
 // K values, each bf16(float(q) * float(scale)) as olmoe.quantize.dequantize_int4 rounds: per
-// group, its 16 possible values are computed once and its 32 nibbles look them up.
+// group, its 16 possible values are computed once, split into a table of their low bytes and
+// one of their high bytes, and its 32 nibbles look both up (vpshufb). Group l's inputs 4r ..
+// 4r + 3 are the nibbles of dword l of register r: the low, then the high nibbles of the four
+// 64-byte chunks' dword l.
 inline void dequantize_int4_rows(const uint8_t* data, const c10::Half* scale, int64_t Kp,
                                  int64_t K, int64_t rows, bf16* out) {
+  const __m256 negative = _mm256_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1);
+  const __m256 positive = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m128i bytes_apart = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  const __m128i nibble = _mm_set1_epi8(0x0F);
   for (int64_t row = 0; row < rows; row++)
     for (int64_t b = 0; b < K; b += kInt4Block) {
       const uint8_t* block = data + row * (Kp / 2) + b / 2;
       for (int64_t l = 0; l < kInt4Groups && b + kInt4Group * l < K; l++) {
-        const float s = (float)scale[row * (Kp / kInt4Group) + b / kInt4Group + l];
-        bf16 table[16];
-        for (int n = 0; n < 16; n++) table[n] = c10::BFloat16((float)(n - 8) * s).x;
-        bf16* to = out + row * K + b + kInt4Group * l;
-        const int64_t count = std::min<int64_t>(kInt4Group, K - b - kInt4Group * l);
-        for (int64_t i = 0; i < count; i++) {  // input 4 r + c of the group: register r, byte c
-          const int r = (int)i / 4;
-          const uint8_t byte = block[64 * (r / 2) + 4 * l + i % 4];
-          to[i] = table[r % 2 ? byte >> 4 : byte & 0x0F];
+        const int64_t g = row * (Kp / kInt4Group) + b / kInt4Group + l;
+        const __m256 s = _mm256_set1_ps((float)scale[g]);
+        const __m128i first = _mm_shuffle_epi8(to_bf16(_mm256_mul_ps(negative, s)), bytes_apart);
+        const __m128i second = _mm_shuffle_epi8(to_bf16(_mm256_mul_ps(positive, s)), bytes_apart);
+        const __m128i low_bytes = _mm_unpacklo_epi64(first, second);
+        const __m128i high_bytes = _mm_unpackhi_epi64(first, second);
+        int32_t dwords[4];
+        for (int p = 0; p < 4; p++) std::memcpy(dwords + p, block + 64 * p + 4 * l, 4);
+        const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(dwords));
+        const __m128i lo = _mm_and_si128(packed, nibble);
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), nibble);
+        alignas(16) bf16 values[kInt4Group];
+        const __m128i indices[2] = {_mm_unpacklo_epi32(lo, hi), _mm_unpackhi_epi32(lo, hi)};
+        for (int half = 0; half < 2; half++) {
+          const __m128i l8 = _mm_shuffle_epi8(low_bytes, indices[half]);
+          const __m128i h8 = _mm_shuffle_epi8(high_bytes, indices[half]);
+          _mm_store_si128(reinterpret_cast<__m128i*>(values + 16 * half),
+                          _mm_unpacklo_epi8(l8, h8));
+          _mm_store_si128(reinterpret_cast<__m128i*>(values + 16 * half + 8),
+                          _mm_unpackhi_epi8(l8, h8));
         }
+        const int64_t count = std::min<int64_t>(kInt4Group, K - b - kInt4Group * l);
+        std::copy_n(values, count, out + row * K + b + kInt4Group * l);
       }
     }
 }
