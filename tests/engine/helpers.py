@@ -16,14 +16,19 @@ def bf16(*shape, scale=1.0, seed=0):
 def moe_formula(x, gate_up, down, indices, weights):
     """float64 experts, the activation rounded to bf16 where the kernel rounds it."""
     out = torch.zeros(x.shape, dtype=torch.float64)
-    inter = down.shape[2]
+    for t, e, weight, act in _expert_activations(x, gate_up, indices, weights):
+        out[t] += weight * (down[e].double() @ act.bfloat16().double())
+    return out
+
+
+def _expert_activations(x, gate_up, indices, weights):
+    """(token, expert, routing weight, float64 SiLU activation) for every routing slot."""
+    inter = gate_up.shape[1] // 2
     for t in range(x.shape[0]):
         for k in range(indices.shape[1]):
             e = int(indices[t, k])
             gate_up_out = gate_up[e].double() @ x[t].double()
-            act = F.silu(gate_up_out[:inter]) * gate_up_out[inter:]
-            out[t] += weights[t, k].double() * (down[e].double() @ act.bfloat16().double())
-    return out
+            yield t, e, weights[t, k].double(), F.silu(gate_up_out[:inter]) * gate_up_out[inter:]
 
 
 def activation_rounding_slack(x, gate_up, down, indices, weights):
@@ -32,15 +37,9 @@ def activation_rounding_slack(x, gate_up, down, indices, weights):
     value of moe_formula's. A missing or wrong product term moves an output about 2^8 times
     further."""
     slack = torch.zeros(x.shape, dtype=torch.float64)
-    inter = down.shape[2]
-    for t in range(x.shape[0]):
-        for k in range(indices.shape[1]):
-            e = int(indices[t, k])
-            gate_up_out = gate_up[e].double() @ x[t].double()
-            act = F.silu(gate_up_out[:inter]) * gate_up_out[inter:]
-            step = torch.ldexp(torch.ones_like(act), torch.frexp(act).exponent - 8)
-            largest = (down[e].double().abs() * step).amax(dim=1)
-            slack[t] += weights[t, k].double().abs() * largest
+    for t, e, weight, act in _expert_activations(x, gate_up, indices, weights):
+        step = torch.ldexp(torch.ones_like(act), torch.frexp(act).exponent - 8)
+        slack[t] += weight.abs() * (down[e].double().abs() * step).amax(dim=1)
     return slack
 
 

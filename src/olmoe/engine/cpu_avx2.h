@@ -122,17 +122,22 @@ struct Bf16Activations {
     data.assign(rows * Kp, 0.0f);
   }
   void set_row(int64_t row, const float* x) {
-    std::vector<bf16> rounded(K);
-    for (int64_t k = 0; k < K; k += 8)
-      store_bf16(rounded.data() + k, load_floats(x + k, K - k), K - k);
-    set_row(row, rounded.data());
+    for (int64_t k = 0; k < K; k += 8) {
+      alignas(16) bf16 rounded[8];
+      store_bf16(rounded, load_floats(x + k, K - k), 8);
+      put(row, k, rounded, std::min<int64_t>(8, K - k));
+    }
   }
-  void set_row(int64_t row, const bf16* x) {
+  void set_row(int64_t row, const bf16* x) { put(row, 0, x, K); }
+
+ private:
+  // Values [k, k + n) of row `row`: chunk element e goes to the unpacks' position.
+  void put(int64_t row, int64_t k, const bf16* values, int64_t n) {
     float* out = data.data() + row * Kp;
-    for (int64_t k = 0; k < K; k++) {  // chunk element e goes to the unpacks' position
-      const int64_t e = k % kChunk, base = k - e;
+    for (int64_t i = 0; i < n; i++) {
+      const int64_t e = (k + i) % kChunk, base = k + i - e;
       const int64_t at = e % 4 + 4 * (e / 8) + 8 * (e % 8 / 4);
-      const uint32_t bits = (uint32_t)x[k] << 16;
+      const uint32_t bits = (uint32_t)values[i] << 16;
       std::memcpy(out + base + at, &bits, 4);
     }
   }
@@ -166,22 +171,9 @@ struct Int8Activations {
   }
 };
 
-struct Int4Activations {
-  std::vector<int8_t> q;        // rows x Kp, in the weights' input order within each block
-  std::vector<float> scale;     // rows x Kp / 32: the group's max |x| / 127
-  std::vector<int32_t> offset;  // rows x Kp / 32: 8 x the sum of the group's q (the nibbles' + 8)
-  int64_t K = 0, Kp = 0;
-  void resize(int64_t rows, int64_t k) {
-    K = k;
-    Kp = int4_padded(k);
-    q.assign(rows * Kp, 0);
-    scale.assign(rows * Kp / kInt4Group, 0.0f);
-    offset.assign(rows * Kp / kInt4Group, 0);
-  }
+struct Int4Activations : Int4ActivationRows {
   template <class T>
   void set_row(int64_t row, const T* x) {
-    int8_t* Q = q.data() + row * Kp;
-    const int64_t g0 = row * Kp / kInt4Group;
     for (int64_t k = 0; k < K; k += kInt4Group) {
       __m256 v[4], peak = _mm256_setzero_ps();
       for (int i = 0; i < 4; i++) {
@@ -190,18 +182,17 @@ struct Int4Activations {
       }
       const float top = reduce_max(peak);
       const float s = top > 0.0f ? top / 127.0f : 1.0f;
-      alignas(32) int32_t values[kInt4Group];
-      int32_t sum = 0;
+      alignas(32) int32_t q32[kInt4Group];
       for (int i = 0; i < 4; i++)
-        _mm256_store_si256(reinterpret_cast<__m256i*>(values + 8 * i),
+        _mm256_store_si256(reinterpret_cast<__m256i*>(q32 + 8 * i),
                            _mm256_cvtps_epi32(_mm256_div_ps(v[i], _mm256_set1_ps(s))));
-      for (int32_t value : values) sum += value;
-      scale[g0 + k / kInt4Group] = s;
-      offset[g0 + k / kInt4Group] = 8 * sum;
-      int8_t* block = Q + k / kInt4Block * kInt4Block;
-      const int64_t lane = k % kInt4Block / kInt4Group;
-      for (int r = 0; r < 8; r++)
-        for (int c = 0; c < 4; c++) block[64 * r + 4 * lane + c] = (int8_t)values[4 * r + c];
+      int8_t values[kInt4Group];
+      int32_t sum = 0;
+      for (int i = 0; i < kInt4Group; i++) {  // |q| <= 127
+        values[i] = (int8_t)q32[i];
+        sum += q32[i];
+      }
+      put_group(row, k, values, s, sum);
     }
   }
 };

@@ -257,22 +257,9 @@ struct Int8Matrix {
 };
 
 
-struct Int4Activations {
-  std::vector<int8_t> q;        // rows x Kp, in the weights' input order within each block
-  std::vector<float> scale;     // rows x Kp / 32: the group's max |x| / 127
-  std::vector<int32_t> offset;  // rows x Kp / 32: 8 x the sum of the group's q (the nibbles' + 8)
-  int64_t K = 0, Kp = 0;
-  void resize(int64_t rows, int64_t k) {
-    K = k;
-    Kp = int4_padded(k);
-    q.assign(rows * Kp, 0);
-    scale.assign(rows * Kp / kInt4Group, 0.0f);
-    offset.assign(rows * Kp / kInt4Group, 0);
-  }
+struct Int4Activations : Int4ActivationRows {
   template <class T>
   void set_row(int64_t row, const T* x) {
-    int8_t* Q = q.data() + row * Kp;
-    const int64_t g0 = row * Kp / kInt4Group;
     for (int64_t k = 0; k < K; k += kInt4Group) {
       const __m512 a = load_floats(x + k, K - k), b = load_floats(x + k + 16, K - k - 16);
       const float top = std::max(_mm512_reduce_max_ps(_mm512_abs_ps(a)),
@@ -280,14 +267,10 @@ struct Int4Activations {
       const float s = top > 0.0f ? top / 127.0f : 1.0f;
       const __m512i qa = _mm512_cvtps_epi32(_mm512_div_ps(a, _mm512_set1_ps(s)));
       const __m512i qb = _mm512_cvtps_epi32(_mm512_div_ps(b, _mm512_set1_ps(s)));
-      scale[g0 + k / kInt4Group] = s;
-      offset[g0 + k / kInt4Group] = 8 * _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
       int8_t values[kInt4Group];
       _mm_storeu_si128(reinterpret_cast<__m128i*>(values), _mm512_cvtsepi32_epi8(qa));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(values + 16), _mm512_cvtsepi32_epi8(qb));
-      int8_t* block = Q + k / kInt4Block * kInt4Block;
-      const int64_t lane = k % kInt4Block / kInt4Group;
-      for (int r = 0; r < 8; r++) std::memcpy(block + 64 * r + 4 * lane, values + 4 * r, 4);
+      put_group(row, k, values, s, _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)));
     }
   }
 };
