@@ -16,6 +16,7 @@ from torch import nn
 from olmoe.cache import KVCache
 from olmoe.config import OlmoeConfig
 from olmoe.errors import InputError
+from olmoe.head_loss import causal_lm_loss, causal_lm_loss_from_hidden
 from olmoe.moe import (
     OlmoeExperts,
     OlmoeMLP,
@@ -490,6 +491,7 @@ class OlmoeForCausalLM(OlmoePreTrainedModel):
         num_logits_to_keep: int | torch.Tensor = 0,
         logits_to_keep: int | torch.Tensor | None = None,
         output_routing: bool = False,
+        skip_logits: bool = False,
     ) -> MoeCausalLMOutputWithPast | tuple:
         """`num_logits_to_keep`: 0 computes logits at every position, n > 0 at the last n only
         (generation needs one), a tensor of indices at those positions. `logits_to_keep` is the
@@ -498,7 +500,13 @@ class OlmoeForCausalLM(OlmoePreTrainedModel):
         `output_routing=True` returns each layer's RouterOutput as `routing` and adds nothing
         to the loss. `output_router_logits=True` is transformers' switch: the router logits, and
         its auxiliary loss (`switch_aux_loss`) as `aux_loss`, added to `loss` with
-        `router_aux_loss_coef` when labels are given."""
+        `router_aux_loss_coef` when labels are given.
+
+        `skip_logits=True` (with labels) returns the loss without the (B, L, V) logits: the LM
+        head and the cross-entropy run a chunk of positions at a time
+        (olmoe.head_loss), and `logits` is None. Training needs only the loss."""
+        if skip_logits and labels is None:
+            raise InputError("skip_logits=True needs labels: without them there is nothing to return")
         if logits_to_keep is not None:
             num_logits_to_keep = logits_to_keep
         if output_router_logits is None:
@@ -521,11 +529,15 @@ class OlmoeForCausalLM(OlmoePreTrainedModel):
             hidden = hidden[:, num_logits_to_keep]
         elif num_logits_to_keep:
             hidden = hidden[:, -num_logits_to_keep:]
-        logits = self.logits_from_hidden(hidden)  # (B, L or kept, V)
-
-        loss = aux_loss = None
-        if labels is not None:
-            loss = causal_lm_loss(logits, labels)
+        loss = aux_loss = logits = None
+        if skip_logits and _plain_head(self.lm_head):
+            loss = causal_lm_loss_from_hidden(hidden, self.lm_head.weight, labels)
+        else:
+            logits = self.logits_from_hidden(hidden)  # (B, L or kept, V)
+            if labels is not None:
+                loss = causal_lm_loss(logits, labels)
+            if skip_logits:
+                logits = None
         if output_router_logits:
             aux_loss = switch_aux_loss(
                 base.routing,
@@ -560,19 +572,7 @@ class OlmoeForCausalLM(OlmoePreTrainedModel):
         return self.lm_head(hidden)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy in float32: position t predicts labels[t + 1]; -100 is ignored.
-
-    The targets are shifted, not the logits: slicing (B, L, V) logits makes autograd allocate
-    and fill a logits-sized gradient buffer, which at OLMoE's 50k vocabulary was a tenth of a
-    small model's training step. The last position has no target and is ignored.
-    """
-    if labels.shape != logits.shape[:2]:
-        raise InputError(
-            f"labels shape {tuple(labels.shape)} must match the logits' (batch, length) "
-            f"{tuple(logits.shape[:2])}: compute logits at every position to get a loss"
-        )
-    targets = F.pad(labels[:, 1:].to(logits.device), (0, 1), value=-100)  # (B, L)
-    return F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
-    )
+def _plain_head(head: nn.Module) -> bool:
+    """Whether the LM head is a bias-free linear layer with a float weight (not a quantised
+    one), which olmoe.head_loss can multiply by itself."""
+    return isinstance(head, nn.Linear) and head.bias is None

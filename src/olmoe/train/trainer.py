@@ -34,7 +34,6 @@ from olmoe import engine
 from olmoe.errors import ConfigError
 from olmoe.fileio import write_atomic
 from olmoe.hardware import training_precision
-from olmoe.model import causal_lm_loss
 from olmoe.train import distributed, state
 from olmoe.train.config import TrainConfig
 from olmoe.train.lock import RunLock
@@ -304,8 +303,10 @@ class Trainer:
     def _losses(self, batch: torch.Tensor):
         cfg = self.config.loss
         with self._autocast():
-            out = self.model(input_ids=batch, output_routing=True, use_cache=False)
-        ce = causal_lm_loss(out.logits, batch)
+            out = self.model(
+                input_ids=batch, labels=batch, skip_logits=True, output_routing=True, use_cache=False
+            )
+        ce = out.loss
         lb = megablocks_lb_loss(out.routing)
         z = router_z_loss(out.routing, per_slot=cfg.z_loss_per_slot)
         total = ce + cfg.lb_coef * lb + cfg.z_coef * z
@@ -412,9 +413,9 @@ class Trainer:
         for _ in range(self.eval_batches):
             batch = loader.next_batch().to(env.device)
             with self._autocast():
-                logits = self.model(input_ids=batch, use_cache=False).logits
+                loss = self.model(input_ids=batch, labels=batch, skip_logits=True, use_cache=False).loss
             targets = batch[:, 1:].numel()
-            sums[0] += causal_lm_loss(logits, batch).double().cpu() * targets
+            sums[0] += loss.double().cpu() * targets
             if unigram is not None:
                 sums[1] -= unigram[batch[:, 1:].cpu()].sum()
             sums[2] += targets

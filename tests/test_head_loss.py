@@ -1,0 +1,152 @@
+"""The LM head's cross-entropy chunk by chunk (olmoe.head_loss) against float64 formulas and
+against the unfused path it replaces."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from olmoe import head_loss
+from olmoe.errors import InputError
+from olmoe.head_loss import causal_lm_loss, causal_lm_loss_from_hidden, linear_cross_entropy
+from tests.conftest import tiny_model
+
+VOCAB, WIDTH = 37, 8
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 3 rows at VOCAB, so that every test crosses chunk borders and ends on a
+    partial chunk."""
+    monkeypatch.setattr(head_loss, "_CHUNK_BYTES", 3 * 4 * VOCAB)
+    assert head_loss.chunk_rows(VOCAB) == 3
+
+
+def _problem(rows=10, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, WIDTH, generator=generator)
+    weight = torch.randn(VOCAB, WIDTH, generator=generator)
+    targets = torch.randint(0, VOCAB, (rows,), generator=generator)
+    targets[[1, 7]] = head_loss.IGNORE_INDEX
+    return hidden, weight, targets
+
+
+def _float64_reference(hidden, weight, targets):
+    """Loss and both gradients from the definition: mean over kept rows of log-sum-exp minus
+    the target's logit; d/dlogits = (softmax - onehot) / kept rows."""
+    h, w = hidden.double(), weight.double()
+    logits = h @ w.T
+    keep = targets != head_loss.IGNORE_INDEX
+    safe = torch.where(keep, targets, 0)
+    terms = torch.logsumexp(logits, -1) - logits.gather(1, safe[:, None]).squeeze(1)
+    count = keep.sum()
+    loss = terms[keep].sum() / count
+    delta = torch.softmax(logits, -1) - F.one_hot(safe, VOCAB).double()
+    delta = delta * keep[:, None] / count
+    return loss, delta @ w, delta.T @ h
+
+
+def test_loss_and_gradients_equal_the_float64_formula(small_chunks):
+    hidden, weight, targets = _problem()
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    loss = linear_cross_entropy(hidden, weight, targets)
+    (3.0 * loss).backward()  # the incoming gradient scales both
+    ref_loss, ref_hidden, ref_weight = _float64_reference(hidden.detach(), weight.detach(), targets)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(hidden.grad.double(), 3.0 * ref_hidden, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(weight.grad.double(), 3.0 * ref_weight, rtol=1e-5, atol=1e-7)
+
+
+def test_equals_pytorchs_cross_entropy_without_gradients(small_chunks):
+    hidden, weight, targets = _problem(rows=11, seed=1)
+    with torch.no_grad():
+        ours = linear_cross_entropy(hidden, weight, targets)
+    reference = F.cross_entropy(hidden @ weight.T, targets, ignore_index=head_loss.IGNORE_INDEX)
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=0)
+
+
+def test_no_targets_is_nan_as_in_cross_entropy():
+    hidden, weight, targets = _problem()
+    targets[:] = head_loss.IGNORE_INDEX
+    assert math.isnan(linear_cross_entropy(hidden, weight, targets).item())
+    assert math.isnan(F.cross_entropy(hidden @ weight.T, targets).item())
+
+
+def test_bf16_autocast_rounds_the_logits_as_the_unfused_head(small_chunks):
+    hidden, weight, targets = _problem(rows=12, seed=2)
+    results = []
+    for fused in (True, False):
+        h = hidden.clone().requires_grad_()
+        w = weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if fused:
+                loss = linear_cross_entropy(h, w, targets)
+            else:
+                loss = F.cross_entropy((h @ w.T).float(), targets, ignore_index=-100)
+        loss.backward()
+        results.append((loss, h.grad, w.grad))
+    (loss, h_grad, w_grad), (ref_loss, ref_h_grad, ref_w_grad) = results
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)  # same bf16 logits
+    assert h_grad.dtype == torch.float32 and w_grad.dtype == torch.float32
+    # The gradients' products round to bf16 in both, the weight's once per chunk here: within a
+    # few bf16 steps of the largest entry.
+    for ours, reference in ((h_grad, ref_h_grad), (w_grad, ref_w_grad)):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=2**-6 * reference.abs().max().item())
+
+
+def test_causal_lm_loss_equals_the_sliced_logits_formula_and_its_gradient():
+    logits = torch.randn(2, 5, 11, requires_grad=True)
+    ids = torch.randint(0, 11, (2, 5))
+    ids[1, 2] = -100  # an ignored label
+    ours = causal_lm_loss(logits, ids)
+    (grad_ours,) = torch.autograd.grad(ours, logits)
+    reference = F.cross_entropy(
+        logits[:, :-1].reshape(-1, 11), ids[:, 1:].reshape(-1), ignore_index=-100
+    )
+    (grad_ref,) = torch.autograd.grad(reference, logits)
+    torch.testing.assert_close(ours, reference)
+    torch.testing.assert_close(grad_ours, grad_ref)
+
+
+def test_causal_loss_from_hidden_equals_the_loss_of_the_logits(small_chunks):
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 6, WIDTH, generator=generator)
+    weight = torch.randn(VOCAB, WIDTH, generator=generator)
+    labels = torch.randint(0, VOCAB, (2, 6), generator=generator)
+    labels[0, 3] = -100
+    ours = causal_lm_loss_from_hidden(hidden, weight, labels)
+    torch.testing.assert_close(ours, causal_lm_loss(hidden @ weight.T, labels), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("loss", [causal_lm_loss, causal_lm_loss_from_hidden])
+def test_labels_of_another_shape_are_refused(loss):
+    outputs = torch.randn(2, 6, WIDTH)
+    arguments = (outputs, torch.randn(VOCAB, WIDTH)) if loss is causal_lm_loss_from_hidden else (outputs,)
+    with pytest.raises(InputError, match=r"labels shape \(2, 5\) must match"):
+        loss(*arguments, torch.zeros(2, 5, dtype=torch.long))
+
+
+def test_the_model_skips_its_logits_and_returns_the_same_loss_and_gradients(small_chunks):
+    model = tiny_model(vocab_size=VOCAB).train()
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(4))
+    outputs = {}
+    for skip in (False, True):
+        model.zero_grad()
+        out = model(input_ids=ids, labels=ids, skip_logits=skip)
+        out.loss.backward()
+        outputs[skip] = out, {n: p.grad.clone() for n, p in model.named_parameters()}
+    (fused, fused_grads), (plain, plain_grads) = outputs[True], outputs[False]
+    assert fused.logits is None and plain.logits is not None
+    torch.testing.assert_close(fused.loss, plain.loss, rtol=1e-6, atol=0)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_skip_logits_without_labels_says_what_is_missing():
+    with pytest.raises(InputError, match="skip_logits=True needs labels"):
+        tiny_model()(input_ids=torch.zeros(1, 3, dtype=torch.long), skip_logits=True)
