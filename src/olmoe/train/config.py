@@ -193,6 +193,9 @@ class LossSection:
 @dataclass
 class TrainSection:
     max_steps: int = 1_200_000
+    # A time budget for the training steps (evaluation, checkpoints and start-up not counted):
+    # after the first steps are timed, max_steps is lowered once to what fits (olmoe.train.budget)
+    max_minutes: float | None = None
     global_batch_tokens: int = 4_194_304  # pretraining: per optimizer step, all ranks
     global_batch_examples: int = 128  # sft, dpo, kto: examples (pairs) per optimizer step
     micro_batch_size: int = 4  # instances per forward pass on one rank
@@ -205,6 +208,10 @@ class TrainSection:
 
     def validate(self) -> None:
         _require(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
+        _require(
+            self.max_minutes is None or self.max_minutes > 0,
+            f"train.max_minutes must be > 0 (or null for no time budget), got {self.max_minutes}",
+        )
         _require(
             self.global_batch_tokens >= 1,
             f"train.global_batch_tokens must be >= 1, got {self.global_batch_tokens}",

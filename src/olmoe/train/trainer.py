@@ -35,6 +35,7 @@ from olmoe.errors import ConfigError
 from olmoe.fileio import write_atomic
 from olmoe.hardware import training_precision
 from olmoe.train import distributed, state
+from olmoe.train.budget import CALIBRATION_STEPS, steps_that_fit, typical_step_seconds
 from olmoe.train.config import TrainConfig
 from olmoe.train.lock import RunLock
 from olmoe.train.losses import (
@@ -215,6 +216,10 @@ class Trainer:
 
         cfg, env = self.config, self.env
         self.step, self.tokens_seen = 0, 0
+        self.max_steps = cfg.train.max_steps  # lowered once to fit train.max_minutes
+        self.budget_fitted = False
+        self.train_seconds = 0.0  # in training steps, over the whole run (resumes included)
+        self.step_seconds: list[float] = []  # this process's steps, until the budget is fitted
         init_checkpoint = None
         if self.resume_from is not None:
             model = OlmoeForCausalLM.from_pretrained(
@@ -248,6 +253,9 @@ class Trainer:
             self.loader.load_state_dict(saved["data"])
             state.restore_rng(self.resume_from, env)
             self.step, self.tokens_seen = saved["step"], saved["tokens"]
+            self.train_seconds = saved.get("train_seconds", 0.0)
+            if saved.get("budget_max_steps") is not None:
+                self.max_steps, self.budget_fitted = saved["budget_max_steps"], True
         elif init_checkpoint is not None:
             state.load_optimizer(init_checkpoint, self.model, self.optimizer)
 
@@ -324,7 +332,7 @@ class Trainer:
     def train_step(self) -> dict:
         cfg, env = self.config, self.env
         self.step += 1
-        lr = learning_rate(self.step, cfg.optim.lr, cfg.schedule, cfg.train.max_steps)
+        lr = learning_rate(self.step, cfg.optim.lr, cfg.schedule, self.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         started = time.perf_counter()
@@ -343,6 +351,9 @@ class Trainer:
         if env.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
+        self.train_seconds += seconds
+        if not self.budget_fitted:
+            self.step_seconds.append(seconds)
 
         reduced = torch.cat([sums, routing.reshape(-1)]).to(env.device)
         reduced = distributed.all_reduce_sum(reduced, env).cpu()
@@ -442,7 +453,7 @@ class Trainer:
         cfg, env = self.config, self.env
         show = self.progress is not False and env.is_main
         bar = tqdm(
-            total=cfg.train.max_steps,
+            total=self.max_steps,
             initial=self.step,
             desc="Training",
             unit="step",
@@ -452,12 +463,20 @@ class Trainer:
         tokenizer = self._tokenizer()
         val = unigram = None
         with bar:
-            while self.step < cfg.train.max_steps:
+            while self.step < self.max_steps:
                 record = self.train_step()
                 self._log(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 bar.update(1)
-                last = self.step == cfg.train.max_steps
+                fitted = self._fit_to_budget()
+                if fitted is not None:
+                    self._log(fitted)
+                    bar.total = self.max_steps
+                    bar.write(
+                        f"step {self.step}: at {fitted['step_seconds']:.2f} s a step, "
+                        f"{cfg.train.max_minutes:g} minutes of training end at step {self.max_steps}"
+                    )
+                last = self.step == self.max_steps
                 if self.eval_batches and (
                     last or (cfg.eval.every and self.step % cfg.eval.every == 0)
                 ):
@@ -487,8 +506,29 @@ class Trainer:
             sample = _sample(exported, tokenizer, cfg.eval.sample_prompt, cfg.eval.sample_tokens)
         return TrainResult(self.run_dir, self.step, self.tokens_seen, val, unigram, sample)
 
+    def _fit_to_budget(self) -> dict | None:
+        """Once enough steps are timed, lower max_steps to what fits in train.max_minutes
+        (every rank the same: the ranks' mean step time); returns the decision to log."""
+        minutes = self.config.train.max_minutes
+        if minutes is None or self.budget_fitted or len(self.step_seconds) < CALIBRATION_STEPS:
+            return None
+        timing = torch.tensor(
+            [typical_step_seconds(self.step_seconds)], dtype=torch.float64, device=self.env.device
+        )
+        per_step = float(distributed.all_reduce_sum(timing, self.env)) / self.env.world_size
+        steps = steps_that_fit(minutes * 60, self.train_seconds, per_step)
+        self.max_steps = max(self.step, min(self.max_steps, self.step + steps))
+        self.budget_fitted = True
+        return {"step": self.step, "max_steps": self.max_steps, "step_seconds": per_step}
+
     def save(self, tokenizer=None) -> Path:
-        record = {"step": self.step, "tokens": self.tokens_seen, "data": self.loader.state_dict()}
+        record = {
+            "step": self.step,
+            "tokens": self.tokens_seen,
+            "data": self.loader.state_dict(),
+            "train_seconds": self.train_seconds,
+            "budget_max_steps": self.max_steps if self.budget_fitted else None,
+        }
         return state.save_checkpoint(
             self.run_dir,
             self.model,
