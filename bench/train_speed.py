@@ -1,18 +1,22 @@
 """Training throughput: olmoe against transformers' OlmoeForCausalLM on the same model and batch.
 
-One training step = forward, backward and an AdamW step under bf16 autocast over fp32 weights.
+One training step = forward, backward and an AdamW step, in the precision `olmoe train` picks
+here (`--precision auto`: bf16 autocast over fp32 weights where the CPU multiplies bf16
+natively, float32 elsewhere), for both models.
 Both models get the same random weights (olmoe's, saved and read back by transformers) and the
 same token batch; each is built, warmed up and timed in a fresh process of its own (one model's
 weights, gradients and AdamW state at a time; olmoe's process set up as `olmoe train` sets it
 up, glibc keeping freed memory, and transformers' left as a user's script leaves it), in
 A B A B order so that a change in the machine's load hits both. Reports the median step time
-per engine and the ratio.
+per engine, the ratio, and each step's share of the machine's matmul rate in that precision
+(6 multiply-adds' worth per active weight and token, plus causal attention).
 
     .venv/bin/python bench/train_speed.py              # the mid-size shape of reference.md
     .venv/bin/python bench/train_speed.py --shape small --steps 3
+    .venv/bin/python bench/train_speed.py --shape quickstart --batch 8 --seq 256
 
-olmoe's step is what `olmoe train` runs (olmoe.train.losses: CE + 0.01 LB + 0.001 Z, and its
-fused AdamW); transformers' is its own `loss` (CE + 0.01 aux_loss) with output_router_logits=True
+olmoe's step is what `olmoe train` runs (the LM head's cross-entropy without logits,
+olmoe.head_loss, + 0.01 LB + 0.001 Z from olmoe.train.losses, and its fused AdamW); transformers' is its own `loss` (CE + 0.01 aux_loss) with output_router_logits=True
 and PyTorch's default AdamW.
 """
 
@@ -26,11 +30,14 @@ import sys
 import tempfile
 import time
 
+import contextlib
+
 import torch
 
 from olmoe import OlmoeConfig, OlmoeForCausalLM
 from olmoe import engine as olmoe_engine
-from olmoe.model import causal_lm_loss
+from olmoe.benchmarks.cpu_inference import matmul_gflop_s
+from olmoe.hardware import training_precision
 from olmoe.train.config import OptimSection
 from olmoe.train.losses import megablocks_lb_loss, router_z_loss
 from olmoe.train.optim import build_optimizer
@@ -46,6 +53,16 @@ SHAPES = {
         "num_experts_per_tok": 8,
         "vocab_size": 50304,
     },
+    # configs/quickstart.yaml's model (run it with --batch 8 --seq 256, the quickstart's step)
+    "quickstart": {
+        "hidden_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_experts": 8,
+        "intermediate_size": 256,
+        "num_experts_per_tok": 2,
+        "vocab_size": 50304,
+    },
     "small": {
         "hidden_size": 256,
         "num_hidden_layers": 2,
@@ -58,11 +75,17 @@ SHAPES = {
 }
 
 
-def olmoe_step(model, optimizer, ids):
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(input_ids=ids, output_routing=True, use_cache=False)
+def precision_context(precision: str):
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def olmoe_step(model, optimizer, ids, precision):
+    with precision_context(precision):
+        out = model(input_ids=ids, labels=ids, skip_logits=True, output_routing=True, use_cache=False)
     loss = (
-        causal_lm_loss(out.logits, ids)
+        out.loss
         + 0.01 * megablocks_lb_loss(out.routing)
         + 0.001 * router_z_loss(out.routing)
     )
@@ -73,14 +96,21 @@ def olmoe_step(model, optimizer, ids):
     return loss.item()
 
 
-def transformers_step(model, optimizer, ids):
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+def transformers_step(model, optimizer, ids, precision):
+    with precision_context(precision):
         loss = model(input_ids=ids, labels=ids, output_router_logits=True, use_cache=False).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.item()
+
+
+def training_flops_per_token(config: OlmoeConfig, seq: int) -> float:
+    """Forward and backward: 6 FLOPs per active weight (the embedding lookup is no product)
+    and causal attention's scores and weighted sums (6 * seq * hidden per layer)."""
+    weights = config.num_parameters(active_only=True) - config.vocab_size * config.hidden_size
+    return 6 * weights + 6 * config.num_hidden_layers * seq * config.hidden_size
 
 
 def build(engine: str, directory: str):
@@ -104,18 +134,18 @@ def build(engine: str, directory: str):
     return model, optimizer, step
 
 
-def measure(engine, directory, ids, steps, warmup):
+def measure(engine, directory, ids, steps, warmup, precision):
     if engine == "olmoe":
         from olmoe.memory import retain_freed_memory
 
         retain_freed_memory()  # what the olmoe command does before it runs a job
     model, optimizer, step = build(engine, directory)
     for _ in range(warmup):
-        step(model, optimizer, ids)
+        step(model, optimizer, ids, precision)
     times = []
     for _ in range(steps):
         started = time.perf_counter()
-        step(model, optimizer, ids)
+        step(model, optimizer, ids, precision)
         times.append(time.perf_counter() - started)
     return times
 
@@ -125,6 +155,7 @@ def measure_in_process(engine, directory, ids_file, args) -> list[float]:
     command = [
         sys.executable, __file__, "--worker", engine, "--dir", directory, "--ids", ids_file,
         "--steps", str(args.steps), "--warmup", str(args.warmup), "--shape", args.shape,
+        "--precision", args.precision,
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -140,13 +171,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2, help="A B rounds")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="auto: what `olmoe train` picks on this machine",
+    )
     parser.add_argument("--worker", choices=("olmoe", "transformers"), help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     parser.add_argument("--ids", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.precision = training_precision(args.precision, torch.device("cpu"))
     if args.worker:  # one engine, in this fresh process: print its step times as JSON
         ids = torch.load(args.ids)
-        print(json.dumps(measure(args.worker, args.dir, ids, args.steps, args.warmup)))
+        times = measure(args.worker, args.dir, ids, args.steps, args.warmup, args.precision)
+        print(json.dumps(times))
         return
 
     torch.manual_seed(0)
@@ -155,8 +194,11 @@ def main() -> None:
     tokens = ids.numel()
     print(
         f"shape {args.shape}: {config.num_parameters() / 1e6:.0f}M parameters; batch "
-        f"{args.batch} x {args.seq} = {tokens} tokens; {torch.get_num_threads()} threads"
+        f"{args.batch} x {args.seq} = {tokens} tokens; {torch.get_num_threads()} threads; "
+        f"{args.precision}"
     )
+    limit = matmul_gflop_s()
+    print(f"matmul limit: {limit['gflop_s']:.0f} GFLOP/s ({limit['dtype']} torch.mm)")
     times = {"olmoe": [], "transformers": []}
     with tempfile.TemporaryDirectory() as directory:
         OlmoeForCausalLM(config).save_pretrained(directory)
@@ -171,10 +213,12 @@ def main() -> None:
                     flush=True,
                 )
     rates = {engine: tokens / statistics.median(t) for engine, t in times.items()}
+    flops = training_flops_per_token(config, args.seq)
     for engine, rate in rates.items():
+        share = rate * flops / 1e9 / limit["gflop_s"]
         print(
             f"{engine:<12} {rate:8.1f} training tokens/s (median step "
-            f"{statistics.median(times[engine]):.2f} s)"
+            f"{statistics.median(times[engine]):.2f} s), {share:.0%} of the matmul limit"
         )
     print(f"ratio olmoe / transformers: {rates['olmoe'] / rates['transformers']:.2f}x")
 
