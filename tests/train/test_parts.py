@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from olmoe import OlmoeConfig, OlmoeForCausalLM, route, switch_aux_loss
+from olmoe.train.budget import CALIBRATION_STEPS
 from olmoe.train.config import ScheduleSection, TrainConfig, load_config, parse_overrides
 from olmoe.train.losses import megablocks_lb_loss, router_z_loss, routing_statistics
 from olmoe.train.optim import build_optimizer
@@ -150,6 +151,9 @@ def test_released_recipe_config():
     quickstart = load_config(CONFIGS / "quickstart.yaml")
     model = quickstart.model.build()
     assert model.num_experts >= 8 and model.num_experts_per_tok >= 2
+    # A 10-minute budget whose timed steps all fall in the warmup, where max_steps plays no part
+    assert quickstart.train.max_minutes == 10 and quickstart.schedule.warmup_ratio is None
+    assert quickstart.schedule.warmup_steps > CALIBRATION_STEPS
 
 
 # ---------------------------------------------------------------------------- optimizer
