@@ -23,14 +23,13 @@ and PyTorch's default AdamW.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-
-import contextlib
 
 import torch
 
@@ -83,12 +82,10 @@ def precision_context(precision: str):
 
 def olmoe_step(model, optimizer, ids, precision):
     with precision_context(precision):
-        out = model(input_ids=ids, labels=ids, skip_logits=True, output_routing=True, use_cache=False)
-    loss = (
-        out.loss
-        + 0.01 * megablocks_lb_loss(out.routing)
-        + 0.001 * router_z_loss(out.routing)
-    )
+        out = model(
+            input_ids=ids, labels=ids, skip_logits=True, output_routing=True, use_cache=False
+        )
+    loss = out.loss + 0.01 * megablocks_lb_loss(out.routing) + 0.001 * router_z_loss(out.routing)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()

@@ -96,7 +96,9 @@ def test_bf16_autocast_rounds_the_logits_as_the_unfused_head(small_chunks):
     # The gradients' products round to bf16 in both, the weight's once per chunk here: within a
     # few bf16 steps of the largest entry.
     for ours, reference in ((h_grad, ref_h_grad), (w_grad, ref_w_grad)):
-        torch.testing.assert_close(ours, reference, rtol=0, atol=2**-6 * reference.abs().max().item())
+        torch.testing.assert_close(
+            ours, reference, rtol=0, atol=2**-6 * reference.abs().max().item()
+        )
 
 
 def test_causal_lm_loss_equals_the_sliced_logits_formula_and_its_gradient():
@@ -126,7 +128,9 @@ def test_causal_loss_from_hidden_equals_the_loss_of_the_logits(small_chunks):
 @pytest.mark.parametrize("loss", [causal_lm_loss, causal_lm_loss_from_hidden])
 def test_labels_of_another_shape_are_refused(loss):
     outputs = torch.randn(2, 6, WIDTH)
-    arguments = (outputs, torch.randn(VOCAB, WIDTH)) if loss is causal_lm_loss_from_hidden else (outputs,)
+    arguments = (
+        (outputs, torch.randn(VOCAB, WIDTH)) if loss is causal_lm_loss_from_hidden else (outputs,)
+    )
     with pytest.raises(InputError, match=r"labels shape \(2, 5\) must match"):
         loss(*arguments, torch.zeros(2, 5, dtype=torch.long))
 

@@ -506,7 +506,9 @@ class OlmoeForCausalLM(OlmoePreTrainedModel):
         head and the cross-entropy run a chunk of positions at a time
         (olmoe.head_loss), and `logits` is None. Training needs only the loss."""
         if skip_logits and labels is None:
-            raise InputError("skip_logits=True needs labels: without them there is nothing to return")
+            raise InputError(
+                "skip_logits=True needs labels: without them there is nothing to return"
+            )
         if logits_to_keep is not None:
             num_logits_to_keep = logits_to_keep
         if output_router_logits is None:

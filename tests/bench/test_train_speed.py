@@ -28,9 +28,13 @@ def test_flops_count_every_multiplied_weight_six_times_and_causal_attention():
 
 def test_the_timed_step_is_the_trainers_loss(tmp_path):
     model = tiny_model().train()
-    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0)
+    )
     out = model(input_ids=ids, labels=ids, output_routing=True)
-    expected = out.loss + 0.01 * megablocks_lb_loss(out.routing) + 0.001 * router_z_loss(out.routing)
+    expected = (
+        out.loss + 0.01 * megablocks_lb_loss(out.routing) + 0.001 * router_z_loss(out.routing)
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     with bench_script("train_speed") as script:
         loss = script.olmoe_step(model, optimizer, ids, "fp32")

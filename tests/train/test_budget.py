@@ -19,9 +19,7 @@ def test_the_typical_step_leaves_out_the_warm_up_steps():
     assert budget.typical_step_seconds([9.0]) == 9.0  # too few to leave any out
 
 
-@pytest.mark.parametrize(
-    ("spent", "expected"), [(0.0, 20), (12.0, 12), (29.5, 0), (45.0, 0)]
-)
+@pytest.mark.parametrize(("spent", "expected"), [(0.0, 20), (12.0, 12), (29.5, 0), (45.0, 0)])
 def test_steps_that_fit_in_what_is_left(spent, expected):
     assert budget.steps_that_fit(30.0, spent, per_step=1.5) == expected
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from olmoe import OlmoeConfig, OlmoeForCausalLM, route, switch_aux_loss
 from olmoe.train.budget import CALIBRATION_STEPS

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from olmoe.errors import ConfigError
+from olmoe.head_loss import causal_lm_loss
 from olmoe.train.preference import dpo_loss, kto_loss, sft_loss, token_logps
 
 PC = torch.tensor([-10.0, -42.5, -7.25, -3.0], dtype=torch.float64)  # policy, chosen
@@ -120,4 +121,14 @@ def test_sft_loss_is_the_masked_cross_entropy(reduction):
     expected = F.cross_entropy(
         logits.double().reshape(-1, 11), targets.reshape(-1), ignore_index=-100, reduction=reduction
     )
-    assert_close(sft_loss(logits, labels, reduction).double(), expected, rtol=1e-6, atol=1e-6)
+    mean, trained = causal_lm_loss(logits, labels), (targets != -100).sum()
+    assert_close(sft_loss(mean, trained, reduction).double(), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_sft_loss_without_labelled_tokens_is_zero_with_a_zero_gradient(reduction):
+    logits = torch.randn(1, 4, 5, requires_grad=True)
+    labels = torch.full((1, 4), -100)
+    loss = sft_loss(causal_lm_loss(logits, labels), torch.tensor(0), reduction)
+    loss.backward()
+    assert loss.item() == 0 and torch.equal(logits.grad, torch.zeros_like(logits))

@@ -117,18 +117,23 @@ class Adaptation:
         z = router_z_loss(routing, per_slot=loss.z_loss_per_slot)
         return loss.lb_coef * lb + loss.z_coef * z, lb, z
 
-    def forward(self, model, sequences, autocast):
+    def forward(self, model, sequences, autocast, loss_only: bool = False):
         """The model's output on the padded batch, with `routing` cut to the real tokens (the
         padding's routing would count in the auxiliary losses and the routing statistics), and
-        the labels."""
+        the labels. `loss_only`: the mean loss over the labelled tokens instead of the logits
+        (olmoe.head_loss)."""
         input_ids, labels = pad_batch(sequences, self.pad_id)
         device = self.env.device
+        labels = labels.to(device)
         with autocast():
-            out = model(input_ids=input_ids.to(device), output_routing=True, use_cache=False)
+            out = model(
+                input_ids=input_ids.to(device), output_routing=True, use_cache=False,
+                **_loss_arguments(labels, loss_only),
+            )  # fmt: skip
         lengths = torch.tensor([len(ids) for ids, _ in sequences], device=device)
         real = (torch.arange(input_ids.shape[1], device=device) < lengths[:, None]).reshape(-1)
         out.routing = tuple(layer.select(real) for layer in out.routing)
-        return out, labels.to(device)
+        return out, labels
 
     # ------------------------------------------------------------------ reference
     def reference_sequences(self) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -184,31 +189,31 @@ class SupervisedFineTuning(Adaptation):
 
     def losses(self, model, indices, autocast):
         sequences = [s for i in indices for s in self.examples[i]]
-        if self.config.data.packing:
-            out, labels = self.forward_packed(model, sequences, autocast)
-        else:
-            out, labels = self.forward(model, sequences, autocast)
-        loss = sft_loss(out.logits, labels, self.config.preference.sft_reduction)
-        total, values = self.with_aux_losses(loss, out.routing, sequences)
+        forward = self.forward_packed if self.config.data.packing else self.forward
+        out, labels = forward(model, sequences, autocast, loss_only=True)
         trained = (labels[:, 1:] != -100).sum()
+        loss = sft_loss(out.loss, trained, self.config.preference.sft_reduction)
+        total, values = self.with_aux_losses(loss, out.routing, sequences)
         nll = loss.detach() * (trained if self.config.preference.sft_reduction == "mean" else 1)
         values |= {"nll": nll, "trained": trained.float()}
         return total, values, routing_statistics(out.routing, model.config.num_experts)
 
-    def forward_packed(self, model, sequences, autocast):
+    def forward_packed(self, model, sequences, autocast, loss_only: bool = False):
         """As `forward`, on the sequences packed into rows (`pack_batch`)."""
         input_ids, labels, positions, mask, lengths = pack_batch(
             sequences, self.config.data.seq_len, self.pad_id
         )
         device = self.env.device
+        labels = labels.to(device)
         with autocast():
             out = model(
                 input_ids=input_ids.to(device), attention_mask=mask.to(device),
                 position_ids=positions.to(device), output_routing=True, use_cache=False,
+                **_loss_arguments(labels, loss_only),
             )  # fmt: skip
         real = (torch.arange(input_ids.shape[1]) < lengths[:, None]).reshape(-1).to(device)
         out.routing = tuple(layer.select(real) for layer in out.routing)
-        return out, labels.to(device)
+        return out, labels
 
     def summarize(self, sums, micro_batches):
         record = {k: sums[k] / micro_batches for k in ("loss", "lb", "z")}
@@ -311,3 +316,8 @@ def build_objective(config, examples, env, pad_id, micro, steps_of, seed=None) -
     if config.objective not in OBJECTIVES:
         raise ConfigError(f"no adaptation objective {config.objective!r}")
     return OBJECTIVES[config.objective](config, examples, env, pad_id, micro, steps_of, seed)
+
+
+def _loss_arguments(labels: torch.Tensor, loss_only: bool) -> dict:
+    """The model's arguments for its loss without logits, or none."""
+    return {"labels": labels, "skip_logits": True} if loss_only else {}

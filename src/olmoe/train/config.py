@@ -344,7 +344,8 @@ class TrainConfig:
         self.loss.resolve(self.objective)
         decay = self.schedule.decay_steps
         _require(
-            decay is None or self.schedule.warmup_ratio is not None
+            decay is None
+            or self.schedule.warmup_ratio is not None
             or decay > self.schedule.warmup_steps,
             f"schedule.decay_steps ({decay}) must exceed schedule.warmup_steps "
             f"({self.schedule.warmup_steps})",

@@ -43,13 +43,14 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     return (picked * scored).sum(dim=-1), scored.sum(dim=-1)
 
 
-def sft_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
-    """Next-token cross-entropy over the labelled tokens, summed or averaged over them."""
+def sft_loss(mean: torch.Tensor, trained: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """SFT's loss from the mean next-token cross-entropy over the `trained` labelled tokens
+    (`causal_lm_loss` or the model's loss): their sum or their mean, 0 where none is labelled
+    (where the mean is NaN)."""
     if reduction not in SFT_REDUCTIONS:
         raise ConfigError(f"the SFT reduction must be one of {SFT_REDUCTIONS}, got {reduction!r}")
-    sums, counts = token_logps(logits, labels)
-    total = -sums.sum()
-    return total if reduction == "sum" else total / counts.sum().clamp_min(1)
+    total = mean * trained if reduction == "sum" else mean
+    return torch.where(trained > 0, total, torch.zeros_like(total))  # and a zero gradient
 
 
 def dpo_loss(

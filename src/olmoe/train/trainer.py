@@ -312,7 +312,11 @@ class Trainer:
         cfg = self.config.loss
         with self._autocast():
             out = self.model(
-                input_ids=batch, labels=batch, skip_logits=True, output_routing=True, use_cache=False
+                input_ids=batch,
+                labels=batch,
+                skip_logits=True,
+                output_routing=True,
+                use_cache=False,
             )
         ce = out.loss
         lb = megablocks_lb_loss(out.routing)
@@ -424,7 +428,9 @@ class Trainer:
         for _ in range(self.eval_batches):
             batch = loader.next_batch().to(env.device)
             with self._autocast():
-                loss = self.model(input_ids=batch, labels=batch, skip_logits=True, use_cache=False).loss
+                loss = self.model(
+                    input_ids=batch, labels=batch, skip_logits=True, use_cache=False
+                ).loss
             targets = batch[:, 1:].numel()
             sums[0] += loss.double().cpu() * targets
             if unigram is not None:
