@@ -34,18 +34,21 @@ def _problem(rows=10, seed=0):
     return hidden, weight, targets
 
 
-def _float64_reference(hidden, weight, targets):
-    """Loss and both gradients from the definition: mean over kept rows of log-sum-exp minus
-    the target's logit; d/dlogits = (softmax - onehot) / kept rows."""
+def _float64_reference(hidden, weight, targets, row_weights=None):
+    """Loss and both gradients from the definition: each kept row's loss is log-sum-exp minus
+    the target's logit, d/dlogits = softmax - onehot. The mean weighs each kept row by 1 / kept
+    rows; given `row_weights` (an incoming gradient per row), the rows' losses are returned and
+    the gradients are those of sum(row_weights * losses)."""
     h, w = hidden.double(), weight.double()
     logits = h @ w.T
     keep = targets != head_loss.IGNORE_INDEX
     safe = torch.where(keep, targets, 0)
-    terms = torch.logsumexp(logits, -1) - logits.gather(1, safe[:, None]).squeeze(1)
-    count = keep.sum()
-    loss = terms[keep].sum() / count
-    delta = torch.softmax(logits, -1) - F.one_hot(safe, VOCAB).double()
-    delta = delta * keep[:, None] / count
+    terms = (torch.logsumexp(logits, -1) - logits.gather(1, safe[:, None]).squeeze(1)) * keep
+    if row_weights is None:
+        loss, row_weights = terms.sum() / keep.sum(), keep / keep.sum()
+    else:
+        loss, row_weights = terms, row_weights.double() * keep
+    delta = (torch.softmax(logits, -1) - F.one_hot(safe, VOCAB).double()) * row_weights[:, None]
     return loss, delta @ w, delta.T @ h
 
 
@@ -62,12 +65,36 @@ def test_loss_and_gradients_equal_the_float64_formula(small_chunks):
     torch.testing.assert_close(weight.grad.double(), 3.0 * ref_weight, rtol=1e-5, atol=1e-7)
 
 
-def test_equals_pytorchs_cross_entropy_without_gradients(small_chunks):
+def test_each_rows_loss_and_gradients_equal_the_float64_formula(small_chunks):
+    hidden, weight, targets = _problem(seed=5)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    losses = linear_cross_entropy(hidden, weight, targets, reduction="none")
+    incoming = torch.randn(len(targets), generator=torch.Generator().manual_seed(6))
+    losses.backward(incoming)
+    ref_losses, ref_hidden, ref_weight = _float64_reference(
+        hidden.detach(), weight.detach(), targets, row_weights=incoming
+    )
+    assert losses.shape == targets.shape and losses[[1, 7]].tolist() == [0.0, 0.0]
+    torch.testing.assert_close(losses.double(), ref_losses, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(hidden.grad.double(), ref_hidden, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weight.grad.double(), ref_weight, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_equals_pytorchs_cross_entropy_without_gradients(small_chunks, reduction):
     hidden, weight, targets = _problem(rows=11, seed=1)
     with torch.no_grad():
-        ours = linear_cross_entropy(hidden, weight, targets)
-    reference = F.cross_entropy(hidden @ weight.T, targets, ignore_index=head_loss.IGNORE_INDEX)
-    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=0)
+        ours = linear_cross_entropy(hidden, weight, targets, reduction)
+    reference = F.cross_entropy(
+        hidden @ weight.T, targets, ignore_index=head_loss.IGNORE_INDEX, reduction=reduction
+    )
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+
+
+def test_an_unknown_reduction_is_refused():
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        linear_cross_entropy(*_problem(), reduction="sum")
 
 
 def test_no_targets_is_nan_as_in_cross_entropy():
@@ -77,18 +104,23 @@ def test_no_targets_is_nan_as_in_cross_entropy():
     assert math.isnan(F.cross_entropy(hidden @ weight.T, targets).item())
 
 
-def test_bf16_autocast_rounds_the_logits_as_the_unfused_head(small_chunks):
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_bf16_autocast_rounds_the_logits_as_the_unfused_head(small_chunks, reduction):
     hidden, weight, targets = _problem(rows=12, seed=2)
+    incoming = (
+        torch.rand(12, generator=torch.Generator().manual_seed(7)) if reduction == "none" else None
+    )
     results = []
     for fused in (True, False):
         h = hidden.clone().requires_grad_()
         w = weight.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             if fused:
-                loss = linear_cross_entropy(h, w, targets)
+                loss = linear_cross_entropy(h, w, targets, reduction)
             else:
-                loss = F.cross_entropy((h @ w.T).float(), targets, ignore_index=-100)
-        loss.backward()
+                logits = (h @ w.T).float()
+                loss = F.cross_entropy(logits, targets, ignore_index=-100, reduction=reduction)
+        loss.backward(incoming)
         results.append((loss, h.grad, w.grad))
     (loss, h_grad, w_grad), (ref_loss, ref_h_grad, ref_w_grad) = results
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)  # same bf16 logits
@@ -135,20 +167,27 @@ def test_labels_of_another_shape_are_refused(loss):
         loss(*arguments, torch.zeros(2, 5, dtype=torch.long))
 
 
-def test_the_model_skips_its_logits_and_returns_the_same_loss_and_gradients(small_chunks):
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_the_model_skips_its_logits_and_returns_the_same_loss_and_gradients(
+    small_chunks, reduction
+):
     model = tiny_model(vocab_size=VOCAB).train()
     ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(4))
+    labels = ids.clone()
+    labels[0, 4] = -100
     outputs = {}
     for skip in (False, True):
         model.zero_grad()
-        out = model(input_ids=ids, labels=ids, skip_logits=skip)
-        out.loss.backward()
+        out = model(input_ids=ids, labels=labels, skip_logits=skip, loss_reduction=reduction)
+        assert out.loss.shape == (() if reduction == "mean" else (2, 9))
+        (out.loss * torch.arange(out.loss.numel()).view(out.loss.shape)).sum().backward()
         outputs[skip] = out, {n: p.grad.clone() for n, p in model.named_parameters()}
     (fused, fused_grads), (plain, plain_grads) = outputs[True], outputs[False]
     assert fused.logits is None and plain.logits is not None
-    torch.testing.assert_close(fused.loss, plain.loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(fused.loss, plain.loss, rtol=1e-6, atol=1e-6)
     for name, grad in plain_grads.items():
-        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        atol = 1e-6 * grad.abs().max().item()  # float32 sums in another order
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=atol, msg=name)
 
 
 def test_skip_logits_without_labels_says_what_is_missing():

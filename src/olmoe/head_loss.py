@@ -32,14 +32,22 @@ def chunk_rows(vocab_size: int) -> int:
     return max(1, _CHUNK_BYTES // (4 * vocab_size))
 
 
+REDUCTIONS = ("mean", "none")
+
+
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
 ) -> torch.Tensor:
-    """Mean cross-entropy of `hidden @ weight.T` against `targets`, in float32.
+    """Cross-entropy of `hidden @ weight.T` against `targets`, in float32.
 
     hidden (N, H), weight (V, H), targets (N,) token ids with IGNORE_INDEX for rows without a
     target. The result equals `F.cross_entropy((hidden @ weight.T).float(), targets,
-    ignore_index=IGNORE_INDEX)`, NaN where no row has a target, as there."""
+    ignore_index=IGNORE_INDEX, reduction=reduction)`: "mean" over the rows with a target (NaN
+    where there is none, as there), "none" each row's loss (0 without a target).
+
+    "mean" computes both gradients as it goes (the loss is one number, so they only need
+    scaling later); "none" computes each chunk's logits again in the backward pass, since its
+    gradients depend on each row's incoming gradient."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
             f"hidden (N, H) and weight (V, H) must share H: got {tuple(hidden.shape)} and "
@@ -47,15 +55,22 @@ def linear_cross_entropy(
         )
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"targets {tuple(targets.shape)} must be ({hidden.shape[0]},)")
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, targets)
-    return _chunked(hidden, weight, targets, gradients=False)[0]
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    gradients = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if reduction == "none":
+        if gradients:
+            return _TokenLosses.apply(hidden, weight, targets)
+        return _token_losses(hidden, _autocast_operand(weight), targets)
+    if gradients:
+        return _MeanLoss.apply(hidden, weight, targets)
+    return _mean_loss(hidden, weight, targets, gradients=False)[0]
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
+class _MeanLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets):
-        loss, hidden_grad, weight_grad = _chunked(hidden, weight, targets, gradients=True)
+        loss, hidden_grad, weight_grad = _mean_loss(hidden, weight, targets, gradients=True)
         ctx.save_for_backward(hidden_grad, weight_grad)
         return loss
 
@@ -65,37 +80,90 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return hidden_grad * grad_loss.to(hidden_grad.dtype), weight_grad * grad_loss, None
 
 
-def _chunked(hidden, weight, targets, gradients: bool):
+class _TokenLosses(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets):
+        operand = _autocast_operand(weight)
+        ctx.operand_dtype = operand.dtype  # the backward pass runs outside autocast
+        ctx.save_for_backward(hidden, weight, targets)
+        return _token_losses(hidden, operand, targets)
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        hidden, weight, targets = ctx.saved_tensors
+        operand = weight.to(ctx.operand_dtype)
+        valid = targets != IGNORE_INDEX
+        safe_targets = torch.where(valid, targets, 0)
+        row_weights = (grad_losses.float() * valid)[:, None]
+        hidden_grad = torch.empty_like(hidden)
+        weight_grad = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for rows in _chunks(hidden.shape[0], weight.shape[0]):
+            h = hidden[rows]
+            exps, sums, _ = _scores(h, operand, safe_targets[rows, None])
+            _add_gradients(exps, sums, safe_targets[rows, None], row_weights[rows], h, operand,
+                           hidden_grad[rows], weight_grad)  # fmt: skip
+        return hidden_grad, weight_grad.to(weight.dtype), None
+
+
+def _chunks(rows: int, vocab_size: int):
+    step = chunk_rows(vocab_size)
+    return (slice(start, start + step) for start in range(0, rows, step))
+
+
+def _scores(h, operand, target):
+    """One chunk: its float32 logits (the head's matmul in the operand's dtype, as autocast
+    gives lm_head) turned in place into exp(logits - row max), their row sums, and each row's
+    loss, log-sum-exp minus the target's logit. One exponential per logit serves both the
+    log-sum-exp and the softmax."""
+    logits = (h.to(operand.dtype) @ operand.T).float()
+    peak = logits.amax(dim=-1, keepdim=True)
+    target_logits = logits.gather(1, target)
+    exps = logits.sub_(peak).exp_()
+    sums = exps.sum(dim=-1, keepdim=True)
+    return exps, sums, (peak + sums.log() - target_logits).squeeze(1)
+
+
+def _add_gradients(exps, sums, target, row_weights, h, operand, hidden_grad, weight_grad):
+    """Write the chunk's hidden-state gradient into `hidden_grad` and add its weight gradient
+    to `weight_grad`, for row losses weighted by `row_weights` (rows, 1): each row's d/dlogits
+    is (softmax - onehot(target)) times its weight, formed in `exps`' storage."""
+    probs = exps.mul_(row_weights / sums)
+    probs.scatter_add_(1, target, -row_weights)
+    probs = probs.to(operand.dtype)
+    hidden_grad.copy_(probs @ operand)
+    weight_grad += probs.T @ h.to(operand.dtype)
+
+
+def _token_losses(hidden, operand, targets):
+    """Each row's loss, 0 where it has no target."""
+    valid = targets != IGNORE_INDEX
+    safe_targets = torch.where(valid, targets, 0)
+    losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for rows in _chunks(hidden.shape[0], operand.shape[0]):
+        _, _, terms = _scores(hidden[rows], operand, safe_targets[rows, None])
+        losses[rows] = terms.masked_fill(~valid[rows], 0)
+    return losses
+
+
+def _mean_loss(hidden, weight, targets, gradients: bool):
     """(loss, d loss / d hidden, d loss / d weight); the gradients are None unless asked."""
     valid = targets != IGNORE_INDEX
     count = valid.sum()
     safe_targets = torch.where(valid, targets, 0)
-    scale = 1.0 / count.clamp_min(1).to(torch.float32)
+    row_weights = (valid / count.clamp_min(1)).float()[:, None]  # each row's share of the mean
     total = torch.zeros((), dtype=torch.float64, device=hidden.device)
     hidden_grad = torch.empty_like(hidden) if gradients else None
     weight_grad = (
         torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if gradients else None
     )
     operand = _autocast_operand(weight)
-    step = chunk_rows(weight.shape[0])
-    for start in range(0, hidden.shape[0], step):
-        rows = slice(start, start + step)
-        h, keep, target = hidden[rows], valid[rows], safe_targets[rows, None]
-        logits = (h @ operand.T).float()  # the head's matmul: autocast rounds it as lm_head does
-        # One exponential per logit serves both the log-sum-exp and the softmax.
-        peak = logits.amax(dim=-1, keepdim=True)
-        target_logits = logits.gather(1, target)
-        exps = logits.sub_(peak).exp_()
-        sums = exps.sum(dim=-1, keepdim=True)
-        terms = (peak + sums.log() - target_logits).squeeze(1)
-        total += terms.masked_fill(~keep, 0).sum(dtype=torch.float64)
-        if not gradients:
-            continue
-        weights = keep.to(torch.float32)[:, None] * scale  # each row's share of the mean
-        probs = exps.mul_(weights / sums)  # softmax / count, in the logits' storage
-        probs.scatter_add_(1, target, -weights)
-        hidden_grad[rows] = probs @ operand
-        weight_grad += probs.T @ h
+    for rows in _chunks(hidden.shape[0], weight.shape[0]):
+        h, target = hidden[rows], safe_targets[rows, None]
+        exps, sums, terms = _scores(h, operand, target)
+        total += terms.masked_fill(~valid[rows], 0).sum(dtype=torch.float64)
+        if gradients:
+            _add_gradients(exps, sums, target, row_weights[rows], h, operand, hidden_grad[rows],
+                           weight_grad)  # fmt: skip
     loss = (total / count).float()  # 0 / 0 is NaN, as in cross_entropy
     if gradients:
         weight_grad = weight_grad.to(weight.dtype)
@@ -111,27 +179,36 @@ def _autocast_operand(weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
     """Next-token cross-entropy in float32: position t predicts labels[t + 1]; -100 is ignored.
+    "mean" over the scored positions, or "none": (B, L), 0 where nothing is scored.
 
     The targets are shifted, not the logits: slicing (B, L, V) logits makes autograd allocate
     and fill a logits-sized gradient buffer, which at OLMoE's 50k vocabulary was a tenth of a
     small model's training step. The last position has no target and is ignored.
     """
     targets = _next_tokens(labels, logits)
-    return F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), targets, ignore_index=IGNORE_INDEX
+    losses = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        targets,
+        ignore_index=IGNORE_INDEX,
+        reduction=reduction,
     )
+    return losses if reduction == "mean" else losses.view(labels.shape)
 
 
 def causal_lm_loss_from_hidden(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
 ) -> torch.Tensor:
     """`causal_lm_loss` of the logits `hidden @ weight.T`, computed without forming them
     (`linear_cross_entropy`): hidden (B, L, H) final hidden states, weight (V, H) the LM
     head's."""
     targets = _next_tokens(labels, hidden)
-    return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, targets)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    losses = linear_cross_entropy(flat, weight, targets, reduction)
+    return losses if reduction == "mean" else losses.view(labels.shape)
 
 
 def _next_tokens(labels: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:

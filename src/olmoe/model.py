@@ -492,6 +492,7 @@ class OlmoeForCausalLM(OlmoePreTrainedModel):
         logits_to_keep: int | torch.Tensor | None = None,
         output_routing: bool = False,
         skip_logits: bool = False,
+        loss_reduction: str = "mean",
     ) -> MoeCausalLMOutputWithPast | tuple:
         """`num_logits_to_keep`: 0 computes logits at every position, n > 0 at the last n only
         (generation needs one), a tensor of indices at those positions. `logits_to_keep` is the
@@ -504,7 +505,9 @@ class OlmoeForCausalLM(OlmoePreTrainedModel):
 
         `skip_logits=True` (with labels) returns the loss without the (B, L, V) logits: the LM
         head and the cross-entropy run a chunk of positions at a time
-        (olmoe.head_loss), and `logits` is None. Training needs only the loss."""
+        (olmoe.head_loss), and `logits` is None. Training needs only the loss.
+        `loss_reduction="none"` makes `loss` each position's (B, L) next-token loss, 0 where
+        nothing is scored (the auxiliary loss then stays in `aux_loss` alone)."""
         if skip_logits and labels is None:
             raise InputError(
                 "skip_logits=True needs labels: without them there is nothing to return"
@@ -533,11 +536,11 @@ class OlmoeForCausalLM(OlmoePreTrainedModel):
             hidden = hidden[:, -num_logits_to_keep:]
         loss = aux_loss = logits = None
         if skip_logits and _plain_head(self.lm_head):
-            loss = causal_lm_loss_from_hidden(hidden, self.lm_head.weight, labels)
+            loss = causal_lm_loss_from_hidden(hidden, self.lm_head.weight, labels, loss_reduction)
         else:
             logits = self.logits_from_hidden(hidden)  # (B, L or kept, V)
             if labels is not None:
-                loss = causal_lm_loss(logits, labels)
+                loss = causal_lm_loss(logits, labels, loss_reduction)
             if skip_logits:
                 logits = None
         if output_router_logits:
@@ -548,7 +551,7 @@ class OlmoeForCausalLM(OlmoePreTrainedModel):
                 if attention_mask is not None and attention_mask.dim() == 2
                 else None,
             )
-            if loss is not None:
+            if loss is not None and loss_reduction == "mean":
                 loss = loss + self.config.router_aux_loss_coef * aux_loss
         out = MoeCausalLMOutputWithPast(
             loss=loss,

@@ -25,7 +25,13 @@ from olmoe.data.loader import SeededOrder
 from olmoe.errors import ConfigError, DataError
 from olmoe.fileio import atomic_path
 from olmoe.train.losses import megablocks_lb_loss, router_z_loss, routing_statistics
-from olmoe.train.preference import AVERAGED_LOSS_TYPES, dpo_loss, kto_loss, sft_loss, token_logps
+from olmoe.train.preference import (
+    AVERAGED_LOSS_TYPES,
+    dpo_loss,
+    kto_loss,
+    sequence_logps,
+    sft_loss,
+)
 
 REFERENCE_NAME = "reference_logps.npy"
 
@@ -117,18 +123,18 @@ class Adaptation:
         z = router_z_loss(routing, per_slot=loss.z_loss_per_slot)
         return loss.lb_coef * lb + loss.z_coef * z, lb, z
 
-    def forward(self, model, sequences, autocast, loss_only: bool = False):
+    def forward(self, model, sequences, autocast, loss: str = "mean"):
         """The model's output on the padded batch, with `routing` cut to the real tokens (the
         padding's routing would count in the auxiliary losses and the routing statistics), and
-        the labels. `loss_only`: the mean loss over the labelled tokens instead of the logits
-        (olmoe.head_loss)."""
+        the labels. The output has the labelled tokens' loss, reduced by `loss` ("mean" or
+        "none", per position), and no logits (olmoe.head_loss)."""
         input_ids, labels = pad_batch(sequences, self.pad_id)
         device = self.env.device
         labels = labels.to(device)
         with autocast():
             out = model(
                 input_ids=input_ids.to(device), output_routing=True, use_cache=False,
-                **_loss_arguments(labels, loss_only),
+                labels=labels, skip_logits=True, loss_reduction=loss,
             )  # fmt: skip
         lengths = torch.tensor([len(ids) for ids, _ in sequences], device=device)
         real = (torch.arange(input_ids.shape[1], device=device) < lengths[:, None]).reshape(-1)
@@ -156,9 +162,13 @@ class Adaptation:
         rows = []
         for start in range(0, len(sequences), batch_size):
             input_ids, labels = pad_batch(sequences[start : start + batch_size], self.pad_id)
+            labels = labels.to(self.env.device)
             with autocast():
-                logits = model(input_ids=input_ids.to(self.env.device), use_cache=False).logits
-            sums, counts = token_logps(logits, labels.to(self.env.device))
+                out = model(
+                    input_ids=input_ids.to(self.env.device), labels=labels, skip_logits=True,
+                    loss_reduction="none", use_cache=False,
+                )  # fmt: skip
+            sums, counts = sequence_logps(out.loss, labels)
             rows.append(torch.stack([sums.double(), counts.double()], -1).cpu().numpy())
         model.train()
         self.reference = np.concatenate(rows)
@@ -190,7 +200,7 @@ class SupervisedFineTuning(Adaptation):
     def losses(self, model, indices, autocast):
         sequences = [s for i in indices for s in self.examples[i]]
         forward = self.forward_packed if self.config.data.packing else self.forward
-        out, labels = forward(model, sequences, autocast, loss_only=True)
+        out, labels = forward(model, sequences, autocast)
         trained = (labels[:, 1:] != -100).sum()
         loss = sft_loss(out.loss, trained, self.config.preference.sft_reduction)
         total, values = self.with_aux_losses(loss, out.routing, sequences)
@@ -198,7 +208,7 @@ class SupervisedFineTuning(Adaptation):
         values |= {"nll": nll, "trained": trained.float()}
         return total, values, routing_statistics(out.routing, model.config.num_experts)
 
-    def forward_packed(self, model, sequences, autocast, loss_only: bool = False):
+    def forward_packed(self, model, sequences, autocast, loss: str = "mean"):
         """As `forward`, on the sequences packed into rows (`pack_batch`)."""
         input_ids, labels, positions, mask, lengths = pack_batch(
             sequences, self.config.data.seq_len, self.pad_id
@@ -209,7 +219,7 @@ class SupervisedFineTuning(Adaptation):
             out = model(
                 input_ids=input_ids.to(device), attention_mask=mask.to(device),
                 position_ids=positions.to(device), output_routing=True, use_cache=False,
-                **_loss_arguments(labels, loss_only),
+                labels=labels, skip_logits=True, loss_reduction=loss,
             )  # fmt: skip
         real = (torch.arange(input_ids.shape[1]) < lengths[:, None]).reshape(-1).to(device)
         out.routing = tuple(layer.select(real) for layer in out.routing)
@@ -228,8 +238,9 @@ class DirectPreference(Adaptation):
         pref = self.config.preference
         chosen = [self.examples[i][0] for i in indices]
         rejected = [self.examples[i][1] for i in indices]
-        out, labels = self.forward(model, chosen + rejected, autocast)  # one forward for both
-        sums, counts = token_logps(out.logits, labels)
+        # one forward for both
+        out, labels = self.forward(model, chosen + rejected, autocast, loss="none")
+        sums, counts = sequence_logps(out.loss, labels)
         averaged = pref.loss_type in AVERAGED_LOSS_TYPES
         policy = sums / counts.clamp_min(1) if averaged else sums
         n = len(indices)
@@ -279,8 +290,8 @@ class KahnemanTversky(Adaptation):
         pref = self.config.preference
         matched = [self.examples.sequence(i) for i in indices]
         mismatched = [self.mismatched(i) for i in indices]
-        out, labels = self.forward(model, matched + mismatched, autocast)
-        sums, _ = token_logps(out.logits, labels)
+        out, labels = self.forward(model, matched + mismatched, autocast, loss="none")
+        sums, _ = sequence_logps(out.loss, labels)
         n, count = len(indices), len(self.examples)
         reference = self.reference_logps(list(indices) + [count + i for i in indices], False)
         desirable = torch.from_numpy(self.examples.desirable[indices]).to(sums.device)
@@ -316,8 +327,3 @@ def build_objective(config, examples, env, pad_id, micro, steps_of, seed=None) -
     if config.objective not in OBJECTIVES:
         raise ConfigError(f"no adaptation objective {config.objective!r}")
     return OBJECTIVES[config.objective](config, examples, env, pad_id, micro, steps_of, seed)
-
-
-def _loss_arguments(labels: torch.Tensor, loss_only: bool) -> dict:
-    """The model's arguments for its loss without logits, or none."""
-    return {"labels": labels, "skip_logits": True} if loss_only else {}

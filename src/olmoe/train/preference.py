@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from olmoe.errors import ConfigError
+from olmoe.head_loss import causal_lm_loss
 
 DPO_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "ipo", "hinge")
 # Loss types that compare length-averaged log-probabilities (TRL and open-instruct alike).
@@ -36,11 +37,15 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     """Per sequence, the summed float32 log-probability of its labelled tokens and their count:
     logits (B, L, V), labels (B, L) with -100 where nothing is scored; position t predicts
     labels[t + 1], as in causal_lm_loss. Returns (B,) sums and (B,) counts."""
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, L)
-    scored = targets != -100
-    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, L, V)
-    picked = logprobs.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # (B, L)
-    return (picked * scored).sum(dim=-1), scored.sum(dim=-1)
+    return sequence_logps(causal_lm_loss(logits, labels, reduction="none"), labels)
+
+
+def sequence_logps(
+    token_losses: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_logps` from each position's next-token loss (B, L) (causal_lm_loss or the model's
+    loss with reduction "none": 0 where nothing is scored)."""
+    return -token_losses.sum(dim=-1), (labels[:, 1:] != -100).sum(dim=-1)
 
 
 def sft_loss(mean: torch.Tensor, trained: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
