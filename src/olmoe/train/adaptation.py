@@ -31,6 +31,7 @@ from olmoe.train.preference import (
     kto_loss,
     sequence_logps,
     sft_loss,
+    token_logps,
 )
 
 REFERENCE_NAME = "reference_logps.npy"
@@ -123,18 +124,18 @@ class Adaptation:
         z = router_z_loss(routing, per_slot=loss.z_loss_per_slot)
         return loss.lb_coef * lb + loss.z_coef * z, lb, z
 
-    def forward(self, model, sequences, autocast, loss: str = "mean"):
+    def forward(self, model, sequences, autocast, loss: bool = False):
         """The model's output on the padded batch, with `routing` cut to the real tokens (the
         padding's routing would count in the auxiliary losses and the routing statistics), and
-        the labels. The output has the labelled tokens' loss, reduced by `loss` ("mean" or
-        "none", per position), and no logits (olmoe.head_loss)."""
+        the labels. `loss`: the labelled tokens' mean loss in place of the logits
+        (olmoe.head_loss)."""
         input_ids, labels = pad_batch(sequences, self.pad_id)
         device = self.env.device
         labels = labels.to(device)
         with autocast():
             out = model(
                 input_ids=input_ids.to(device), output_routing=True, use_cache=False,
-                labels=labels, skip_logits=True, loss_reduction=loss,
+                **({"labels": labels, "skip_logits": True} if loss else {}),
             )  # fmt: skip
         lengths = torch.tensor([len(ids) for ids, _ in sequences], device=device)
         real = (torch.arange(input_ids.shape[1], device=device) < lengths[:, None]).reshape(-1)
@@ -200,7 +201,7 @@ class SupervisedFineTuning(Adaptation):
     def losses(self, model, indices, autocast):
         sequences = [s for i in indices for s in self.examples[i]]
         forward = self.forward_packed if self.config.data.packing else self.forward
-        out, labels = forward(model, sequences, autocast)
+        out, labels = forward(model, sequences, autocast, loss=True)
         trained = (labels[:, 1:] != -100).sum()
         loss = sft_loss(out.loss, trained, self.config.preference.sft_reduction)
         total, values = self.with_aux_losses(loss, out.routing, sequences)
@@ -208,7 +209,7 @@ class SupervisedFineTuning(Adaptation):
         values |= {"nll": nll, "trained": trained.float()}
         return total, values, routing_statistics(out.routing, model.config.num_experts)
 
-    def forward_packed(self, model, sequences, autocast, loss: str = "mean"):
+    def forward_packed(self, model, sequences, autocast, loss: bool = False):
         """As `forward`, on the sequences packed into rows (`pack_batch`)."""
         input_ids, labels, positions, mask, lengths = pack_batch(
             sequences, self.config.data.seq_len, self.pad_id
@@ -219,7 +220,7 @@ class SupervisedFineTuning(Adaptation):
             out = model(
                 input_ids=input_ids.to(device), attention_mask=mask.to(device),
                 position_ids=positions.to(device), output_routing=True, use_cache=False,
-                labels=labels, skip_logits=True, loss_reduction=loss,
+                **({"labels": labels, "skip_logits": True} if loss else {}),
             )  # fmt: skip
         real = (torch.arange(input_ids.shape[1]) < lengths[:, None]).reshape(-1).to(device)
         out.routing = tuple(layer.select(real) for layer in out.routing)
@@ -238,9 +239,10 @@ class DirectPreference(Adaptation):
         pref = self.config.preference
         chosen = [self.examples[i][0] for i in indices]
         rejected = [self.examples[i][1] for i in indices]
-        # one forward for both
-        out, labels = self.forward(model, chosen + rejected, autocast, loss="none")
-        sums, counts = sequence_logps(out.loss, labels)
+        # One forward for both, with logits: without them (loss_reduction="none") each chunk's
+        # logits are computed again in the backward pass, slower here (docs/training.md#speed).
+        out, labels = self.forward(model, chosen + rejected, autocast)
+        sums, counts = token_logps(out.logits, labels)
         averaged = pref.loss_type in AVERAGED_LOSS_TYPES
         policy = sums / counts.clamp_min(1) if averaged else sums
         n = len(indices)
@@ -290,8 +292,8 @@ class KahnemanTversky(Adaptation):
         pref = self.config.preference
         matched = [self.examples.sequence(i) for i in indices]
         mismatched = [self.mismatched(i) for i in indices]
-        out, labels = self.forward(model, matched + mismatched, autocast, loss="none")
-        sums, _ = sequence_logps(out.loss, labels)
+        out, labels = self.forward(model, matched + mismatched, autocast)
+        sums, _ = token_logps(out.logits, labels)
         n, count = len(indices), len(self.examples)
         reference = self.reference_logps(list(indices) + [count + i for i in indices], False)
         desirable = torch.from_numpy(self.examples.desirable[indices]).to(sums.device)
