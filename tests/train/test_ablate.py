@@ -13,7 +13,7 @@ import yaml
 from olmoe.cli import main
 from olmoe.errors import ConfigError
 from olmoe.train import load_config, train
-from olmoe.train.ablate import load_suite, run_suite, summarize_run
+from olmoe.train.ablate import _finished, load_suite, run_suite, summarize_run
 
 STEPS = 6
 
@@ -28,7 +28,7 @@ def write_base(folder: Path) -> Path:
     base.write_text(
         f"""run_dir: unused
 model: {{preset: tiny}}
-data: {{path: {folder / 'train.npy'}, valid_path: {folder / 'valid.npy'}, seq_len: 16}}
+data: {{path: {folder / "train.npy"}, valid_path: {folder / "valid.npy"}, seq_len: 16}}
 optim: {{lr: 1.0e-2}}
 schedule: {{warmup_steps: 2}}
 train: {{max_steps: {STEPS}, global_batch_tokens: 64, micro_batch_size: 4, precision: fp32,
@@ -110,8 +110,10 @@ def test_upcycled_variant_starts_from_another(tmp_path):
     "variants, message",
     [
         ({"a": {"optim.nope": 1}}, "variant a"),
-        ({"up": {"upcycle": {"from": "later", "experts": 2, "top_k": 1}}, "later": {}},
-         "must be a variant listed before it"),
+        (
+            {"up": {"upcycle": {"from": "later", "experts": 2, "top_k": 1}}, "later": {}},
+            "must be a variant listed before it",
+        ),
         ({"../x": {}}, "plain directory name"),
     ],
 )
@@ -121,8 +123,13 @@ def test_bad_suites_say_what_to_change(tmp_path, variants, message):
 
 
 def test_dry_run_prints_the_commands(tmp_path, capsys):
-    path = write_suite(tmp_path, {"a": {}, "b": {"upcycle": {"from": "a", "experts": 4,
-                                                           "top_k": 2, "norm_topk_prob": True}}})
+    path = write_suite(
+        tmp_path,
+        {
+            "a": {},
+            "b": {"upcycle": {"from": "a", "experts": 4, "top_k": 2, "norm_topk_prob": True}},
+        },
+    )
     assert main(["ablate", str(path), "--dry-run", "--nproc-per-node", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("torchrun --nproc_per_node 2 -m olmoe train ")
@@ -160,3 +167,19 @@ SHIPPED = sorted(p for p in (Path(__file__).parents[2] / "configs" / "ablations"
 def test_shipped_suites_validate(path):
     suite = load_suite(path)
     assert len(suite.variants) >= 2 and suite.paper
+
+
+@pytest.mark.parametrize(
+    ("log", "finished"),
+    [
+        ([{"step": 12, "loss": 1.0}], True),
+        ([{"step": 7, "loss": 1.0}], False),
+        ([{"step": 10, "max_steps": 7}, {"step": 7, "loss": 1.0}], True),  # a time budget's end
+        ([{"step": 10, "max_steps": 9}, {"step": 7, "loss": 1.0}], False),
+    ],
+)
+def test_a_run_is_finished_at_its_last_step(tmp_path, log, finished):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    config = load_config(write_base(tmp_path), ["--train.max_steps=12"])
+    assert _finished(tmp_path, config) is finished

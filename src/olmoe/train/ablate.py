@@ -203,7 +203,9 @@ def _finished(run_dir: Path, config: TrainConfig) -> bool:
     if not exported or not log.is_file():
         return False
     steps = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    return any(r.get("step") == config.train.max_steps and "loss" in r for r in steps)
+    # A run with a time budget (train.max_minutes) logs the last step it decided on
+    last = next((r["max_steps"] for r in steps if "max_steps" in r), config.train.max_steps)
+    return any(r.get("step") == last and "loss" in r for r in steps)
 
 
 def make_upcycled_init(suite: Suite, variant: Variant) -> Path:
