@@ -58,21 +58,23 @@ def linear_cross_entropy(
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     gradients = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    if reduction == "none":
-        if gradients:
-            return _TokenLosses.apply(hidden, weight, targets)
-        return _token_losses(hidden, _autocast_operand(weight), targets)
     if gradients:
-        return _MeanLoss.apply(hidden, weight, targets)
-    return _mean_loss(hidden, weight, targets, gradients=False)[0]
+        function = _MeanLoss if reduction == "mean" else _TokenLosses
+        return function.apply(hidden, weight, targets)
+    losses, _, _ = _chunked(hidden, _autocast_operand(weight), targets)
+    return _mean(losses, targets) if reduction == "mean" else losses
 
 
 class _MeanLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets):
-        loss, hidden_grad, weight_grad = _mean_loss(hidden, weight, targets, gradients=True)
-        ctx.save_for_backward(hidden_grad, weight_grad)
-        return loss
+        valid = targets != IGNORE_INDEX
+        row_weights = (valid / valid.sum().clamp_min(1)).float()[:, None]  # shares of the mean
+        losses, hidden_grad, weight_grad = _chunked(
+            hidden, _autocast_operand(weight), targets, row_weights
+        )
+        ctx.save_for_backward(hidden_grad, weight_grad.to(weight.dtype))
+        return _mean(losses, targets)
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -86,28 +88,46 @@ class _TokenLosses(torch.autograd.Function):
         operand = _autocast_operand(weight)
         ctx.operand_dtype = operand.dtype  # the backward pass runs outside autocast
         ctx.save_for_backward(hidden, weight, targets)
-        return _token_losses(hidden, operand, targets)
+        return _chunked(hidden, operand, targets)[0]
 
     @staticmethod
     def backward(ctx, grad_losses):
         hidden, weight, targets = ctx.saved_tensors
-        operand = weight.to(ctx.operand_dtype)
-        valid = targets != IGNORE_INDEX
-        safe_targets = torch.where(valid, targets, 0)
-        row_weights = (grad_losses.float() * valid)[:, None]
-        hidden_grad = torch.empty_like(hidden)
-        weight_grad = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        for rows in _chunks(hidden.shape[0], weight.shape[0]):
-            h = hidden[rows]
-            exps, sums, _ = _scores(h, operand, safe_targets[rows, None])
-            _add_gradients(exps, sums, safe_targets[rows, None], row_weights[rows], h, operand,
-                           hidden_grad[rows], weight_grad)  # fmt: skip
+        row_weights = grad_losses.float()[:, None]
+        _, hidden_grad, weight_grad = _chunked(
+            hidden, weight.to(ctx.operand_dtype), targets, row_weights
+        )
         return hidden_grad, weight_grad.to(weight.dtype), None
 
 
-def _chunks(rows: int, vocab_size: int):
-    step = chunk_rows(vocab_size)
-    return (slice(start, start + step) for start in range(0, rows, step))
+def _chunked(hidden, operand, targets, row_weights=None):
+    """Each row's loss (0 where it has no target) a chunk at a time, and given `row_weights`
+    (N, 1) the gradients of sum(row_weights * losses) for the hidden states and (in float32)
+    the weight, else None for both."""
+    valid = targets != IGNORE_INDEX
+    safe_targets = torch.where(valid, targets, 0)
+    losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    hidden_grad = weight_grad = None
+    if row_weights is not None:
+        row_weights = row_weights * valid[:, None]
+        hidden_grad = torch.empty_like(hidden)
+        weight_grad = torch.zeros(operand.shape, dtype=torch.float32, device=operand.device)
+    step = chunk_rows(operand.shape[0])
+    for start in range(0, hidden.shape[0], step):
+        rows = slice(start, start + step)
+        h, target = hidden[rows], safe_targets[rows, None]
+        exps, sums, terms = _scores(h, operand, target)
+        losses[rows] = terms.masked_fill(~valid[rows], 0)
+        if row_weights is not None:
+            _add_gradients(exps, sums, target, row_weights[rows], h, operand, hidden_grad[rows],
+                           weight_grad)  # fmt: skip
+    return losses, hidden_grad, weight_grad
+
+
+def _mean(losses, targets):
+    """The mean loss over the rows with a target, float32 (summed in float64); 0 / 0 is NaN,
+    as in cross_entropy."""
+    return (losses.sum(dtype=torch.float64) / (targets != IGNORE_INDEX).sum()).float()
 
 
 def _scores(h, operand, target):
@@ -132,42 +152,6 @@ def _add_gradients(exps, sums, target, row_weights, h, operand, hidden_grad, wei
     probs = probs.to(operand.dtype)
     hidden_grad.copy_(probs @ operand)
     weight_grad += probs.T @ h.to(operand.dtype)
-
-
-def _token_losses(hidden, operand, targets):
-    """Each row's loss, 0 where it has no target."""
-    valid = targets != IGNORE_INDEX
-    safe_targets = torch.where(valid, targets, 0)
-    losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-    for rows in _chunks(hidden.shape[0], operand.shape[0]):
-        _, _, terms = _scores(hidden[rows], operand, safe_targets[rows, None])
-        losses[rows] = terms.masked_fill(~valid[rows], 0)
-    return losses
-
-
-def _mean_loss(hidden, weight, targets, gradients: bool):
-    """(loss, d loss / d hidden, d loss / d weight); the gradients are None unless asked."""
-    valid = targets != IGNORE_INDEX
-    count = valid.sum()
-    safe_targets = torch.where(valid, targets, 0)
-    row_weights = (valid / count.clamp_min(1)).float()[:, None]  # each row's share of the mean
-    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-    hidden_grad = torch.empty_like(hidden) if gradients else None
-    weight_grad = (
-        torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if gradients else None
-    )
-    operand = _autocast_operand(weight)
-    for rows in _chunks(hidden.shape[0], weight.shape[0]):
-        h, target = hidden[rows], safe_targets[rows, None]
-        exps, sums, terms = _scores(h, operand, target)
-        total += terms.masked_fill(~valid[rows], 0).sum(dtype=torch.float64)
-        if gradients:
-            _add_gradients(exps, sums, target, row_weights[rows], h, operand, hidden_grad[rows],
-                           weight_grad)  # fmt: skip
-    loss = (total / count).float()  # 0 / 0 is NaN, as in cross_entropy
-    if gradients:
-        weight_grad = weight_grad.to(weight.dtype)
-    return loss, hidden_grad, weight_grad
 
 
 def _autocast_operand(weight: torch.Tensor) -> torch.Tensor:

@@ -219,7 +219,8 @@ class Trainer:
         self.max_steps = cfg.train.max_steps  # lowered once to fit train.max_minutes
         self.budget_fitted = False
         self.train_seconds = 0.0  # in training steps, over the whole run (resumes included)
-        self.step_seconds: list[float] = []  # this process's steps, until the budget is fitted
+        # With a time budget: this process's step times, until the budget is fitted
+        self.step_seconds: list[float] = []
         init_checkpoint = None
         if self.resume_from is not None:
             model = OlmoeForCausalLM.from_pretrained(
@@ -356,7 +357,7 @@ class Trainer:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
         self.train_seconds += seconds
-        if not self.budget_fitted:
+        if cfg.train.max_minutes is not None and not self.budget_fitted:
             self.step_seconds.append(seconds)
 
         reduced = torch.cat([sums, routing.reshape(-1)]).to(env.device)
