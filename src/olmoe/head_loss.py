@@ -23,8 +23,11 @@ from olmoe.errors import InputError
 
 IGNORE_INDEX = -100
 
-# Rows per chunk: one chunk's float32 logits take at most 32 MB (166 rows at a 50k vocabulary).
-_CHUNK_BYTES = 1 << 25
+# Rows per chunk: one chunk's float32 logits take at most 128 MB (667 rows at a 50k vocabulary).
+# The head's GEMMs have only the hidden size (often 128-1024) as their inner or outer dimension,
+# so they run well only with a few hundred rows; the elementwise passes over the logits go to
+# memory at any useful chunk size (docs/training.md#speed).
+_CHUNK_BYTES = 1 << 27
 
 
 def chunk_rows(vocab_size: int) -> int:
