@@ -70,11 +70,19 @@ def _machine_line(data: dict) -> str:
     if "matmul" in data:
         shape = " x ".join(str(n) for n in data["matmul"].get("shape_mkn", []))
         dtype = {"bfloat16": "bf16", "float32": "float32"}[data["matmul"].get("dtype", "bfloat16")]
-        probes.append(f"{dtype} GEMM {data['matmul']['gflop_s']:.0f} GFLOP/s ({shape}, M x K x N)")
+        at_start = data["matmul"].get("at_start_gflop_s", data["matmul"]["gflop_s"])
+        probes.append(f"{dtype} GEMM {at_start:.0f} GFLOP/s ({shape}, M x K x N)")
     if "bandwidth" in data:
         probes.append(f"memory read {data['bandwidth']['gb_s']:.1f} GB/s")
     if probes:
         line += " Measured at the start of the run: " + ", ".join(probes) + "."
+    beside = data.get("matmul", {}).get("beside_prefill_gflop_s")
+    if beside:  # newer runs also time the GEMM beside each engine's prefills
+        line += (
+            f" The prefill limit takes the fastest GEMM rate of the run, "
+            f"{data['matmul']['gflop_s']:.0f} GFLOP/s (beside the engines' prefills: "
+            f"{min(beside):.0f}-{max(beside):.0f})."
+        )
     return line
 
 
@@ -90,6 +98,8 @@ def render_cpu_inference(name: str, data: dict) -> list[str]:
         command += f" --repeats {data['repeats']}"
     if threads:
         command += f" --threads {threads}"
+    if "engines" in data:
+        command += f" --engines {','.join(data['engines'])}"
     command += f" --json bench/{name}"
     # results-released-cpu.json: "released shape"; results-released-int4-cpu.json: "... : int4"
     variant = name.removeprefix(f"results-{data['shape']}").removesuffix("-cpu.json").strip("-")

@@ -146,6 +146,23 @@ def test_bench_tables_write_is_idempotent(tables, tmp_path):
     assert text.startswith("# Benchmarks\n\n") and text.endswith(f"{tables.END}\n\nnotes\n")
 
 
+def test_bench_tables_name_the_gemm_rates_behind_the_prefill_limit(tables, tmp_path):
+    data = json.loads((ROOT / "bench" / "results-released-avx2-cpu.json").read_text())
+    data["matmul"].pop("beside_prefill_gflop_s", None)
+    data["matmul"].pop("at_start_gflop_s", None)
+    data["matmul"]["gflop_s"] = 38.4
+    (tmp_path / "results-old-cpu.json").write_text(json.dumps(data))
+    data["matmul"].update(gflop_s=64.6, at_start_gflop_s=38.4, beside_prefill_gflop_s=[61.2, 64.6])
+    (tmp_path / "results-new-cpu.json").write_text(json.dumps(data))
+    text = tables.render(tmp_path)
+    sections = {part.split("\n")[0]: part for part in text.split("### ")[1:]}
+    old, new = (sections[f"CPU inference, released shape: results-{n}"] for n in ("old", "new"))
+    assert "float32 GEMM 38 GFLOP/s" in new and "the fastest GEMM rate of the run, 65" in new
+    assert "(beside the engines' prefills: 61-65)" in new
+    assert "float32 GEMM 38 GFLOP/s" in old and "fastest GEMM rate" not in old
+    assert f"--engines {','.join(data['engines'])} --json" in text
+
+
 def test_bench_tables_note_unknown_layouts(tables, tmp_path):
     (tmp_path / "results-other.json").write_text(json.dumps({"something": 1}))
     assert "results-other.json" in tables.render(tmp_path)

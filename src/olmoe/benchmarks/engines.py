@@ -251,6 +251,32 @@ def read_gb_s(buffer: torch.Tensor, read, repeats: int) -> float:
     return buffer.nbytes / best_seconds(lambda: read(buffer), repeats) / 1e9
 
 
+# ---------------------------------------------------------------------------- matmul rate
+# The compute rate moves in phases too (a best-of-10 GEMM read 38 GFLOP/s at one run's start
+# and 62-67 most other times), so each worker also times a GEMM just before and just after its
+# prefills, and the fastest rate any probe saw is the prefill limit.
+MATMUL_SHAPE = (512, 2048, 2048)  # (M, K, N): a prefill-sized GEMM of the released width
+
+
+def matmul_dtype() -> torch.dtype:
+    """What the prefill limit multiplies in: bf16 where the CPU multiplies bf16 natively, else
+    float32, which is what olmoe's engine multiplies a bf16 model's prefill in there (PyTorch's
+    emulated bf16 GEMM is no limit)."""
+    from olmoe.hardware import matrix_units
+
+    return torch.bfloat16 if matrix_units() != "none" else torch.float32
+
+
+def matmul_probe(repeats: int) -> Callable[[], float]:
+    """A GEMM-rate probe: torch's (oneDNN's) GFLOP/s at MATMUL_SHAPE in `matmul_dtype()`, the
+    fastest of `repeats` products."""
+    m, k, n = MATMUL_SHAPE
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=generator).to(matmul_dtype())
+    b = torch.randn(k, n, generator=generator).to(matmul_dtype())
+    return lambda: 2 * m * k * n / best_seconds(lambda: torch.mm(a, b), repeats) / 1e9
+
+
 def adjacent_probe() -> Callable[[], float]:
     """A read-bandwidth probe for the worker's decode measurements: olmoe's read kernel where
     it builds (else torch.sum) on a 2 MB page buffer, best of 3."""
@@ -263,8 +289,9 @@ def measure(load, prefill, decode, batches=DECODE_BATCHES, prepare=None) -> dict
     """The common protocol: `load()` returns the engine; `prepare(engine)`, untimed, settles
     options; `prefill(engine, ids)` runs a prompt; `decode(engine, ids, n)` returns one
     timestamp per new token. Returns the worker's metrics, with the read bandwidth around each
-    decode measurement (the mean of one probe before and one after)."""
-    probe = adjacent_probe()
+    decode measurement (the mean of one probe before and one after) and the faster of two GEMM
+    rates, one just before the prefills and one just after."""
+    probe, gemm = adjacent_probe(), matmul_probe(repeats=3)
     start = time.perf_counter()
     engine = load()
     result: dict = {"load_s": time.perf_counter() - start}
@@ -273,13 +300,14 @@ def measure(load, prefill, decode, batches=DECODE_BATCHES, prepare=None) -> dict
     # One short generation first: the first call of every engine pays for allocations and
     # thread-pool start-up that steady-state tokens do not.
     decode(engine, random_prompt(1, DECODE_PROMPT_TOKENS), 4)
-    rates = []
+    rates, gflop_s = [], gemm()
     for variant in range(PREFILL_PROMPTS):
         ids = random_prompt(1, PREFILL_TOKENS, variant)
         start = time.perf_counter()
         prefill(engine, ids)
         rates.append(PREFILL_TOKENS / (time.perf_counter() - start))
     result["prefill_tok_s"] = statistics.median(rates)
+    result["prefill_matmul_gflop_s"] = max(gflop_s, gemm())
     for batch in DECODE_BATCHES:
         key = f"decode_b{batch}_tok_s"
         if batch not in batches:
