@@ -97,6 +97,13 @@ def test_an_unknown_reduction_is_refused():
         linear_cross_entropy(*_problem(), reduction="sum")
 
 
+@pytest.mark.parametrize("skip", [False, True])
+def test_the_model_refuses_an_unknown_loss_reduction_with_or_without_logits(skip):
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"reduction must be one of \('mean', 'none'\)"):
+        tiny_model()(input_ids=ids, labels=ids, skip_logits=skip, loss_reduction="sum")
+
+
 def test_no_targets_is_nan_as_in_cross_entropy():
     hidden, weight, targets = _problem()
     targets[:] = head_loss.IGNORE_INDEX

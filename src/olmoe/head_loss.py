@@ -38,6 +38,11 @@ def chunk_rows(vocab_size: int) -> int:
 REDUCTIONS = ("mean", "none")
 
 
+def _check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
 ) -> torch.Tensor:
@@ -58,8 +63,7 @@ def linear_cross_entropy(
         )
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"targets {tuple(targets.shape)} must be ({hidden.shape[0]},)")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    _check_reduction(reduction)
     gradients = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     if gradients:
         function = _MeanLoss if reduction == "mean" else _TokenLosses
@@ -176,6 +180,7 @@ def causal_lm_loss(
     and fill a logits-sized gradient buffer, which at OLMoE's 50k vocabulary was a tenth of a
     small model's training step. The last position has no target and is ignored.
     """
+    _check_reduction(reduction)
     targets = _next_tokens(labels, logits)
     losses = F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]),
