@@ -16,8 +16,9 @@ per engine, the ratio, and each step's share of the machine's matmul rate in tha
     .venv/bin/python bench/train_speed.py --shape quickstart --batch 8 --seq 256
 
 olmoe's step is what `olmoe train` runs (the LM head's cross-entropy without logits,
-olmoe.head_loss, + 0.01 LB + 0.001 Z from olmoe.train.losses, and its fused AdamW); transformers' is its own `loss` (CE + 0.01 aux_loss) with output_router_logits=True
-and PyTorch's default AdamW.
+olmoe.head_loss, + 0.01 LB + 0.001 Z from olmoe.train.losses, and its fused AdamW);
+transformers' is its own `loss` (CE + 0.01 aux_loss) with output_router_logits=True and
+PyTorch's default AdamW.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from olmoe import OlmoeConfig, OlmoeForCausalLM
+from olmoe.hardware import matrix_units
 
 PREFILL_TOKENS = 512
 PREFILL_PROMPTS = 3
@@ -262,8 +263,6 @@ def matmul_dtype() -> torch.dtype:
     """What the prefill limit multiplies in: bf16 where the CPU multiplies bf16 natively, else
     float32, which is what olmoe's engine multiplies a bf16 model's prefill in there (PyTorch's
     emulated bf16 GEMM is no limit)."""
-    from olmoe.hardware import matrix_units
-
     return torch.bfloat16 if matrix_units() != "none" else torch.float32
 
 
@@ -271,9 +270,9 @@ def matmul_probe(repeats: int) -> Callable[[], float]:
     """A GEMM-rate probe: torch's (oneDNN's) GFLOP/s at MATMUL_SHAPE in `matmul_dtype()`, the
     fastest of `repeats` products."""
     m, k, n = MATMUL_SHAPE
-    generator = torch.Generator().manual_seed(0)
-    a = torch.randn(m, k, generator=generator).to(matmul_dtype())
-    b = torch.randn(k, n, generator=generator).to(matmul_dtype())
+    dtype, generator = matmul_dtype(), torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=generator).to(dtype)
+    b = torch.randn(k, n, generator=generator).to(dtype)
     return lambda: 2 * m * k * n / best_seconds(lambda: torch.mm(a, b), repeats) / 1e9
 
 

@@ -135,7 +135,7 @@ class Adaptation:
         with autocast():
             out = model(
                 input_ids=input_ids.to(device), output_routing=True, use_cache=False,
-                **({"labels": labels, "skip_logits": True} if loss else {}),
+                labels=labels if loss else None, skip_logits=loss,
             )  # fmt: skip
         lengths = torch.tensor([len(ids) for ids, _ in sequences], device=device)
         real = (torch.arange(input_ids.shape[1], device=device) < lengths[:, None]).reshape(-1)
@@ -220,7 +220,7 @@ class SupervisedFineTuning(Adaptation):
             out = model(
                 input_ids=input_ids.to(device), attention_mask=mask.to(device),
                 position_ids=positions.to(device), output_routing=True, use_cache=False,
-                **({"labels": labels, "skip_logits": True} if loss else {}),
+                labels=labels if loss else None, skip_logits=loss,
             )  # fmt: skip
         real = (torch.arange(input_ids.shape[1]) < lengths[:, None]).reshape(-1).to(device)
         out.routing = tuple(layer.select(real) for layer in out.routing)
