@@ -90,6 +90,18 @@ def _engines(data: dict) -> list[str]:
     return [name for name in data["engines"] if name in data["median"]]
 
 
+def _rss_line(data: dict) -> str:
+    """What the peak-RSS column counts: files written before `probe_rss_gb` existed include
+    the worker's own probe buffers."""
+    probes = [r["probe_rss_gb"] for r in data.get("runs", []) if "probe_rss_gb" in r]
+    if probes:
+        return (
+            f"Peak RSS is the worker's high-water mark less the {max(probes):.2f} GB of buffers "
+            "its bandwidth and GEMM probes hold from before the load to the end."
+        )
+    return "Peak RSS includes the 0.5 GB buffer each worker reads for its bandwidth probe."
+
+
 def render_cpu_inference(name: str, data: dict) -> list[str]:
     median, fractions = data["median"], data.get("fractions_of_limit", {})
     threads = data["machine"].get("threads")
@@ -141,6 +153,7 @@ def render_cpu_inference(name: str, data: dict) -> list[str]:
     header = ["engine", "load s", "peak RSS GB", "prefill-512 tok/s", "decode b1 tok/s",
               "decode b8 tok/s"]  # fmt: skip
     out += _table(header, rows)
+    out += ["", _rss_line(data)]
 
     limits = data["limits"]
     weights = list(dict.fromkeys(median[e].get("weights", "bf16") for e in _engines(data)))

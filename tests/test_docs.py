@@ -163,6 +163,21 @@ def test_bench_tables_name_the_gemm_rates_behind_the_prefill_limit(tables, tmp_p
     assert f"--engines {','.join(data['engines'])} --json" in text
 
 
+def test_bench_tables_say_whether_peak_rss_counts_the_probe_buffers(tables, tmp_path):
+    data = json.loads((ROOT / "bench" / "results-released-avx2-cpu.json").read_text())
+    for run in data["runs"]:
+        run.pop("probe_rss_gb", None)
+    (tmp_path / "results-old-cpu.json").write_text(json.dumps(data))
+    for run in data["runs"]:
+        run["probe_rss_gb"] = 0.562
+    (tmp_path / "results-new-cpu.json").write_text(json.dumps(data))
+    text = tables.render(tmp_path)
+    sections = {part.split("\n")[0]: part for part in text.split("### ")[1:]}
+    old, new = (sections[f"CPU inference, released shape: results-{n}"] for n in ("old", "new"))
+    assert "Peak RSS includes the 0.5 GB buffer" in old and "less the" not in old
+    assert "high-water mark less the 0.56 GB" in new and "includes" not in new
+
+
 def test_bench_tables_note_unknown_layouts(tables, tmp_path):
     (tmp_path / "results-other.json").write_text(json.dumps({"something": 1}))
     assert "results-other.json" in tables.render(tmp_path)

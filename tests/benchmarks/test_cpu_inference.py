@@ -1,4 +1,5 @@
-"""The CPU inference benchmark's prefill limit: the fastest GEMM rate any probe of the run saw."""
+"""The CPU inference benchmark's limits and probes: the prefill limit is the fastest GEMM rate
+any probe of the run saw; the peak RSS leaves out the probes' own buffers."""
 
 from __future__ import annotations
 
@@ -28,19 +29,38 @@ def test_matmul_probe_times_a_product_of_the_benchmark_shape_in_its_dtype(monkey
     assert shapes == [((m, k), (k, n), engines.matmul_dtype())] * 3  # one untimed, two timed
 
 
+def decode_stamps(engine, ids, n):
+    return [float(i) for i in range(n)]
+
+
 def test_each_worker_keeps_the_faster_gemm_rate_around_its_prefills(monkeypatch):
     rates = iter([40.0, 55.0])
-    monkeypatch.setattr(engines, "matmul_probe", lambda repeats: lambda: next(rates))
-    monkeypatch.setattr(engines, "adjacent_probe", lambda: lambda: 20.0)
+    monkeypatch.setattr(engines, "matmul_probe", lambda repeats: engines.Probe(lambda: next(rates)))
+    monkeypatch.setattr(engines, "adjacent_probe", lambda: engines.Probe(lambda: 20.0))
     prefills = []
 
-    def decode(engine, ids, n):
-        return [float(i) for i in range(n)]
-
-    result = engines.measure(lambda: "engine", lambda e, ids: prefills.append(ids), decode)
+    result = engines.measure(lambda: "engine", lambda e, ids: prefills.append(ids), decode_stamps)
     assert len(prefills) == engines.PREFILL_PROMPTS
     assert result["prefill_matmul_gflop_s"] == 55.0
     assert next(rates, None) is None  # one probe before the prefills, one after
+
+
+def test_probes_count_the_bytes_their_buffers_keep_resident(monkeypatch):
+    monkeypatch.setattr(engines, "ADJACENT_PROBE_BYTES", 8 << 20)
+    m, k, n = engines.MATMUL_SHAPE
+    itemsize = torch.empty(0, dtype=engines.matmul_dtype()).element_size()
+    assert engines.matmul_probe(repeats=1).resident_bytes == (m * k + k * n) * itemsize
+    assert engines.adjacent_probe().resident_bytes == 8 << 20
+
+
+def test_the_workers_peak_rss_leaves_out_the_probe_buffers(monkeypatch):
+    held = torch.ones(1 << 20, dtype=torch.uint8)
+    monkeypatch.setattr(engines, "matmul_probe", lambda repeats: engines.Probe(lambda: 1.0))
+    monkeypatch.setattr(engines, "adjacent_probe", lambda: engines.Probe(lambda: 1.0, held))
+    monkeypatch.setattr(engines, "peak_rss_gb", lambda: 3.0)
+    result = engines.measure(lambda: "engine", lambda e, ids: None, decode_stamps)
+    assert result["probe_rss_gb"] == pytest.approx(held.nbytes / 1e9)
+    assert result["peak_rss_gb"] == pytest.approx(3.0 - held.nbytes / 1e9)
 
 
 def test_the_prefill_limit_is_the_fastest_rate_of_the_run():

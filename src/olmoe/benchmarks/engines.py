@@ -266,30 +266,44 @@ def matmul_dtype() -> torch.dtype:
     return torch.bfloat16 if matrix_units() != "none" else torch.float32
 
 
-def matmul_probe(repeats: int) -> Callable[[], float]:
+class Probe:
+    """A rate measurement to repeat during a worker's life, and the bytes its buffers keep
+    resident all along: the worker's peak RSS leaves them out, as they are the benchmark's, not
+    the engine's."""
+
+    def __init__(self, rate: Callable[[], float], *buffers: torch.Tensor):
+        self.rate = rate
+        self.resident_bytes = sum(buffer.nbytes for buffer in buffers)
+
+    def __call__(self) -> float:
+        return self.rate()
+
+
+def matmul_probe(repeats: int) -> Probe:
     """A GEMM-rate probe: torch's (oneDNN's) GFLOP/s at MATMUL_SHAPE in `matmul_dtype()`, the
     fastest of `repeats` products."""
     m, k, n = MATMUL_SHAPE
     dtype, generator = matmul_dtype(), torch.Generator().manual_seed(0)
     a = torch.randn(m, k, generator=generator).to(dtype)
     b = torch.randn(k, n, generator=generator).to(dtype)
-    return lambda: 2 * m * k * n / best_seconds(lambda: torch.mm(a, b), repeats) / 1e9
+    return Probe(lambda: 2 * m * k * n / best_seconds(lambda: torch.mm(a, b), repeats) / 1e9, a, b)
 
 
-def adjacent_probe() -> Callable[[], float]:
+def adjacent_probe() -> Probe:
     """A read-bandwidth probe for the worker's decode measurements: olmoe's read kernel where
     it builds (else torch.sum) on a 2 MB page buffer, best of 3."""
     buffer = probe_buffer(ADJACENT_PROBE_BYTES, huge_pages=True)
     read = list(readers().values())[-1]
-    return lambda: read_gb_s(buffer, read, repeats=3)
+    return Probe(lambda: read_gb_s(buffer, read, repeats=3), buffer)
 
 
 def measure(load, prefill, decode, batches=DECODE_BATCHES, prepare=None) -> dict:
     """The common protocol: `load()` returns the engine; `prepare(engine)`, untimed, settles
     options; `prefill(engine, ids)` runs a prompt; `decode(engine, ids, n)` returns one
     timestamp per new token. Returns the worker's metrics, with the read bandwidth around each
-    decode measurement (the mean of one probe before and one after) and the faster of two GEMM
-    rates, one just before the prefills and one just after."""
+    decode measurement (the mean of one probe before and one after), the faster of two GEMM
+    rates, one just before the prefills and one just after, and the peak RSS without the
+    probes' buffers (`probe_rss_gb`, resident from before the load to the end)."""
     probe, gemm = adjacent_probe(), matmul_probe(repeats=3)
     start = time.perf_counter()
     engine = load()
@@ -316,7 +330,9 @@ def measure(load, prefill, decode, batches=DECODE_BATCHES, prepare=None) -> dict
         stamps = decode(engine, random_prompt(batch, DECODE_PROMPT_TOKENS), DECODE_NEW_TOKENS)
         result[key] = decode_rate(stamps, batch)
         result[f"decode_b{batch}_read_gb_s"] = (before + probe()) / 2
-    result["peak_rss_gb"] = peak_rss_gb()
+    probes_gb = (probe.resident_bytes + gemm.resident_bytes) / 1e9
+    result["peak_rss_gb"] = peak_rss_gb() - probes_gb
+    result["probe_rss_gb"] = probes_gb
     return result
 
 
