@@ -158,6 +158,28 @@ def test_grouped_linear_equals_one_product_per_group_forward_and_backward(counts
     assert_close(weight.grad, weight_ref.grad, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("method", ["bf16", "int8", "int4"])
+def test_grouped_products_of_several_tiles_are_each_groups_product(method):
+    """Experts of 600 x 2048 weights: where the back end multiplies in float32, each expert's
+    weights are widened or dequantised 2 MB at a time (256 rows of float32) into its GEMM;
+    each group is still its product with the (dequantised) weights, rounded once."""
+    counts = torch.tensor([5, 0, 11])
+    x = bf16(16, 2048, seed=21)
+    weight = bf16(3, 600, 2048, scale=0.05, seed=22)
+    scale, dense = None, weight
+    if method == "int8":
+        weight, scale = quantize_rows(weight)
+        dense = dequantize(weight, scale, torch.bfloat16)
+    elif method == "int4":
+        weight, scale = quantize_int4(weight)
+        dense = dequantize_int4(weight, scale, 2048, torch.bfloat16)
+    got = native.compiled().grouped_linear(x, weight, counts, scale)
+    chunks = torch.split(x.double(), counts.tolist())
+    expected = torch.cat([chunk @ dense[e].double().T for e, chunk in enumerate(chunks)])
+    assert got.shape == (16, 600)
+    assert_close(got.double(), expected.bfloat16().double(), **BF16_ULP)
+
+
 @pytest.mark.parametrize(
     "tokens, out_features, in_features",
     [(1, 64, 2048), (1, 9, 300), (2, 20, 1000), (3, 33, 40), (4, 8, 130), (8, 130, 96),

@@ -369,14 +369,18 @@ void for_each_group(const torch::Tensor& counts, int64_t rows, const F& f) {
   });
 }
 
+// The dtype of GemmValue, what x and dequantised weights go into the back end's GEMM as.
+const auto kGemmType = kBf16Gemm ? torch::kBFloat16 : torch::kFloat32;
+
 // out = x @ w (+ bias), into `out` (a view may be): oneDNN's GEMM, unless the operands are bf16
 // and the back end has no bf16 GEMM (kBf16Gemm): without bf16 instructions oneDNN emulates
 // bf16 products hundreds of times slower than float32 ones (docs/inference.md), so there the
-// operands are widened to float32 (exactly) and the float32 sums rounded once into `out`, as
-// a bf16 GEMM rounds them.
+// operands are widened to float32 (exactly; float32 ones, such as dequantised tiles, stay as
+// they are) and the float32 sums rounded once into a bf16 `out`, as a bf16 GEMM rounds them.
 void gemm_out(torch::Tensor out, const torch::Tensor& x, const torch::Tensor& w,
-                const torch::Tensor& bias = {}) {
-  if (kBf16Gemm || x.scalar_type() != torch::kBFloat16) {
+              const torch::Tensor& bias = {}) {
+  const auto type = x.scalar_type();
+  if (type == out.scalar_type() && (kBf16Gemm || type != torch::kBFloat16)) {
     if (bias.defined()) {
       at::addmm_out(out, bias, x, w);
     } else {
@@ -388,21 +392,28 @@ void gemm_out(torch::Tensor out, const torch::Tensor& x, const torch::Tensor& w,
   out.copy_(bias.defined() ? at::addmm(wide(bias), wide(x), wide(w)) : at::mm(wide(x), wide(w)));
 }
 
-// Weight rows per tile of a quantised product: a tile dequantised to bf16 (at most 2 MB) stays
-// in the core's caches for the GEMM that reads it, where a whole dequantised matrix (8 MB) would
-// go out to memory and back; 1 MB tiles (this L2's size on AMD's Zen 4) were slower, each GEMM
-// call having its own fixed cost.
+// Weight rows per tile of a tiled product: a dequantised tile (at most 2 MB) stays in the
+// core's caches for the GEMM that reads it, where a whole dequantised matrix (8 MB in bf16)
+// would go out to memory and back; 1 MB tiles (this L2's size on AMD's Zen 4) were slower, each
+// GEMM call having its own fixed cost.
 constexpr int64_t kTileBytes = 2 << 20;
 inline int64_t tile_rows(int64_t N, int64_t K) {
-  return std::max<int64_t>(16, std::min(N, kTileBytes / (2 * K)));
+  return std::max<int64_t>(16, std::min<int64_t>(N, kTileBytes / (sizeof(GemmValue) * K)));
 }
 
-// Rows [r0, r0 + rows) of matrix e of a quantised (E, N, *) weight, E = 1 for a 2-d one, as
-// bf16 rows of K values, rounded as olmoe.quantize rounds (bf16(float(q) * scale)): int8 with
-// `scale` (E, N) float32 per row, or packed int4 with `scale` (E, N, Kp / 32) float16.
+// Rows [r0, r0 + rows) of matrix e of an (E, N, *) weight, E = 1 for a 2-d one, as rows of K
+// GemmValues: int8 with `scale` (E, N) float32 per row, or packed int4 with `scale`
+// (E, N, Kp / 32) float16, rounded as olmoe.quantize rounds (bf16(float(q) * scale)); or bf16
+// (no scale), widened where the back end multiplies float32.
 void dequantize_tile(const torch::Tensor& weight, const torch::Tensor& scale, int64_t e,
-                     int64_t r0, int64_t rows, int64_t K, bf16* to) {
+                     int64_t r0, int64_t rows, int64_t K, GemmValue* to) {
   const int64_t N = weight.size(-2), first_row = e * N + r0;
+  if (weight.scalar_type() == torch::kBFloat16) {
+    const auto matrix = weight.dim() == 3 ? weight[e] : weight;
+    torch::from_blob(to, {rows, K}, weight.options().dtype(kGemmType))
+        .copy_(matrix.narrow(0, r0, rows));
+    return;
+  }
   if (weight.scalar_type() == torch::kByte) {
     const int64_t Kp = int4_padded(K);
     dequantize_int4_rows(weight.data_ptr<uint8_t>() + first_row * Kp / 2,
@@ -414,32 +425,37 @@ void dequantize_tile(const torch::Tensor& weight, const torch::Tensor& scale, in
                        scale.data_ptr<float>() + first_row, K, rows, to);
 }
 
-// out[:, r0 : r0 + rows] = x (n, K) @ those rows^T (+ bias[r0 : r0 + rows]), dequantised into
-// `buffer` (at least rows x K bf16) and multiplied by oneDNN's GEMM on the calling thread.
+// out[:, r0 : r0 + rows] = x (n, K) @ those rows^T (+ bias[r0 : r0 + rows]), dequantised (or
+// widened) into `buffer` (at least rows x K, kGemmType) and multiplied by oneDNN's GEMM on the
+// calling thread; x is in kGemmType too (widened once per product, not per tile).
 void quantized_tile(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale,
                     const torch::Tensor& bias, int64_t e, int64_t r0, int64_t rows,
                     torch::Tensor& buffer, torch::Tensor& out) {
   const int64_t K = x.size(1);
-  dequantize_tile(weight, scale, e, r0, rows, K, reinterpret_cast<bf16*>(buffer.data_ptr()));
+  dequantize_tile(weight, scale, e, r0, rows, K, static_cast<GemmValue*>(buffer.data_ptr()));
   auto part = out.narrow(1, r0, rows);
   const auto tile = buffer.narrow(0, 0, rows * K).view({rows, K}).t();
   gemm_out(part, x, tile, bias.defined() ? bias.narrow(0, r0, rows) : bias);
 }
 
-// x (n, K) bf16 @ weight[e]^T into out (n, N) bf16, on the calling thread: bf16 weights by one
-// oneDNN GEMM, quantised ones a tile at a time, so that a layer's experts never exist in bf16
-// all at once.
+// x (n, K) @ weight[e]^T into out (n, N), on the calling thread: bf16 (or float32) weights by
+// one oneDNN GEMM where the back end multiplies them as they are; quantised ones, and bf16 ones
+// to be multiplied in float32, a tile at a time, so that a layer's experts never exist
+// dequantised or widened all at once (and each tile stays in the core's caches).
 void expert_product(const torch::Tensor& x, const torch::Tensor& weight,
                     const c10::optional<torch::Tensor>& scale, int64_t e, torch::Tensor out) {
   const auto type = weight.scalar_type();
-  if (type != torch::kByte && type != torch::kChar) {
+  const bool quantised = type == torch::kByte || type == torch::kChar;
+  if (!quantised && (kBf16Gemm || type != torch::kBFloat16)) {
     gemm_out(out, x, weight[e].t());
     return;
   }
   const int64_t K = x.size(1), N = weight.size(1), tile = tile_rows(N, K);
-  auto buffer = torch::empty({tile * K}, x.options());
+  const auto operand = x.to(kGemmType);
+  const auto tile_scale = scale.value_or(torch::Tensor());
+  auto buffer = torch::empty({tile * K}, x.options().dtype(kGemmType));
   for (int64_t r0 = 0; r0 < N; r0 += tile)
-    quantized_tile(x, weight, *scale, {}, e, r0, std::min(tile, N - r0), buffer, out);
+    quantized_tile(operand, weight, tile_scale, {}, e, r0, std::min(tile, N - r0), buffer, out);
 }
 
 // Whether a grouped (E, N, *) weight fits rows of K inputs; checks a quantised one's scales.
@@ -798,12 +814,13 @@ torch::Tensor quantized_linear(torch::Tensor x, torch::Tensor weight, torch::Ten
     add = bias->to(torch::kBFloat16).contiguous();
   }
   auto out = torch::empty({x.size(0), N}, x.options());
+  const auto operand = x.to(kGemmType);
   const int64_t tile = tile_rows((N + at::get_num_threads() - 1) / at::get_num_threads(), K);
   parallel_items((N + tile - 1) / tile, [&](int64_t i) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in for_each_group
-    auto buffer = torch::empty({tile * K}, x.options());
+    auto buffer = torch::empty({tile * K}, x.options().dtype(kGemmType));
     const int64_t r0 = i * tile;
-    quantized_tile(x, weight, scale, add, 0, r0, std::min(tile, N - r0), buffer, out);
+    quantized_tile(operand, weight, scale, add, 0, r0, std::min(tile, N - r0), buffer, out);
   });
   return out;
 }

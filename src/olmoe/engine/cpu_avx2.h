@@ -23,8 +23,10 @@
 
 namespace {
 
-// oneDNN emulates bf16 products here: cpu.cpp's gemm_out widens them to float32.
+// oneDNN emulates bf16 products here: cpu.cpp's gemm_out widens them to float32, and quantised
+// weights are dequantised straight to float32 (the values bf16 rounding gives) for it.
 constexpr bool kBf16Gemm = false;
+using GemmValue = float;
 
 // ------------------------------------------------------------------------- vector helpers
 // Up to 8 values as floats (zero beyond n), from float or bf16 memory.
@@ -377,14 +379,25 @@ struct Int4Matrix : SplitRows<Int4Matrix> {
 };
 
 // ------------------------------------------------------------------------- dequantisation
-// Rows of a packed int4 matrix (Kp / 2 bytes and Kp / 32 float16 scales each) as bf16 rows of
-// K values, each bf16(float(q) * float(scale)) as olmoe.quantize.dequantize_int4 rounds: per
-// group, its 16 possible values are computed once, split into a table of their low bytes and
-// one of their high bytes, and its 32 nibbles look both up (vpshufb). Group l's inputs 4r ..
-// 4r + 3 are the nibbles of dword l of register r: the low, then the high nibbles of the four
-// 64-byte chunks' dword l.
+// Dequantised weights go to the float32 GEMM as float32 rows holding bf16 values exactly.
+
+// A group's dequantised values, four vectors of 8 bf16 in order, into `out` as the float32
+// values they are, the first `count` of them.
+inline void store_group(const __m128i (&parts)[4], int64_t count, float* out) {
+  alignas(32) float values[kInt4Group];
+  float* to = count == kInt4Group ? out : values;
+  for (int p = 0; p < 4; p++) _mm256_storeu_ps(to + 8 * p, widen(parts[p]));
+  if (to == values) std::copy_n(values, count, out);
+}
+
+// Rows of a packed int4 matrix (Kp / 2 bytes and Kp / 32 float16 scales each) as rows of K
+// values, each bf16(float(q) * float(scale)) as olmoe.quantize.dequantize_int4 rounds: per
+// group, its 16 possible values are computed once in bf16, split into a table of their low
+// bytes and one of their high bytes, and its 32 nibbles look both up (vpshufb). Group l's
+// inputs 4r .. 4r + 3 are the nibbles of dword l of register r: the low, then the high nibbles
+// of the four 64-byte chunks' dword l.
 inline void dequantize_int4_rows(const uint8_t* data, const c10::Half* scale, int64_t Kp,
-                                 int64_t K, int64_t rows, bf16* out) {
+                                 int64_t K, int64_t rows, float* out) {
   const __m256 negative = _mm256_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1);
   const __m256 positive = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
   const __m128i bytes_apart = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
@@ -404,26 +417,36 @@ inline void dequantize_int4_rows(const uint8_t* data, const c10::Half* scale, in
         const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(dwords));
         const __m128i lo = _mm_and_si128(packed, nibble);
         const __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), nibble);
-        alignas(16) bf16 values[kInt4Group];
         const __m128i indices[2] = {_mm_unpacklo_epi32(lo, hi), _mm_unpackhi_epi32(lo, hi)};
+        __m128i parts[4];
         for (int half = 0; half < 2; half++) {
           const __m128i l8 = _mm_shuffle_epi8(low_bytes, indices[half]);
           const __m128i h8 = _mm_shuffle_epi8(high_bytes, indices[half]);
-          _mm_store_si128(reinterpret_cast<__m128i*>(values + 16 * half),
-                          _mm_unpacklo_epi8(l8, h8));
-          _mm_store_si128(reinterpret_cast<__m128i*>(values + 16 * half + 8),
-                          _mm_unpackhi_epi8(l8, h8));
+          parts[2 * half] = _mm_unpacklo_epi8(l8, h8);
+          parts[2 * half + 1] = _mm_unpackhi_epi8(l8, h8);
         }
         const int64_t count = std::min<int64_t>(kInt4Group, K - b - kInt4Group * l);
-        std::copy_n(values, count, out + row * K + b + kInt4Group * l);
+        store_group(parts, count, out + row * K + b + kInt4Group * l);
       }
     }
 }
 
-// Rows of an int8 matrix (K values each, one float32 scale per row) as bf16 rows, each value
-// bf16(float(q) * scale) as olmoe.quantize.dequantize_int8 rounds.
+// The first n of 8 floats rounded to bf16, stored as the float32 values they then are.
+inline void store_rounded(float* out, __m256 x, int64_t n) {
+  const __m256 rounded = widen(to_bf16(x));
+  if (n >= 8) {
+    _mm256_storeu_ps(out, rounded);
+    return;
+  }
+  alignas(32) float part[8];
+  _mm256_store_ps(part, rounded);
+  std::copy_n(part, std::max<int64_t>(n, 0), out);
+}
+
+// Rows of an int8 matrix (K values each, one float32 scale per row) as float32 rows for the
+// float32 GEMM, each value bf16(float(q) * scale) as olmoe.quantize.dequantize_int8 rounds.
 inline void dequantize_int8_rows(const int8_t* q, const float* s, int64_t K, int64_t rows,
-                                 bf16* to) {
+                                 float* to) {
   for (int64_t r = 0; r < rows; r++) {
     const __m256 row_scale = _mm256_set1_ps(s[r]);
     for (int64_t k = 0; k < K; k += 8) {
@@ -431,7 +454,7 @@ inline void dequantize_int8_rows(const int8_t* q, const float* s, int64_t K, int
       std::copy_n(q + r * K + k, std::min<int64_t>(8, K - k), part);
       const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(part));
       const __m256 values = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
-      store_bf16(to + r * K + k, _mm256_mul_ps(values, row_scale), K - k);
+      store_rounded(to + r * K + k, _mm256_mul_ps(values, row_scale), K - k);
     }
   }
 }

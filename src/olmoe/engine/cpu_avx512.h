@@ -15,6 +15,7 @@
 namespace {
 
 constexpr bool kBf16Gemm = true;  // oneDNN multiplies bf16 with the same instructions
+using GemmValue = bf16;           // what quantised weights are dequantised into for its GEMM
 
 // ------------------------------------------------------------------------- vector helpers
 inline __mmask16 first(int64_t n) {
