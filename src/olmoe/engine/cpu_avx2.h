@@ -45,6 +45,16 @@ inline __m256 load_floats(const bf16* x, int64_t n) {
   std::copy_n(x, std::max<int64_t>(n, 0), part);
   return widen(_mm_load_si128(reinterpret_cast<const __m128i*>(part)));
 }
+// The first n of 8 floats (none for n <= 0) into float memory.
+inline void store_floats(float* out, __m256 x, int64_t n) {
+  if (n >= 8) {
+    _mm256_storeu_ps(out, x);
+    return;
+  }
+  alignas(32) float part[8];
+  _mm256_store_ps(part, x);
+  std::copy_n(part, std::max<int64_t>(n, 0), out);
+}
 
 // 8 floats rounded to bf16, to nearest even (a NaN stays a NaN), as 8 16-bit values in order.
 inline __m128i to_bf16(__m256 x) {
@@ -381,15 +391,6 @@ struct Int4Matrix : SplitRows<Int4Matrix> {
 // ------------------------------------------------------------------------- dequantisation
 // Dequantised weights go to the float32 GEMM as float32 rows holding bf16 values exactly.
 
-// A group's dequantised values, four vectors of 8 bf16 in order, into `out` as the float32
-// values they are, the first `count` of them.
-inline void store_group(const __m128i (&parts)[4], int64_t count, float* out) {
-  alignas(32) float values[kInt4Group];
-  float* to = count == kInt4Group ? out : values;
-  for (int p = 0; p < 4; p++) _mm256_storeu_ps(to + 8 * p, widen(parts[p]));
-  if (to == values) std::copy_n(values, count, out);
-}
-
 // Rows of a packed int4 matrix (Kp / 2 bytes and Kp / 32 float16 scales each) as rows of K
 // values, each bf16(float(q) * float(scale)) as olmoe.quantize.dequantize_int4 rounds: per
 // group, its 16 possible values are computed once in bf16, split into a table of their low
@@ -425,22 +426,11 @@ inline void dequantize_int4_rows(const uint8_t* data, const c10::Half* scale, in
           parts[2 * half] = _mm_unpacklo_epi8(l8, h8);
           parts[2 * half + 1] = _mm_unpackhi_epi8(l8, h8);
         }
-        const int64_t count = std::min<int64_t>(kInt4Group, K - b - kInt4Group * l);
-        store_group(parts, count, out + row * K + b + kInt4Group * l);
+        const int64_t col = b + kInt4Group * l;  // the group's values, as float32, up to K
+        for (int p = 0; p < 4; p++)
+          store_floats(out + row * K + col + 8 * p, widen(parts[p]), K - col - 8 * p);
       }
     }
-}
-
-// The first n of 8 floats rounded to bf16, stored as the float32 values they then are.
-inline void store_rounded(float* out, __m256 x, int64_t n) {
-  const __m256 rounded = widen(to_bf16(x));
-  if (n >= 8) {
-    _mm256_storeu_ps(out, rounded);
-    return;
-  }
-  alignas(32) float part[8];
-  _mm256_store_ps(part, rounded);
-  std::copy_n(part, std::max<int64_t>(n, 0), out);
 }
 
 // Rows of an int8 matrix (K values each, one float32 scale per row) as float32 rows for the
@@ -454,7 +444,8 @@ inline void dequantize_int8_rows(const int8_t* q, const float* s, int64_t K, int
       std::copy_n(q + r * K + k, std::min<int64_t>(8, K - k), part);
       const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(part));
       const __m256 values = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
-      store_rounded(to + r * K + k, _mm256_mul_ps(values, row_scale), K - k);
+      const __m256 rounded = widen(to_bf16(_mm256_mul_ps(values, row_scale)));  // bf16 values
+      store_floats(to + r * K + k, rounded, K - k);
     }
   }
 }
@@ -475,9 +466,7 @@ inline void silu_times(const float* gate, const float* up, float* out, int64_t n
   for (int64_t r = 0; r < n; r += 8) {
     const __m256 g = load_floats(gate + r, n - r), u = load_floats(up + r, n - r);
     const __m256 denominator = _mm256_add_ps(one, exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), g)));
-    alignas(32) float part[8];
-    _mm256_store_ps(part, _mm256_div_ps(_mm256_mul_ps(g, u), denominator));
-    std::copy_n(part, std::min<int64_t>(8, n - r), out + r);
+    store_floats(out + r, _mm256_div_ps(_mm256_mul_ps(g, u), denominator), n - r);
   }
 }
 
