@@ -9,6 +9,7 @@ import importlib
 import pkgutil
 from pathlib import Path
 
+import pytest
 import torch
 
 import olmoe
@@ -27,6 +28,23 @@ def imported_modules(path: Path) -> set[str]:
             names.add(node.module)
             names.update(f"{node.module}.{alias.name}" for alias in node.names)
     return names
+
+
+def test_the_package_exports_what_it_declares():
+    """Its names load on first use; the TYPE_CHECKING imports (what editors see) name the same
+    objects."""
+    declared = {}
+    for node in ast.parse((PACKAGE / "__init__.py").read_text()).body:
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING":
+            for imported in node.body:
+                for alias in imported.names:
+                    declared[alias.asname or alias.name] = (imported.module, alias.name)
+    assert declared == olmoe._EXPORTS
+    for name, (module, attribute) in declared.items():
+        assert getattr(olmoe, name) is getattr(importlib.import_module(module), attribute)
+        assert name in dir(olmoe)
+    with pytest.raises(AttributeError, match="no attribute 'Missing'"):
+        olmoe.Missing  # noqa: B018
 
 
 def test_the_reference_model_imports_no_fast_path():

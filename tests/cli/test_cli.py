@@ -470,6 +470,19 @@ def _imports(tree: ast.AST):
             yield node.value, node  # importlib.import_module("...") and monkeypatch targets
 
 
+def test_the_parser_loads_without_the_heavy_libraries():
+    """What `olmoe --help` and a mistyped flag wait for: the package and every command module,
+    transitively (the import statements above are only the command modules' own)."""
+    heavy = sorted(HEAVY_MODULES - {"numpy"})  # numpy: a tenth of a second, for eval's metrics
+    probe = (
+        "import sys, olmoe.cli; olmoe.cli.build_parser(); "
+        f"print([m for m in {heavy!r} if m in sys.modules])"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_the_library_never_imports_the_command_line():
     offenders = []
     for path in sorted(SOURCE.rglob("*.py")):
