@@ -67,6 +67,14 @@ inline __m128i to_bf16(__m256 x) {
   const __m256i packed = _mm256_packus_epi32(rounded, rounded);  // per 128-bit half
   return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
 }
+// 8 finite floats (or infinities, or quiet NaNs) rounded to bf16, to nearest even, and kept as
+// floats: to_bf16 and widen in one, without leaving the 32-bit lanes.
+inline __m256 bf16_floats(__m256 x) {
+  const __m256i bits = _mm256_castps_si256(x);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF)));
+  return _mm256_castsi256_ps(_mm256_and_si256(rounded, _mm256_set1_epi32(-65536)));
+}
 inline void store_bf16(bf16* out, __m256 x, int64_t n) {
   if (n >= 8) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out), to_bf16(x));
@@ -437,15 +445,20 @@ inline void dequantize_int4_rows(const uint8_t* data, const c10::Half* scale, in
 // float32 GEMM, each value bf16(float(q) * scale) as olmoe.quantize.dequantize_int8 rounds.
 inline void dequantize_int8_rows(const int8_t* q, const float* s, int64_t K, int64_t rows,
                                  float* to) {
+  const auto dequantize = [](const int8_t* eight, __m256 scale) {
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(eight));
+    return bf16_floats(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), scale));
+  };
   for (int64_t r = 0; r < rows; r++) {
     const __m256 row_scale = _mm256_set1_ps(s[r]);
-    for (int64_t k = 0; k < K; k += 8) {
+    const int8_t* row = q + r * K;
+    float* out = to + r * K;
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) _mm256_storeu_ps(out + k, dequantize(row + k, row_scale));
+    if (k < K) {
       alignas(8) int8_t part[8] = {};
-      std::copy_n(q + r * K + k, std::min<int64_t>(8, K - k), part);
-      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(part));
-      const __m256 values = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
-      const __m256 rounded = widen(to_bf16(_mm256_mul_ps(values, row_scale)));  // bf16 values
-      store_floats(to + r * K + k, rounded, K - k);
+      std::copy_n(row + k, K - k, part);
+      store_floats(out + k, dequantize(part, row_scale), K - k);
     }
   }
 }
