@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import ast
 import importlib
+import inspect
 import pkgutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,21 +33,39 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
-def test_the_package_exports_what_it_declares():
-    """Its names load on first use; the TYPE_CHECKING imports (what editors see) name the same
-    objects."""
+@pytest.mark.parametrize("package", ["olmoe", "olmoe.data"])
+def test_lazy_names_are_what_the_package_declares(package):
+    """Names that load on first use (olmoe.lazy); the TYPE_CHECKING imports (what editors see)
+    name the same objects, also once their modules are imported (where a submodule of the same
+    name would shadow a function)."""
+    module = importlib.import_module(package)
     declared = {}
-    for node in ast.parse((PACKAGE / "__init__.py").read_text()).body:
+    source = Path(module.__file__).read_text()
+    for node in ast.parse(source).body:
         if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING":
             for imported in node.body:
                 for alias in imported.names:
                     declared[alias.asname or alias.name] = (imported.module, alias.name)
-    assert declared == olmoe._EXPORTS
-    for name, (module, attribute) in declared.items():
-        assert getattr(olmoe, name) is getattr(importlib.import_module(module), attribute)
-        assert name in dir(olmoe)
+    assert declared == module._EXPORTS
+    assert set(declared) <= set(module.__all__) <= set(dir(module))
+    for name, (defining, attribute) in declared.items():
+        expected = getattr(importlib.import_module(defining), attribute)
+        assert getattr(module, name) is expected, name
+    for name in module.__all__:
+        assert not inspect.ismodule(getattr(module, name)), name
     with pytest.raises(AttributeError, match="no attribute 'Missing'"):
-        olmoe.Missing  # noqa: B018
+        module.Missing  # noqa: B018
+
+
+def test_the_tokenizer_and_data_preparation_load_without_torch():
+    """`olmoe data prepare` and `olmoe data chat` tokenise without importing torch."""
+    probe = (
+        "import sys, olmoe.tokenizer, olmoe.data, olmoe.data.chat; "
+        "print([m for m in ('torch', 'transformers') if m in sys.modules])"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def test_the_reference_model_imports_no_fast_path():

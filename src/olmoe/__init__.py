@@ -1,14 +1,15 @@
 """olmoe: OLMoE, Allen AI's open Mixture-of-Experts language model, in one PyTorch package.
 
-The public names below are imported on first use (PEP 562 module `__getattr__`): `import olmoe`
-and the modules that need no torch (the command line's parser, `olmoe.errors`, `olmoe.formats`)
+The public names below are imported on first use (olmoe.lazy): `import olmoe` and the modules
+that need no torch (the command line's parser, `olmoe.errors`, `olmoe.formats`)
 load without importing torch, so `olmoe --help` and a mistyped flag answer at once.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from olmoe.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -55,14 +56,4 @@ if TYPE_CHECKING:  # what type checkers and editors see; tests check it matches 
     from olmoe.tokenizer import Tokenizer as AutoTokenizer
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'olmoe' has no attribute {name!r}")
-    module, attribute = _EXPORTS[name]
-    value = getattr(importlib.import_module(module), attribute)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,4 +1,4 @@
-"""Hub-layout checkpoints: find them, load them lazily, save them (sharded or not).
+"""Hub-layout checkpoints: load them lazily, save them (sharded or not); olmoe.hub finds them.
 
 On disk each expert has its own keys, as the released checkpoints and every peer expect:
     model.layers.{L}.mlp.experts.{E}.{gate,up,down}_proj.weight
@@ -32,12 +32,12 @@ from olmoe.fileio import (
     safetensors_os_errors,
     staging_directory,
 )
+from olmoe.hub import resolve_checkpoint_dir
 from olmoe.memory import advise_huge_pages
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
-HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _STACKED_EXPERTS = re.compile(
     r"(.*layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)(_scale)?"  # quantised: + scales
@@ -65,49 +65,6 @@ def hub_pieces(name: str, config: OlmoeConfig) -> list[Piece]:
         else:
             pieces.append((f"{prefix}.{e}.down_proj.{weight}", (e,)))
     return pieces
-
-
-# ---------------------------------------------------------------------------- finding files
-def resolve_checkpoint_dir(
-    path_or_repo_id: str | os.PathLike, revision: str | None = None, weights: bool = True
-) -> Path:
-    """A local checkpoint directory, or the local snapshot of a hub repo (downloaded if needed).
-    In a training run's directory `revision` picks one of its revisions (olmoe.revisions)."""
-    from olmoe.revisions import resolve_local_revision
-
-    path = Path(path_or_repo_id).expanduser()
-    if path.is_dir():
-        return path if revision is None else resolve_local_revision(path, revision)
-    text = str(path_or_repo_id)
-    if path.exists() or looks_local(text):
-        raise FileNotFoundError(
-            f"no checkpoint directory at {text}: pass a directory holding config.json and "
-            "*.safetensors, or a hub repo id such as allenai/OLMoE-1B-7B-0924"
-        )
-    return _download(text, revision, HUB_FILE_PATTERNS if weights else ["*.json"])
-
-
-def looks_local(text: str) -> bool:
-    """Whether a MODEL argument names a path rather than a hub repo id (`owner/name`)."""
-    return text.startswith((".", "/", "~")) or text.count("/") > 1
-
-
-def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError
-
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    except HFValidationError as exc:
-        raise FileNotFoundError(
-            f"{repo_id!r} is neither a local directory nor a valid hub repo id ({exc})"
-        ) from exc
-    except Exception as exc:  # network, authentication, unknown repo or revision
-        where = f"{repo_id}@{revision}" if revision else repo_id
-        raise OSError(
-            f"could not get {where} from the Hugging Face hub ({type(exc).__name__}: {exc}). "
-            "Check the repo id and revision and your network, or pass a local directory"
-        ) from exc
 
 
 @dataclass(frozen=True)

@@ -367,7 +367,7 @@ class OlmoeConfig:
         cls, path_or_repo_id: str | os.PathLike, revision: str | None = None
     ) -> OlmoeConfig:
         """Read `config.json` from a checkpoint directory, or from the hub for a repo id."""
-        from olmoe.checkpoint import resolve_checkpoint_dir
+        from olmoe.hub import resolve_checkpoint_dir
 
         directory = resolve_checkpoint_dir(path_or_repo_id, revision=revision, weights=False)
         return cls.from_json_file(os.path.join(directory, CONFIG_NAME))

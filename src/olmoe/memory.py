@@ -23,8 +23,10 @@ from __future__ import annotations
 import ctypes
 import sys
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the command line calls retain_freed_memory before it has imported torch
+    import torch
 
 HUGE_PAGE = 2 << 20
 MADV_HUGEPAGE = 14  # linux/mman.h

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from olmoe.errors import CheckpointError, InputError
+from olmoe.hub import looks_local
 
 REVISIONS_DIR = "revisions"
 MAIN = "main"
@@ -103,8 +104,6 @@ def hub_revisions(repo_id: str) -> list[Revision]:
 
 def list_revisions(path_or_repo_id: str | os.PathLike) -> list[Revision]:
     """A run directory's revisions, or a hub repo's branches."""
-    from olmoe.checkpoint import looks_local
-
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
         return local_revisions(path)

