@@ -1,8 +1,8 @@
 """olmoe: OLMoE, Allen AI's open Mixture-of-Experts language model, in one PyTorch package.
 
 The public names below are imported on first use (olmoe.lazy): `import olmoe` and the modules
-that need no torch (the command line's parser, `olmoe.errors`, `olmoe.formats`)
-load without importing torch, so `olmoe --help` and a mistyped flag answer at once.
+that need no torch (the command line's parser, `olmoe.errors`, `olmoe.formats`) load without
+importing it, so `olmoe --help` and a mistyped flag answer at once.
 """
 
 from __future__ import annotations

