@@ -281,6 +281,8 @@ class OlmoePreTrainedModel(nn.Module):
         elif isinstance(module, (nn.Linear, nn.Embedding, OlmoeRouter, OlmoeExperts)):
             std, cutoff = self.config.initializer_range, self.config.init_cutoff_factor
             for name, param in module.named_parameters(recurse=False):
+                if param.is_meta:  # no values to set (from_pretrained reads them in)
+                    continue
                 if name == "bias":
                     param.zero_()
                 elif cutoff is None:
@@ -339,7 +341,10 @@ class OlmoePreTrainedModel(nn.Module):
 class OlmoeModel(OlmoePreTrainedModel):
     def __init__(self, config: OlmoeConfig):
         super().__init__(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Without nn.Embedding's own random init, which init_weights replaces: on the meta
+        # device (from_pretrained) its normal_ imports torch._dynamo, seconds per process.
+        shape = (config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(*shape, _weight=torch.empty(shape))
         self.layers = nn.ModuleList(
             [OlmoeDecoderLayer(config, i) for i in range(config.num_hidden_layers)]
         )
