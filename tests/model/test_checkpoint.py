@@ -524,6 +524,25 @@ _MEASURE_LOAD = textwrap.dedent(
 )
 
 
+@pytest.mark.parametrize("cutoff", [3.0, None])
+def test_loading_initialises_nothing_and_imports_no_compiler(tmp_path, cutoff):
+    """from_pretrained builds the model on the meta device and reads every value in: a random
+    normal_ there (nn.Embedding's own, or init_weights' without a cutoff) would import
+    torch._dynamo, seconds of every command's start."""
+    tiny_model(3).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "init_cutoff_factor": cutoff}))
+    probe = textwrap.dedent(f"""
+        import sys
+        from olmoe import OlmoeForCausalLM
+        OlmoeForCausalLM.from_pretrained({str(tmp_path)!r})
+        print("torch._dynamo" in sys.modules)
+    """)
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux /proc")
 def test_loading_peak_memory_is_near_the_weights_size(tmp_path):
     tiny_model(32).save_pretrained(tmp_path / "warmup")
