@@ -56,12 +56,17 @@ inline void store_floats(float* out, __m256 x, int64_t n) {
   std::copy_n(part, std::max<int64_t>(n, 0), out);
 }
 
-// 8 floats rounded to bf16, to nearest even (a NaN stays a NaN), as 8 16-bit values in order.
-inline __m128i to_bf16(__m256 x) {
+// x's bits plus just under half a bf16 step (plus one where the kept half is odd): the upper 16
+// bits of each lane are then x rounded to bf16, to nearest even (x finite, infinite, or a quiet
+// NaN).
+inline __m256i bf16_rounding_sum(__m256 x) {
   const __m256i bits = _mm256_castps_si256(x);
   const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  __m256i rounded = _mm256_srli_epi32(
-      _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  return _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF)));
+}
+// 8 floats rounded to bf16, to nearest even (a NaN stays a NaN), as 8 16-bit values in order.
+inline __m128i to_bf16(__m256 x) {
+  __m256i rounded = _mm256_srli_epi32(bf16_rounding_sum(x), 16);
   const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
   rounded = _mm256_or_si256(rounded, _mm256_and_si256(nan, _mm256_set1_epi32(0x0040)));
   const __m256i packed = _mm256_packus_epi32(rounded, rounded);  // per 128-bit half
@@ -70,10 +75,7 @@ inline __m128i to_bf16(__m256 x) {
 // 8 finite floats (or infinities, or quiet NaNs) rounded to bf16, to nearest even, and kept as
 // floats: to_bf16 and widen in one, without leaving the 32-bit lanes.
 inline __m256 bf16_floats(__m256 x) {
-  const __m256i bits = _mm256_castps_si256(x);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  const __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF)));
-  return _mm256_castsi256_ps(_mm256_and_si256(rounded, _mm256_set1_epi32(-65536)));
+  return _mm256_castsi256_ps(_mm256_and_si256(bf16_rounding_sum(x), _mm256_set1_epi32(-65536)));
 }
 inline void store_bf16(bf16* out, __m256 x, int64_t n) {
   if (n >= 8) {
