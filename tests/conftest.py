@@ -5,9 +5,12 @@ from __future__ import annotations
 import builtins
 import errno
 import io
+import json
 import os
 import shutil
 import subprocess
+import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import huggingface_hub
@@ -17,6 +20,15 @@ import torch
 from safetensors import SafetensorError
 
 from olmoe import OlmoeConfig, OlmoeForCausalLM
+
+
+def modules_imported_by(code: str, names: Iterable[str]) -> list[str]:
+    """Which of the modules `names` a fresh interpreter has imported after running `code`."""
+    report = f"print(json.dumps([n for n in {sorted(names)!r} if n in sys.modules]))"
+    probe = f"{code}\nimport json, sys\n{report}"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 @torch.no_grad()

@@ -8,14 +8,13 @@ import ast
 import importlib
 import inspect
 import pkgutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import olmoe
+from tests.conftest import modules_imported_by
 
 PACKAGE = Path(olmoe.__file__).parent
 # The reference: plain PyTorch, which the engine is applied to from outside.
@@ -59,13 +58,8 @@ def test_lazy_names_are_what_the_package_declares(package):
 
 def test_the_tokenizer_and_data_preparation_load_without_torch():
     """`olmoe data prepare` and `olmoe data chat` tokenise without importing torch."""
-    probe = (
-        "import sys, olmoe.tokenizer, olmoe.data, olmoe.data.chat; "
-        "print([m for m in ('torch', 'transformers') if m in sys.modules])"
-    )
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    preparation = "import olmoe.tokenizer, olmoe.data, olmoe.data.chat"
+    assert modules_imported_by(preparation, ["torch", "transformers"]) == []
 
 
 def test_the_reference_model_imports_no_fast_path():
