@@ -14,19 +14,15 @@ strategy, each one's ratio to packed, and whether all gave the same scores.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 # As `olmoe eval` runs (olmoe.cli.common.wait_passively); libgomp reads it when torch loads it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
+from at_revision import module_at
 
 from olmoe import OlmoeConfig, OlmoeForCausalLM, Tokenizer
 from olmoe.cli.eval import expand_tasks
@@ -41,22 +37,6 @@ SHAPES = {
     "mid": {"hidden_size": 1024, "intermediate_size": 512, "num_hidden_layers": 4,
             "num_attention_heads": 16, "num_experts": 64, "num_experts_per_tok": 8},
 }  # fmt: skip
-REPO = Path(__file__).resolve().parent.parent
-
-
-def runner_at(revision: str):
-    """`score_requests` of src/olmoe/eval/runner.py as it was at a git revision."""
-    source = subprocess.run(
-        ["git", "show", f"{revision}:src/olmoe/eval/runner.py"],
-        cwd=REPO, check=True, capture_output=True, text=True,
-    ).stdout  # fmt: skip
-    path = Path(tempfile.mkdtemp()) / "runner_before.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("runner_before", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being built
-    spec.loader.exec_module(module)
-    return module.score_requests
 
 
 def main() -> None:
@@ -88,7 +68,8 @@ def main() -> None:
     if not args.no_flat:
         contenders["flat"] = ("flat", runner.score_requests)
     if args.against:
-        contenders[f"packed@{args.against}"] = ("packed", runner_at(args.against))
+        runner_then = module_at(args.against, "src/olmoe/eval/runner.py", "runner_before")
+        contenders[f"packed@{args.against}"] = ("packed", runner_then.score_requests)
     print(
         f"shape {args.shape}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
         f"{args.dtype}, {args.device}, {torch.get_num_threads()} threads; tasks "

@@ -81,6 +81,28 @@ def test_each_rows_loss_and_gradients_equal_the_float64_formula(small_chunks):
     torch.testing.assert_close(weight.grad.double(), ref_weight, rtol=1e-5, atol=1e-6)
 
 
+def test_a_target_too_unlikely_for_float32_keeps_its_exact_loss(small_chunks):
+    """Rows whose target's probability underflows float32 (a loss of hundreds of nats), next to
+    ordinary rows in the same chunk: each row's loss and both gradients are the formula's, not
+    inf from the log of a zero probability."""
+    hidden, weight, targets = _problem(seed=3)
+    hidden[[2, 4]] *= 100.0  # logits spread over hundreds: most probabilities underflow
+    for row in (2, 4):
+        targets[row] = (hidden[row] @ weight.T).argmin()
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    losses = linear_cross_entropy(hidden, weight, targets, reduction="none")
+    incoming = torch.rand(len(targets), generator=torch.Generator().manual_seed(4))
+    losses.backward(incoming)
+    ref_losses, ref_hidden, ref_weight = _float64_reference(
+        hidden.detach(), weight.detach(), targets, row_weights=incoming
+    )
+    assert ref_losses[[2, 4]].min() > 100
+    torch.testing.assert_close(losses.double(), ref_losses, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(hidden.grad.double(), ref_hidden, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weight.grad.double(), ref_weight, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_equals_pytorchs_cross_entropy_without_gradients(small_chunks, reduction):
     hidden, weight, targets = _problem(rows=11, seed=1)

@@ -3,15 +3,19 @@
 At OLMoE's 50,304-token vocabulary the LM head's logits dwarf everything else a small model
 computes: 2,048 tokens' float32 logits are 412 MB, written by the head, read and written again
 by log-softmax, and twice more by its backward. `linear_cross_entropy` takes the rows a chunk
-at a time instead: logits of one chunk, their log-sum-exp, the loss terms, and at once the
-chunk's share of both gradients (softmax minus the one-hot target, times the weight for the
-hidden states, times the hidden states for the weight), so no chunk's logits outlive it and the
-backward pass only scales the stored gradients by the incoming one.
+at a time instead: logits of one chunk, their softmax in one fused pass, the loss terms, and at
+once the chunk's share of both gradients (softmax minus the one-hot target, times the weight for
+the hidden states, times the hidden states for the weight), so no chunk's logits outlive it and
+the backward pass only scales the stored gradients by the incoming one. A chunk is larger than
+the caches, so every pass over it goes to memory: besides the head's matmuls, one softmax pass
+reads the logits and writes the probabilities, and each row's loss weight scales the small
+(rows, hidden) operands of the gradient matmuls rather than the probabilities.
 
 The numbers are the unfused path's: each chunk's logits come from the same matmul (under bf16
-autocast, bf16 operands and a bf16 product, as `lm_head` gives), and float32 log-softmax
-follows. Only the order of summation differs: the weight's gradient is summed over chunks in
-float32.
+autocast, bf16 operands and a bf16 product, as `lm_head` gives), and a float32 softmax follows.
+Each row's loss is -log of its target's probability, as log-softmax gives it to within float32
+rounding; a row whose target's probability underflows float32 (a loss above about 87 nats) gets
+its log-sum-exp from the logits instead. The weight's gradient is summed over chunks in float32.
 """
 
 from __future__ import annotations
@@ -123,10 +127,10 @@ def _chunked(hidden, operand, targets, row_weights=None):
     for start in range(0, hidden.shape[0], step):
         rows = slice(start, start + step)
         h, target = hidden[rows], safe_targets[rows, None]
-        exps, sums, terms = _scores(h, operand, target)
+        probs, terms = _scores(h, operand, target)
         losses[rows] = terms.masked_fill(~valid[rows], 0)
         if row_weights is not None:
-            _add_gradients(exps, sums, target, row_weights[rows], h, operand, hidden_grad[rows],
+            _add_gradients(probs, target, row_weights[rows], h, operand, hidden_grad[rows],
                            weight_grad)  # fmt: skip
     return losses, hidden_grad, weight_grad
 
@@ -138,27 +142,30 @@ def _mean(losses, targets):
 
 
 def _scores(h, operand, target):
-    """One chunk: its float32 logits (the head's matmul in the operand's dtype, as autocast
-    gives lm_head) turned in place into exp(logits - row max), their row sums, and each row's
-    loss, log-sum-exp minus the target's logit. One exponential per logit serves both the
-    log-sum-exp and the softmax."""
+    """One chunk: its float32 softmax (the head's matmul in the operand's dtype, as autocast
+    gives lm_head, then one fused pass) and each row's loss, -log of the target's
+    probability, or log-sum-exp minus the target's logit where that probability underflows."""
     logits = (h.to(operand.dtype) @ operand.T).float()
-    peak = logits.amax(dim=-1, keepdim=True)
-    target_logits = logits.gather(1, target)
-    exps = logits.sub_(peak).exp_()
-    sums = exps.sum(dim=-1, keepdim=True)
-    return exps, sums, (peak + sums.log() - target_logits).squeeze(1)
+    probs = torch.softmax(logits, dim=-1)
+    target_probs = probs.gather(1, target).squeeze(1)
+    terms = -target_probs.log()
+    underflow = (target_probs < torch.finfo(torch.float32).tiny).nonzero().squeeze(1)
+    if len(underflow):
+        far = logits[underflow]
+        terms[underflow] = torch.logsumexp(far, -1) - far.gather(1, target[underflow]).squeeze(1)
+    return probs, terms
 
 
-def _add_gradients(exps, sums, target, row_weights, h, operand, hidden_grad, weight_grad):
+def _add_gradients(probs, target, row_weights, h, operand, hidden_grad, weight_grad):
     """Write the chunk's hidden-state gradient into `hidden_grad` and add its weight gradient
-    to `weight_grad`, for row losses weighted by `row_weights` (rows, 1): each row's d/dlogits
-    is (softmax - onehot(target)) times its weight, formed in `exps`' storage."""
-    probs = exps.mul_(row_weights / sums)
-    probs.scatter_add_(1, target, -row_weights)
-    probs = probs.to(operand.dtype)
-    hidden_grad.copy_(probs @ operand)
-    weight_grad += probs.T @ h.to(operand.dtype)
+    to `weight_grad`, for row losses weighted by `row_weights` (rows, 1): d/dlogits is softmax
+    minus onehot(target), formed in `probs`' storage before any rounding to the operand's dtype,
+    and each row's weight scales that row of the hidden states and of the hidden-state
+    gradient."""
+    probs.scatter_add_(1, target, torch.full_like(target, -1, dtype=probs.dtype))
+    delta = probs.to(operand.dtype)
+    hidden_grad.copy_((delta @ operand) * row_weights)
+    weight_grad += delta.T @ (h * row_weights).to(operand.dtype)
 
 
 def _autocast_operand(weight: torch.Tensor) -> torch.Tensor:
