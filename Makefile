@@ -25,15 +25,17 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 # The quickstart: tokenise the Python standard library, train a small OLMoE on it
-# (configs/quickstart.yaml), save it to runs/quickstart; then
+# (configs/quickstart.yaml, or configs/quickstart-fp32.yaml where the CPU has no bf16 matrix
+# instructions and trains in float32), save it to runs/quickstart; then
 # `.venv/bin/olmoe generate runs/quickstart "def fibonacci(n):"`.
 DEMO_DATA := data/stdlib/metadata.json
+DEMO_PRECISION = $(shell $(PY) -c "import torch; from olmoe.hardware import training_precision; print(training_precision('auto', torch.device('cpu')))")
 
 $(DEMO_DATA): $(STAMP)
 	$(PY) -m olmoe data prepare stdlib --out data/stdlib --force
 
 demo: $(DEMO_DATA)
-	$(PY) -m olmoe train configs/quickstart.yaml
+	$(PY) -m olmoe train configs/$(if $(filter fp32,$(DEMO_PRECISION)),quickstart-fp32,quickstart).yaml
 
 # The instruct quickstart, after `make demo`: requests for the standard library's functions and
 # broken variants of their source (bench/demo_chat.py build, offline), SFT of runs/quickstart into

@@ -63,6 +63,16 @@ SHAPES = {
         "num_experts_per_tok": 2,
         "vocab_size": 50304,
     },
+    # configs/quickstart-fp32.yaml's model, what `make demo` trains where bf16 is emulated
+    "quickstart-fp32": {
+        "hidden_size": 32,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 2,
+        "num_experts": 8,
+        "intermediate_size": 256,
+        "num_experts_per_tok": 2,
+        "vocab_size": 50304,
+    },
     "small": {
         "hidden_size": 256,
         "num_hidden_layers": 2,

@@ -155,6 +155,20 @@ def test_released_recipe_config():
     assert quickstart.schedule.warmup_steps > CALIBRATION_STEPS
 
 
+def test_the_float32_quickstart_differs_from_the_quickstart_only_in_width_and_precision():
+    """`make demo` trains configs/quickstart-fp32.yaml where bf16 is emulated: the same run but
+    narrower, in float32, so that both keep telling the same story as either changes."""
+    quickstart = load_config(CONFIGS / "quickstart.yaml").to_dict()
+    narrow = load_config(CONFIGS / "quickstart-fp32.yaml").to_dict()
+    assert quickstart["train"].pop("precision") == "auto"
+    assert narrow["train"].pop("precision") == "fp32"
+    widths = {}
+    for config in (quickstart, narrow):
+        model = config["model"]["config"]
+        widths[model.pop("hidden_size")] = model.pop("num_attention_heads")
+    assert widths == {128: 4, 32: 2} and narrow == quickstart
+
+
 # ---------------------------------------------------------------------------- optimizer
 def test_adamw_param_groups_as_configured():
     model = OlmoeForCausalLM(OlmoeConfig.tiny())
