@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from olmoe import OlmoeConfig, OlmoeForCausalLM, route, switch_aux_loss
+from olmoe.errors import ConfigError
 from olmoe.train.budget import CALIBRATION_STEPS
 from olmoe.train.config import ScheduleSection, TrainConfig, load_config, parse_overrides
 from olmoe.train.losses import megablocks_lb_loss, router_z_loss, routing_statistics
@@ -156,8 +157,8 @@ def test_released_recipe_config():
 
 
 def test_the_float32_quickstart_differs_from_the_quickstart_only_in_width_and_precision():
-    """`make demo` trains configs/quickstart-fp32.yaml where bf16 is emulated: the same run but
-    narrower, in float32, so that both keep telling the same story as either changes."""
+    """`make demo` trains configs/quickstart-fp32.yaml where bf16 is emulated: the same run
+    (the file's base) but narrower, in float32."""
     quickstart = load_config(CONFIGS / "quickstart.yaml").to_dict()
     narrow = load_config(CONFIGS / "quickstart-fp32.yaml").to_dict()
     assert quickstart["train"].pop("precision") == "auto"
@@ -207,6 +208,30 @@ def test_overrides_apply_with_types(tmp_path):
     assert config.model.build().hidden_size == 64 and config.data.path == "tokens"
     assert load_config(None, config_args := ["--data.path=x"]).data.path == "x"
     assert parse_overrides(config_args) == [("data.path", "x")]
+
+
+def test_a_config_with_a_base_lays_its_settings_over_the_base(tmp_path):
+    (tmp_path / "root.yaml").write_text(
+        "data: {path: tokens, seq_len: 64}\noptim: {lr: 1.0e-3, betas: [0.8, 0.9]}\n"
+        "model: {preset: tiny, config: {hidden_size: 64, num_hidden_layers: 3}}\n"
+    )
+    (tmp_path / "mid.yaml").write_text("base: root.yaml\nmodel: {config: {hidden_size: 32}}\n")
+    (tmp_path / "leaf.yaml").write_text("base: mid.yaml\noptim: {betas: [0.7, 0.8]}\n")
+    config = load_config(tmp_path / "leaf.yaml", ["--data.seq_len=32"])
+    assert (config.data.path, config.data.seq_len) == ("tokens", 32)
+    assert config.optim.lr == 1e-3 and config.optim.betas == (0.7, 0.8)  # a list is one value
+    assert config.model.config == {"hidden_size": 32, "num_hidden_layers": 3}
+
+    (tmp_path / "loop.yaml").write_text("base: again.yaml\n")
+    (tmp_path / "again.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="base loop.yaml leads back to a file that names it"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "odd.yaml").write_text("base: [root.yaml]\n")
+    with pytest.raises(ConfigError, match="base must name a config file, got"):
+        load_config(tmp_path / "odd.yaml")
+    (tmp_path / "lost.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(FileNotFoundError, match="no config file at .*missing.yaml"):
+        load_config(tmp_path / "lost.yaml")
 
 
 @pytest.mark.parametrize(

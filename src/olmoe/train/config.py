@@ -369,10 +369,38 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Tr
     validate. Raises ConfigError or OSError with a message that names the file or key."""
     data: dict[str, Any] = {}
     if path is not None:
-        data = read_yaml_mapping(Path(path), "config", "sections")
+        data = _read_config_file(Path(path), ())
     for key, value in parse_overrides(overrides):
         _set_dotted(data, key, value)
     return TrainConfig.from_dict(data)
+
+
+def _read_config_file(path: Path, within: tuple[Path, ...]) -> dict[str, Any]:
+    """A config file's sections. A file with `base: OTHER.yaml` (relative to it) is that file
+    with each of its own settings laid over it as an override, key by key."""
+    data = read_yaml_mapping(path, "config", "sections")
+    if "base" not in data:
+        return data
+    base = data.pop("base")
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must name a config file, got {base!r}")
+    base_path = path.parent / base
+    if base_path.resolve() in within + (path.resolve(),):
+        raise ConfigError(f"{path}: base {base} leads back to a file that names it")
+    merged = _read_config_file(base_path, within + (path.resolve(),))
+    for key, value in _dotted_settings(data, ""):
+        _set_dotted(merged, key, value)
+    return merged
+
+
+def _dotted_settings(data: dict[str, Any], prefix: str):
+    """(section.key, value) for every setting in nested sections; a non-empty mapping is a
+    section, anything else (lists and empty mappings too) a value."""
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            yield from _dotted_settings(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def read_yaml_mapping(path: Path, kind: str, holds: str) -> dict[str, Any]:
