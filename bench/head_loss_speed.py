@@ -1,7 +1,9 @@
 """The LM head's training loss with both gradients, as `olmoe train` computes it
-(olmoe.head_loss.linear_cross_entropy, chunk by chunk, no logits kept), against the unfused path
-(the whole float32 logits, F.cross_entropy and its backward, as transformers computes it), and
-optionally against olmoe's head_loss.py at an earlier commit (a before/after measurement).
+(olmoe.head_loss.linear_cross_entropy, chunk by chunk, no logits kept, each chunk's logits
+exponentiated in the engine's native pass), against the same without the native pass
+(OLMOE_KERNELS=0), the unfused path (the whole float32 logits, F.cross_entropy and its
+backward, as transformers computes it), and optionally olmoe's head_loss.py at an earlier
+commit (a before/after measurement).
 
     .venv/bin/python bench/head_loss_speed.py --hidden 32
     .venv/bin/python bench/head_loss_speed.py --hidden 128 --against 0123abc
@@ -16,6 +18,7 @@ would take.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -25,6 +28,8 @@ from at_revision import module_at
 
 from olmoe import head_loss
 from olmoe.benchmarks.cpu_inference import matmul_gflop_s
+from olmoe.engine import native
+from olmoe.engine.layers import CpuLinear
 from olmoe.memory import retain_freed_memory
 
 
@@ -55,7 +60,13 @@ def main() -> None:
     hidden = torch.randn(args.positions, args.hidden, generator=generator).requires_grad_()
     weight = (0.05 * torch.randn(args.vocab, args.hidden, generator=generator)).requires_grad_()
     targets = torch.randint(0, args.vocab, (args.positions,), generator=generator)
-    contenders = {"olmoe": head_loss.linear_cross_entropy, "unfused": unfused}
+    contenders = {"olmoe": head_loss.linear_cross_entropy}
+    if native.compiled() is not None:
+        contenders["olmoe"] = functools.partial(
+            head_loss.linear_cross_entropy, exp_logits=CpuLinear.exp_logits
+        )
+        contenders["olmoe without kernels"] = head_loss.linear_cross_entropy
+    contenders["unfused"] = unfused
     if args.against:
         then = module_at(args.against, "src/olmoe/head_loss.py", "head_loss_before")
         contenders[f"olmoe@{args.against}"] = then.linear_cross_entropy

@@ -10,9 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from olmoe import head_loss
+from olmoe.engine import native
 from olmoe.errors import InputError
 from olmoe.head_loss import causal_lm_loss, causal_lm_loss_from_hidden, linear_cross_entropy
 from tests.conftest import tiny_model
+from tests.engine import standin
 
 VOCAB, WIDTH = 37, 8
 
@@ -23,6 +25,19 @@ def small_chunks(monkeypatch):
     partial chunk."""
     monkeypatch.setattr(head_loss, "_CHUNK_BYTES", 3 * 4 * VOCAB)
     assert head_loss.chunk_rows(VOCAB) == 3
+
+
+@pytest.fixture(params=["softmax", "stand-in", "kernels"])
+def exp_logits(request):
+    """Where each chunk's exponentials come from: PyTorch's softmax (no pass given), the
+    engine's pass as plain PyTorch (tests/engine/standin.py), or its compiled kernel."""
+    if request.param == "softmax":
+        return None
+    if request.param == "stand-in":
+        return standin.exp_logits
+    if native.compiled() is None:
+        pytest.skip("the engine's kernels do not run here")
+    return native.exp_logits
 
 
 def _problem(rows=10, seed=0):
@@ -52,11 +67,11 @@ def _float64_reference(hidden, weight, targets, row_weights=None):
     return loss, delta @ w, delta.T @ h
 
 
-def test_loss_and_gradients_equal_the_float64_formula(small_chunks):
+def test_loss_and_gradients_equal_the_float64_formula(small_chunks, exp_logits):
     hidden, weight, targets = _problem()
     hidden.requires_grad_()
     weight.requires_grad_()
-    loss = linear_cross_entropy(hidden, weight, targets)
+    loss = linear_cross_entropy(hidden, weight, targets, exp_logits=exp_logits)
     (3.0 * loss).backward()  # the incoming gradient scales both
     ref_loss, ref_hidden, ref_weight = _float64_reference(hidden.detach(), weight.detach(), targets)
     assert loss.dtype == torch.float32
@@ -65,12 +80,14 @@ def test_loss_and_gradients_equal_the_float64_formula(small_chunks):
     torch.testing.assert_close(weight.grad.double(), 3.0 * ref_weight, rtol=1e-5, atol=1e-7)
 
 
-def _assert_row_losses_match_the_float64_formula(hidden, weight, targets, seed, grad_atol):
+def _assert_row_losses_match_the_float64_formula(
+    hidden, weight, targets, seed, grad_atol, exp_logits
+):
     """Each row's loss and both gradients for a random incoming gradient per row, against the
     float64 formula; returns the rows' losses and the formula's."""
     hidden.requires_grad_()
     weight.requires_grad_()
-    losses = linear_cross_entropy(hidden, weight, targets, reduction="none")
+    losses = linear_cross_entropy(hidden, weight, targets, "none", exp_logits)
     incoming = torch.randn(len(targets), generator=torch.Generator().manual_seed(seed))
     losses.backward(incoming)
     ref_losses, ref_hidden, ref_weight = _float64_reference(
@@ -82,29 +99,60 @@ def _assert_row_losses_match_the_float64_formula(hidden, weight, targets, seed, 
     return losses, ref_losses
 
 
-def test_each_rows_loss_and_gradients_equal_the_float64_formula(small_chunks):
+def test_each_rows_loss_and_gradients_equal_the_float64_formula(small_chunks, exp_logits):
     hidden, weight, targets = _problem(seed=5)
-    losses, _ = _assert_row_losses_match_the_float64_formula(hidden, weight, targets, 6, 1e-6)
+    losses, _ = _assert_row_losses_match_the_float64_formula(
+        hidden, weight, targets, 6, 1e-6, exp_logits
+    )
     assert losses.shape == targets.shape and losses[[1, 7]].tolist() == [0.0, 0.0]
 
 
-def test_a_target_too_unlikely_for_float32_keeps_its_exact_loss(small_chunks):
-    """Rows whose target's probability underflows float32 (a loss of hundreds of nats), next to
-    ordinary rows in the same chunk: each row's loss and both gradients are the formula's, not
-    inf from the log of a zero probability."""
+def _far_targets():
+    """A problem whose rows 2 and 4 have a loss of hundreds of nats: their logits spread over
+    hundreds, their targets the least likely ids."""
     hidden, weight, targets = _problem(seed=3)
-    hidden[[2, 4]] *= 100.0  # logits spread over hundreds: most probabilities underflow
+    hidden[[2, 4]] *= 100.0
     for row in (2, 4):
         targets[row] = (hidden[row] @ weight.T).argmin()
-    _, ref_losses = _assert_row_losses_match_the_float64_formula(hidden, weight, targets, 4, 1e-5)
+    return hidden, weight, targets
+
+
+def test_a_target_too_unlikely_for_float32_keeps_its_exact_loss(small_chunks, exp_logits):
+    """Rows whose target's probability underflows float32 (a loss of hundreds of nats), next to
+    ordinary rows in the same chunk: each row's loss and both gradients are the formula's, not
+    inf from the log of a zero probability (nor an overflowing sum of exponentials)."""
+    hidden, weight, targets = _far_targets()
+    _, ref_losses = _assert_row_losses_match_the_float64_formula(
+        hidden, weight, targets, 4, 1e-5, exp_logits
+    )
     assert ref_losses[[2, 4]].min() > 100
 
 
+def test_an_engines_pass_takes_ordinary_chunks_and_leaves_far_rows_to_the_softmax(small_chunks):
+    """Each chunk is offered to the pass, shifted by its targets' logits; a chunk with a row
+    whose logits exceed its target's by more than 64 goes the softmax way."""
+    hidden, weight, targets = _far_targets()
+    offered = []
+
+    def spy(h, w, shift):
+        offered.append(shift.clone())
+        return standin.exp_logits(h, w, shift)
+
+    with torch.no_grad():
+        linear_cross_entropy(hidden, weight, targets, exp_logits=spy)
+    safe = torch.where(targets == head_loss.IGNORE_INDEX, 0, targets)
+    target_logits = (hidden @ weight.T).gather(1, safe[:, None]).squeeze(1)
+    torch.testing.assert_close(torch.cat(offered), target_logits)  # one offer per chunk
+    taken = [standin.exp_logits(h, weight, shift)[2] <= 64 for h, shift in
+             zip(hidden.split(3), offered)]  # fmt: skip
+    assert taken == [False, False, True, True]  # rows 2 and 4 sit in the first two chunks
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_equals_pytorchs_cross_entropy_without_gradients(small_chunks, reduction):
+def test_equals_pytorchs_cross_entropy_without_gradients(small_chunks, reduction, exp_logits):
     hidden, weight, targets = _problem(rows=11, seed=1)
     with torch.no_grad():
-        ours = linear_cross_entropy(hidden, weight, targets, reduction)
+        ours = linear_cross_entropy(hidden, weight, targets, reduction, exp_logits)
     reference = F.cross_entropy(
         hidden @ weight.T, targets, ignore_index=head_loss.IGNORE_INDEX, reduction=reduction
     )

@@ -9,7 +9,10 @@ the hidden states, times the hidden states for the weight), so no chunk's logits
 the backward pass only scales the stored gradients by the incoming one. A chunk is larger than
 the caches, so every pass over it goes to memory: besides the head's matmuls, one softmax pass
 reads the logits and writes the probabilities, and each row's loss weight scales the small
-(rows, hidden) operands of the gradient matmuls rather than the probabilities.
+(rows, hidden) operands of the gradient matmuls rather than the probabilities. An engine may
+do better still (`ExpLogits`): olmoe's float32 engine exponentiates each tile of logits in the
+registers that summed it, so the logits never reach memory; the softmax's normalisation then
+moves to the small operands too, beside the row weights.
 
 The numbers are the unfused path's: each chunk's logits come from the same matmul (under bf16
 autocast, bf16 operands and a bf16 product, as `lm_head` gives), and a float32 softmax follows.
@@ -19,6 +22,8 @@ its log-sum-exp from the logits instead. The weight's gradient is summed over ch
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +46,17 @@ def chunk_rows(vocab_size: int) -> int:
 
 REDUCTIONS = ("mean", "none")
 
+# A pass that an engine may supply for a chunk (olmoe.engine.layers.CpuLinear.exp_logits):
+# (h, weight, shift) -> (exp(h @ weight.T - shift[:, None]), its row sums, the largest exponent),
+# or None where it does not take these operands.
+ExpLogits = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple | None]
+
+# The fused pass shifts each row by its target's logit, so its exponentials are exact near the
+# target and the loss is the log of the row's sum; a row whose largest logit exceeds the
+# target's by more than this (a loss of at least 64 nats) could overflow float32 in that sum,
+# and its chunk goes the softmax way instead.
+_LARGEST_FUSED_EXPONENT = 64.0
+
 
 def _check_reduction(reduction: str) -> None:
     if reduction not in REDUCTIONS:
@@ -48,7 +64,11 @@ def _check_reduction(reduction: str) -> None:
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    reduction: str = "mean",
+    exp_logits: ExpLogits | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of `hidden @ weight.T` against `targets`, in float32.
 
@@ -59,7 +79,10 @@ def linear_cross_entropy(
 
     "mean" computes both gradients as it goes (the loss is one number, so they only need
     scaling later); "none" computes each chunk's logits again in the backward pass, since its
-    gradients depend on each row's incoming gradient."""
+    gradients depend on each row's incoming gradient.
+
+    `exp_logits`, where given and where it takes the operands, computes each chunk's
+    exponentiated logits in one pass in place of the matmul and the softmax (`ExpLogits`)."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
             f"hidden (N, H) and weight (V, H) must share H: got {tuple(hidden.shape)} and "
@@ -71,18 +94,18 @@ def linear_cross_entropy(
     gradients = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     if gradients:
         function = _MeanLoss if reduction == "mean" else _TokenLosses
-        return function.apply(hidden, weight, targets)
-    losses, _, _ = _chunked(hidden, _autocast_operand(weight), targets)
+        return function.apply(hidden, weight, targets, exp_logits)
+    losses, _, _ = _chunked(hidden, _autocast_operand(weight), targets, exp_logits)
     return _mean(losses, targets) if reduction == "mean" else losses
 
 
 class _MeanLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets):
+    def forward(ctx, hidden, weight, targets, exp_logits):
         valid = targets != IGNORE_INDEX
         row_weights = (valid / valid.sum().clamp_min(1)).float()[:, None]  # shares of the mean
         losses, hidden_grad, weight_grad = _chunked(
-            hidden, _autocast_operand(weight), targets, row_weights
+            hidden, _autocast_operand(weight), targets, exp_logits, row_weights
         )
         ctx.save_for_backward(hidden_grad, weight_grad.to(weight.dtype))
         return _mean(losses, targets)
@@ -90,28 +113,29 @@ class _MeanLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         hidden_grad, weight_grad = ctx.saved_tensors
-        return hidden_grad * grad_loss.to(hidden_grad.dtype), weight_grad * grad_loss, None
+        return hidden_grad * grad_loss.to(hidden_grad.dtype), weight_grad * grad_loss, None, None
 
 
 class _TokenLosses(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets):
+    def forward(ctx, hidden, weight, targets, exp_logits):
         operand = _autocast_operand(weight)
         ctx.operand_dtype = operand.dtype  # the backward pass runs outside autocast
+        ctx.exp_logits = exp_logits
         ctx.save_for_backward(hidden, weight, targets)
-        return _chunked(hidden, operand, targets)[0]
+        return _chunked(hidden, operand, targets, exp_logits)[0]
 
     @staticmethod
     def backward(ctx, grad_losses):
         hidden, weight, targets = ctx.saved_tensors
         row_weights = grad_losses.float()[:, None]
         _, hidden_grad, weight_grad = _chunked(
-            hidden, weight.to(ctx.operand_dtype), targets, row_weights
+            hidden, weight.to(ctx.operand_dtype), targets, ctx.exp_logits, row_weights
         )
-        return hidden_grad, weight_grad.to(weight.dtype), None
+        return hidden_grad, weight_grad.to(weight.dtype), None, None
 
 
-def _chunked(hidden, operand, targets, row_weights=None):
+def _chunked(hidden, operand, targets, exp_logits, row_weights=None):
     """Each row's loss (0 where it has no target) a chunk at a time, and given `row_weights`
     (N, 1) the gradients of sum(row_weights * losses) for the hidden states and (in float32)
     the weight, else None for both."""
@@ -127,10 +151,10 @@ def _chunked(hidden, operand, targets, row_weights=None):
     for start in range(0, hidden.shape[0], step):
         rows = slice(start, start + step)
         h, target = hidden[rows], safe_targets[rows, None]
-        probs, terms = _scores(h, operand, target)
+        exps, sums, terms = _scores(h, operand, target, exp_logits)
         losses[rows] = terms.masked_fill(~valid[rows], 0)
         if row_weights is not None:
-            _add_gradients(probs, target, row_weights[rows], h, operand, hidden_grad[rows],
+            _add_gradients(exps, sums, target, row_weights[rows], h, operand, hidden_grad[rows],
                            weight_grad)  # fmt: skip
     return losses, hidden_grad, weight_grad
 
@@ -141,10 +165,21 @@ def _mean(losses, targets):
     return (losses.sum(dtype=torch.float64) / (targets != IGNORE_INDEX).sum()).float()
 
 
-def _scores(h, operand, target):
-    """One chunk: its float32 softmax (the head's matmul in the operand's dtype, as autocast
-    gives lm_head, then one fused pass) and each row's loss, -log of the target's
-    probability, or log-sum-exp minus the target's logit where that probability underflows."""
+def _scores(h, operand, target, exp_logits):
+    """One chunk's float32 exponentials (rows, V) and their row sums (rows,), whose quotient is
+    the softmax, and each row's loss.
+
+    From `exp_logits` where it takes the operands: each row shifted by its target's logit, the
+    loss the log of the sum over the target's exponential (about 1). Otherwise the softmax
+    itself (sums of 1): the head's matmul in the operand's dtype (as autocast gives lm_head),
+    then one fused pass, and each loss -log of the target's probability, or log-sum-exp minus
+    the target's logit where that probability underflows."""
+    if exp_logits is not None:
+        shift = (h * operand[target.squeeze(1)]).sum(1)
+        fused = exp_logits(h, operand, shift)
+        if fused is not None and fused[2] <= _LARGEST_FUSED_EXPONENT:
+            exps, sums, _ = fused
+            return exps, sums, sums.log() - exps.gather(1, target).squeeze(1).log()
     logits = (h.to(operand.dtype) @ operand.T).float()
     probs = torch.softmax(logits, dim=-1)
     target_probs = probs.gather(1, target).squeeze(1)
@@ -153,19 +188,20 @@ def _scores(h, operand, target):
     if len(underflow):
         far = logits[underflow]
         terms[underflow] = torch.logsumexp(far, -1) - far.gather(1, target[underflow]).squeeze(1)
-    return probs, terms
+    return probs, torch.ones_like(terms), terms
 
 
-def _add_gradients(probs, target, row_weights, h, operand, hidden_grad, weight_grad):
+def _add_gradients(exps, sums, target, row_weights, h, operand, hidden_grad, weight_grad):
     """Write the chunk's hidden-state gradient into `hidden_grad` and add its weight gradient
     to `weight_grad`, for row losses weighted by `row_weights` (rows, 1): d/dlogits is softmax
-    minus onehot(target), formed in `probs`' storage before any rounding to the operand's dtype,
-    and each row's weight scales that row of the hidden states and of the hidden-state
-    gradient."""
-    probs.scatter_add_(1, target, torch.full_like(target, -1, dtype=probs.dtype))
-    delta = probs.to(operand.dtype)
-    hidden_grad.copy_((delta @ operand) * row_weights)
-    weight_grad += delta.T @ (h * row_weights).to(operand.dtype)
+    minus onehot(target), that is (exps - sums * onehot) / sums, whose difference is formed in
+    `exps`' storage before any rounding to the operand's dtype; each row's weight over its sum
+    scales that row of the hidden states and of the hidden-state gradient."""
+    exps.scatter_add_(1, target, -sums[:, None])
+    delta = exps.to(operand.dtype)
+    scale = row_weights / sums[:, None]
+    hidden_grad.copy_((delta @ operand) * scale)
+    weight_grad += delta.T @ (h * scale).to(operand.dtype)
 
 
 def _autocast_operand(weight: torch.Tensor) -> torch.Tensor:
@@ -199,14 +235,18 @@ def causal_lm_loss(
 
 
 def causal_lm_loss_from_hidden(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    reduction: str = "mean",
+    exp_logits: ExpLogits | None = None,
 ) -> torch.Tensor:
     """`causal_lm_loss` of the logits `hidden @ weight.T`, computed without forming them
-    (`linear_cross_entropy`): hidden (B, L, H) final hidden states, weight (V, H) the LM
-    head's."""
+    (`linear_cross_entropy`, which takes `exp_logits`): hidden (B, L, H) final hidden states,
+    weight (V, H) the LM head's."""
     targets = _next_tokens(labels, hidden)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    losses = linear_cross_entropy(flat, weight, targets, reduction)
+    losses = linear_cross_entropy(flat, weight, targets, reduction, exp_logits)
     return losses if reduction == "mean" else losses.view(labels.shape)
 
 

@@ -541,7 +541,11 @@ class OlmoeForCausalLM(OlmoePreTrainedModel):
             hidden = hidden[:, -num_logits_to_keep:]
         loss = aux_loss = logits = None
         if skip_logits and _plain_head(self.lm_head):
-            loss = causal_lm_loss_from_hidden(hidden, self.lm_head.weight, labels, loss_reduction)
+            # An engine's head may exponentiate each chunk's logits in one pass (olmoe.engine).
+            fused = getattr(self.lm_head, "exp_logits", None)
+            loss = causal_lm_loss_from_hidden(
+                hidden, self.lm_head.weight, labels, loss_reduction, fused
+            )
         else:
             logits = self.logits_from_hidden(hidden)  # (B, L or kept, V)
             if labels is not None:

@@ -163,5 +163,11 @@ def decode_layers(x, weights, k_caches, v_caches, cos, sin, positions, kv_length
     return [out, *all_logits]
 
 
+def exp_logits(h, weight, shift):
+    exponents = h @ weight.T - shift[:, None]
+    exps = exponents.exp()
+    return exps, exps.sum(1), exponents.max().item()
+
+
 def read_all(buffer):
     return int(buffer.view(torch.uint8).sum())

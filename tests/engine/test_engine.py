@@ -426,6 +426,32 @@ def test_training_under_autocast_runs_the_experts_in_bf16_side_by_side(monkeypat
     assert grad is not None and grad.dtype == torch.float32
 
 
+def test_a_float32_training_loss_exponentiates_on_the_engine_and_matches_the_reference(
+    monkeypatch,
+):
+    """A float32 model's training loss (skip_logits) takes each chunk's exponentials from the
+    engine's pass, with the reference model's loss and gradients; under bf16 autocast the
+    head's operands are bf16 and the loss stays with PyTorch's softmax."""
+    model = tiny_model(seed=9).train()
+    reference = copy.deepcopy(model)
+    engine.apply(model)
+    calls = count_calls(monkeypatch, ["exp_logits"])
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=generator)
+    losses = []
+    for m in (model, reference):
+        losses.append(m(input_ids=ids, labels=ids, skip_logits=True).loss)
+        losses[-1].backward()
+    assert calls["exp_logits"] == 1  # 18 positions: one chunk
+    assert_close(losses[0], losses[1], rtol=1e-6, atol=0)
+    for (name, ours), theirs in zip(model.named_parameters(), reference.parameters()):
+        assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-6 * theirs.grad.abs().max().item(),
+                     msg=name)  # fmt: skip
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, labels=ids, skip_logits=True).loss.backward()
+    assert calls["exp_logits"] == 1
+
+
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_quantised_modules_on_the_engine_match_the_reference(two_threads, method):
     reference = quantize_model(tiny_model(seed=1).to(torch.bfloat16), method)

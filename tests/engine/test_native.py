@@ -2,11 +2,14 @@
 
 Their numerics: bf16 inputs, float32 products and sums, one bf16 rounding of each result (and of
 the expert activation before the down projection). So the formulas below round at the same
-places and the tolerance is a bf16 unit in the last place, not a loose percentage. These run
+places and the tolerance is a bf16 unit in the last place, not a loose percentage. The LM
+head loss's exponentials are float32 throughout, to within float32 rounding of the formula. These run
 only where the kernels do; tests/engine/test_engine.py checks the modules that call them.
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -333,3 +336,36 @@ def test_int4_kernels_refuse_rows_of_another_width():
         native.linear(bf16(1, 600), packed, None, scale)
     with pytest.raises(RuntimeError, match="scale"):
         native.linear(bf16(1, 512), packed, None, None)
+
+
+@pytest.mark.parametrize(
+    ("rows", "vocab", "hidden"),
+    [(1, 1, 1), (7, 33, 5), (13, 600, 40), (6, 16, 3)],  # tails of rows, ids and tile groups
+)
+def test_exp_logits_matches_float64(rows, vocab, hidden):
+    generator = torch.Generator().manual_seed(rows + vocab)
+    h = torch.randn(rows, hidden, generator=generator)
+    weight = torch.randn(vocab, hidden, generator=generator)
+    shift = torch.randn(rows, generator=generator)
+    exps, sums, top = native.exp_logits(h, weight, shift)
+    exponents = h.double() @ weight.double().T - shift.double()[:, None]
+    assert exps.dtype == torch.float32 and exps.shape == (rows, vocab)
+    # A float32 sum of `hidden` products is off by at most about hidden + 1 roundings of its
+    # terms' magnitudes; exp turns that absolute error into a relative one, and adds its own.
+    magnitudes = h.double().abs() @ weight.double().abs().T + shift.double().abs()[:, None]
+    slack = (hidden + 2) * 2**-24 * magnitudes + 1e-6
+    assert ((exps.double() / exponents.exp() - 1).abs() <= slack).all()
+    assert_close(sums.double(), exponents.exp().sum(1), rtol=slack.max().item(), atol=0)
+    assert abs(top - exponents.max().item()) <= slack.max().item()
+
+
+def test_exp_logits_leaves_ids_beyond_the_vocabulary_out():
+    """The last tile's columns past the vocabulary multiply zeros: with a shift far below 0
+    their exponent would be the largest and their exponential would swamp the sums."""
+    h = torch.ones(3, 4)
+    weight = torch.full((5, 4), -25.0)  # every logit -100
+    shift = torch.full((3,), -90.0)
+    exps, sums, top = native.exp_logits(h, weight, shift)
+    assert top == -10.0
+    assert_close(sums, torch.full((3,), 5 * math.exp(-10.0)), rtol=1e-6, atol=0)
+    assert exps.shape == (3, 5)

@@ -1,7 +1,8 @@
 // Decode-time kernels for x86 CPUs: matrix-vector products that stream weights from memory
 // near the bandwidth limit, and the whole sparse-MoE block of a few tokens in one call, for bf16
 // weights, int8 weights (symmetric, one scale per output row) and int4 weights (one float16
-// scale per group of 32 inputs); and the grouped GEMMs of prefill and training. Compiled on first
+// scale per group of 32 inputs); the grouped GEMMs of prefill and training; and the exponentiated
+// logits of the LM head's float32 training loss, never writing the logits. Compiled on first
 // use by olmoe/engine/native.py for the machine's vector extension: this file is the part both
 // back ends share, cpu_avx512.h (AVX-512 BF16 and VNNI) and cpu_avx2.h (AVX2, FMA and F16C)
 // the vector code. The PyTorch code in model.py, moe.py and quantize.py is the reference and
@@ -546,6 +547,121 @@ torch::Tensor grouped_weight_grad(torch::Tensor grad, torch::Tensor x, torch::Te
   return out;
 }
 
+// ----------------------------------------------------------------- the LM head's training loss
+// exp(h @ weight.T - shift) for a chunk of positions in one pass, with each row's sum and the
+// largest exponent: the logits never reach memory, only their exponentials, which
+// olmoe/head_loss.py turns into the loss and both gradients. A tile of kExpRows positions by
+// two vectors of vocabulary ids is summed over the hidden size in registers and exponentiated
+// there; each thread packs kExpPanels tiles' worth of weight rows (transposed, so that every k
+// is two loads) and runs all positions against them before packing the next.
+using F = FloatLanes;
+constexpr int kExpRows = 6;  // 12 accumulators, 2 weight vectors and a broadcast: AVX2's 16
+constexpr int kExpCols = 2 * F::kLanes;
+constexpr int64_t kExpPanels = 8;
+
+// One tile: out[i][j] = exp(h[i] . panel[:, j] - shift[i]) for the first `valid` columns,
+// their sums added to row i's lanes in `sums`, the exponents' maximum into `top`.
+template <int MR>
+inline void exp_tile(const float* h, int64_t K, const float* panel, const float* shift,
+                     float* out, int64_t ldo, int64_t valid, float* sums, F::Vec& top) {
+  F::Vec acc[MR][2];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = F::broadcast(0.0f);
+  for (int64_t k = 0; k < K; ++k) {
+    const F::Vec w0 = F::load(panel + k * kExpCols);
+    const F::Vec w1 = F::load(panel + k * kExpCols + F::kLanes);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {  // unrolled, so that acc stays in registers
+      const F::Vec a = F::broadcast(h[i * K + k]);
+      acc[i][0] = F::fmadd(a, w0, acc[i][0]);
+      acc[i][1] = F::fmadd(a, w1, acc[i][1]);
+    }
+  }
+  alignas(64) float part[kExpCols];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    const F::Vec c = F::broadcast(shift[i]);
+    F::Vec x0 = F::sub(acc[i][0], c), x1 = F::sub(acc[i][1], c);
+    if (valid < kExpCols) {  // the vocabulary's last tile: ids beyond it count for nothing
+      F::store(part, x0);
+      F::store(part + F::kLanes, x1);
+      std::fill(part + valid, part + kExpCols, -INFINITY);
+      x0 = F::load(part);
+      x1 = F::load(part + F::kLanes);
+    }
+    top = F::max(top, F::max(x0, x1));
+    const F::Vec e0 = F::exp(x0), e1 = F::exp(x1);  // exp clamps -inf to -88: 0
+    float* row = out + i * ldo;
+    if (valid == kExpCols) {
+      F::store(row, e0);
+      F::store(row + F::kLanes, e1);
+    } else {
+      F::store(part, e0);
+      F::store(part + F::kLanes, e1);
+      std::copy_n(part, valid, row);
+    }
+    float* lanes = sums + i * F::kLanes;
+    F::store(lanes, F::add(F::load(lanes), F::add(e0, e1)));
+  }
+}
+
+// exp(h @ weight.T - shift[:, None]) (R, V) float32, its row sums (R,), and the largest
+// element of h @ weight.T - shift[:, None]: h (R, K), weight (V, K), shift (R,), float32.
+std::tuple<torch::Tensor, torch::Tensor, double> exp_logits(torch::Tensor h, torch::Tensor weight,
+                                                            torch::Tensor shift) {
+  check(h, "h", 2, torch::kFloat32);
+  check(weight, "weight", 2, torch::kFloat32);
+  check(shift, "shift", 1, torch::kFloat32);
+  const int64_t R = h.size(0), K = h.size(1), V = weight.size(0);
+  TORCH_CHECK(weight.size(1) == K && shift.size(0) == R,
+              "h (R, K), weight (V, K) and shift (R,) must agree in R and K");
+  auto out = torch::empty({R, V}, h.options());
+  const int64_t panels = (V + kExpCols - 1) / kExpCols;
+  const int64_t groups = (panels + kExpPanels - 1) / kExpPanels;
+  const int threads = at::get_num_threads();
+  std::vector<float> sums(threads * R * F::kLanes, 0.0f), tops(threads, -INFINITY);
+  const float *hp = h.data_ptr<float>(), *wp = weight.data_ptr<float>();
+  const float* sp = shift.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    float* thread_sums = sums.data() + at::get_thread_num() * R * F::kLanes;
+    F::Vec top = F::broadcast(-INFINITY);
+    std::vector<float> pack(kExpPanels * K * kExpCols);
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t first = g * kExpPanels, count = std::min(kExpPanels, panels - first);
+      for (int64_t p = 0; p < count; ++p) {
+        float* panel = pack.data() + p * K * kExpCols;
+        for (int j = 0; j < kExpCols; ++j) {
+          const int64_t v = (first + p) * kExpCols + j;
+          for (int64_t k = 0; k < K; ++k) panel[k * kExpCols + j] = v < V ? wp[v * K + k] : 0.0f;
+        }
+      }
+      for (int64_t r = 0; r < R; r += kExpRows) {
+        for (int64_t p = 0; p < count; ++p) {
+          const int64_t v = (first + p) * kExpCols, valid = std::min<int64_t>(kExpCols, V - v);
+          const float* panel = pack.data() + p * K * kExpCols;
+          float* tile_sums = thread_sums + r * F::kLanes;
+          switch (std::min<int64_t>(kExpRows, R - r)) {
+#define OLMOE_EXP_TILE(MR)                                                                   \
+  case MR:                                                                                   \
+    exp_tile<MR>(hp + r * K, K, panel, sp + r, op + r * V + v, V, valid, tile_sums, top); \
+    break;
+            OLMOE_EXP_TILE(6) OLMOE_EXP_TILE(5) OLMOE_EXP_TILE(4)
+            OLMOE_EXP_TILE(3) OLMOE_EXP_TILE(2) OLMOE_EXP_TILE(1)
+#undef OLMOE_EXP_TILE
+          }
+        }
+      }
+    }
+    tops[at::get_thread_num()] = F::top(top);
+  });
+  auto row_sums = torch::zeros({R}, h.options());
+  float* rs = row_sums.data_ptr<float>();
+  for (int t = 0; t < threads; ++t)
+    for (int64_t r = 0; r < R; ++r) rs[r] += F::sum(F::load(sums.data() + (t * R + r) * F::kLanes));
+  return {out, row_sums, *std::max_element(tops.begin(), tops.end())};
+}
+
 // RMSNorm of a few bf16 rows, rounding where the PyTorch module does: the normalised row is
 // rounded to bf16, then multiplied by the weight and rounded again.
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
@@ -875,6 +991,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "one query per sequence over the KV cache");
   m.def("decode_layers", &decode_layers, "every decoder layer for one new token per sequence");
   m.def("prefill_linear", &prefill_linear, "x @ weight.T (+ bias) by the back end's GEMM");
+  m.def("exp_logits", &exp_logits, "exp(h @ weight.T - shift), its row sums and largest exponent");
   m.def("read_all", &read_all, "read a buffer once (memory bandwidth probe)");
   m.attr("bf16_gemm") = kBf16Gemm;  // whether bf16 products go to oneDNN as they are
 }

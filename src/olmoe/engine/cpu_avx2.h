@@ -122,6 +122,22 @@ inline __m256 exp_ps(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(power));
 }
 
+// Float vectors as the code both back ends share sees them (cpu.cpp's exp_logits).
+struct FloatLanes {
+  using Vec = __m256;
+  static constexpr int kLanes = 8;
+  static Vec load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, Vec x) { _mm256_storeu_ps(p, x); }
+  static Vec broadcast(float x) { return _mm256_set1_ps(x); }
+  static Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+  static Vec sub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
+  static Vec max(Vec a, Vec b) { return _mm256_max_ps(a, b); }
+  static Vec exp(Vec x) { return exp_ps(x); }
+  static float sum(Vec x) { return reduce_add(x); }
+  static float top(Vec x) { return reduce_max(x); }
+};
+
 // Rows shorter than a whole number of 16-value chunks: the last chunk comes from a zeroed copy.
 constexpr int64_t kChunk = 16;
 inline int64_t chunks(int64_t k) { return (k + kChunk - 1) / kChunk * kChunk; }

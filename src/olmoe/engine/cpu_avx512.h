@@ -43,6 +43,22 @@ inline __m512 exp_ps(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// Float vectors as the code both back ends share sees them (cpu.cpp's exp_logits).
+struct FloatLanes {
+  using Vec = __m512;
+  static constexpr int kLanes = 16;
+  static Vec load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, Vec x) { _mm512_storeu_ps(p, x); }
+  static Vec broadcast(float x) { return _mm512_set1_ps(x); }
+  static Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+  static Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+  static Vec sub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
+  static Vec max(Vec a, Vec b) { return _mm512_max_ps(a, b); }
+  static Vec exp(Vec x) { return exp_ps(x); }
+  static float sum(Vec x) { return _mm512_reduce_add_ps(x); }
+  static float top(Vec x) { return _mm512_reduce_max_ps(x); }
+};
+
 // ------------------------------------------------------------------------- activations
 // Activation rows in the form the weights' dot product wants.
 struct Bf16Activations {

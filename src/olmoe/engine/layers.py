@@ -15,6 +15,8 @@ This is the one place that decides which path runs. The rules:
 - On a CPU without bf16 instructions (the AVX2 back end), where PyTorch emulates bf16 GEMMs, a
   prefill's bf16 linear layers and the router go native to be multiplied in float32 (the
   experts' GEMMs do so inside their native pass).
+- The LM head's training loss in float32 (olmoe.head_loss): each chunk's logits are
+  exponentiated in the native pass that computes them, never written to memory.
 - Everything else (float32, float16, other activations, attention probabilities asked for) is
   the reference code itself.
 
@@ -95,6 +97,12 @@ def widened(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     )
 
 
+def fused_head(h: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the LM head loss's chunk is exponentiated in the native pass that computes its
+    logits: float32 rows and weight on the CPU (no gradient is recorded inside the loss)."""
+    return h.dtype == weight.dtype == torch.float32 and h.device.type == weight.device.type == "cpu"
+
+
 def small_bf16(x: torch.Tensor) -> bool:
     """Whether an activation-only op (a norm, one query's attention) on `x` goes native."""
     return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled()
@@ -154,6 +162,12 @@ class CpuLinear(nn.Linear):
         if widened(x, self.weight, self.bias):
             return native.prefill_linear(x, self.weight, self.bias)
         return super().forward(x)
+
+    @staticmethod
+    def exp_logits(h: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor):
+        """As the LM head, a chunk's exponentiated logits for the training loss
+        (olmoe.head_loss.ExpLogits), where `fused_head` sends them native; else None."""
+        return native.exp_logits(h, weight, shift) if fused_head(h, weight) else None
 
 
 class CpuRMSNorm(OlmoeRMSNorm):

@@ -230,6 +230,14 @@ class GroupedLinear(torch.autograd.Function):
         return grad_x, grad_weight, None
 
 
+def exp_logits(
+    h: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """exp(h @ weight.T - shift[:, None]) (R, V), its row sums (R,) and the largest exponent,
+    in one pass without the logits: float32 h (R, K), weight (V, K), shift (R,)."""
+    return compiled().exp_logits(h.contiguous(), weight.contiguous(), shift.contiguous())
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension of a few bf16 rows (see OlmoeRMSNorm)."""
     rows = x.reshape(-1, x.shape[-1]).contiguous()
