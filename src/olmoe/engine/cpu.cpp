@@ -653,7 +653,8 @@ std::tuple<torch::Tensor, torch::Tensor, double> exp_logits(torch::Tensor h, tor
         }
       }
     }
-    tops[at::get_thread_num()] = F::top(top);
+    float& thread_top = tops[at::get_thread_num()];
+    thread_top = std::max(thread_top, F::top(top));
   });
   auto row_sums = torch::zeros({R}, h.options());
   float* rs = row_sums.data_ptr<float>();
