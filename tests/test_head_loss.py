@@ -132,19 +132,20 @@ def test_an_engines_pass_takes_ordinary_chunks_and_leaves_far_rows_to_the_softma
     """Each chunk is offered to the pass, shifted by its targets' logits; a chunk with a row
     whose logits exceed its target's by more than 64 goes the softmax way."""
     hidden, weight, targets = _far_targets()
-    offered = []
+    shifts, tops = [], []
 
     def spy(h, w, shift):
-        offered.append(shift.clone())
-        return standin.exp_logits(h, w, shift)
+        exps, sums, top = standin.exp_logits(h, w, shift)
+        shifts.append(shift.clone())
+        tops.append(top)
+        return exps, sums, top
 
     with torch.no_grad():
         linear_cross_entropy(hidden, weight, targets, exp_logits=spy)
     safe = torch.where(targets == head_loss.IGNORE_INDEX, 0, targets)
     target_logits = (hidden @ weight.T).gather(1, safe[:, None]).squeeze(1)
-    torch.testing.assert_close(torch.cat(offered), target_logits)  # one offer per chunk
-    taken = [standin.exp_logits(h, weight, shift)[2] <= 64 for h, shift in
-             zip(hidden.split(3), offered)]  # fmt: skip
+    torch.testing.assert_close(torch.cat(shifts), target_logits)  # one offer per chunk
+    taken = [top <= 64 for top in tops]
     assert taken == [False, False, True, True]  # rows 2 and 4 sit in the first two chunks
 
 

@@ -15,7 +15,8 @@ registers that summed it, so the logits never reach memory; the softmax's normal
 moves to the small operands too, beside the row weights.
 
 The numbers are the unfused path's: each chunk's logits come from the same matmul (under bf16
-autocast, bf16 operands and a bf16 product, as `lm_head` gives), and a float32 softmax follows.
+autocast, bf16 operands and a bf16 product, as `lm_head` gives; an engine's pass sums them in
+its own order), and a float32 softmax follows.
 Each row's loss is -log of its target's probability, as log-softmax gives it to within float32
 rounding; a row whose target's probability underflows float32 (a loss above about 87 nats) gets
 its log-sum-exp from the logits instead. The weight's gradient is summed over chunks in float32.

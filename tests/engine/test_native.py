@@ -3,8 +3,9 @@
 Their numerics: bf16 inputs, float32 products and sums, one bf16 rounding of each result (and of
 the expert activation before the down projection). So the formulas below round at the same
 places and the tolerance is a bf16 unit in the last place, not a loose percentage. The LM
-head loss's exponentials are float32 throughout, to within float32 rounding of the formula. These run
-only where the kernels do; tests/engine/test_engine.py checks the modules that call them.
+head loss's exponentials are float32 throughout, to within float32 rounding of the formula.
+These run only where the kernels do; tests/engine/test_engine.py checks the modules that call
+them.
 """
 
 from __future__ import annotations
