@@ -188,7 +188,8 @@ def test_grouped_products_of_several_tiles_are_each_groups_product(method):
     "tokens, out_features, in_features",
     [(1, 64, 2048), (1, 9, 300), (2, 20, 1000), (3, 33, 40), (4, 8, 130), (8, 130, 96),
      (16, 17, 200),
-     (1, 1100, 2048)],  # 3 work items of 1 MB, the last one partial
+     (1, 1100, 2048),  # 3 work items of 1 MB, the last one partial
+     (1, 5, 4100), (2, 3, 8200)],  # past the 32-bit partial sums' span, a partial chunk last
 )  # fmt: skip
 def test_int8_linear_kernel_is_exact_on_the_quantised_weights(tokens, out_features, in_features):
     x = bf16(tokens, in_features, seed=1)

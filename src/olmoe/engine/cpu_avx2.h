@@ -141,12 +141,26 @@ struct FloatLanes {
 // Rows shorter than a whole number of 16-value chunks: the last chunk comes from a zeroed copy.
 constexpr int64_t kChunk = 16;
 inline int64_t chunks(int64_t k) { return (k + kChunk - 1) / kChunk * kChunk; }
-template <class T>
-inline const T* chunk_at(const T* row, int64_t k, int64_t K, T (&spare)[kChunk]) {
-  if (k + kChunk <= K) return row + k;
-  std::fill(spare, spare + kChunk, T(0));
-  std::copy(row + k, row + K, spare);
-  return spare;
+
+// body(at, k) for each 16-value chunk k of [begin, end) (begin a multiple of 16, end <= the rows'
+// length), at[i] pointing at row i's chunk: in place for whole chunks, from a zeroed copy for a
+// last, partial one. The copy stays out of the main loop and calls nothing: a copy inside the
+// loop made the compiler keep every accumulator in memory.
+template <int S, class T, class Body>
+inline void for_each_chunk(const T* const* rows, int64_t begin, int64_t end, Body&& body) {
+  const int64_t whole = begin + (end - begin) / kChunk * kChunk;
+  const T* at[S];
+  for (int64_t k = begin; k < whole; k += kChunk) {
+    for (int i = 0; i < S; i++) at[i] = rows[i] + k;
+    body(at, k);
+  }
+  if (whole == end) return;
+  alignas(32) T spare[S][kChunk];
+  for (int i = 0; i < S; i++) {
+    for (int64_t j = 0; j < kChunk; j++) spare[i][j] = whole + j < end ? rows[i][whole + j] : T(0);
+    at[i] = spare[i];
+  }
+  body(at, whole);
 }
 
 // ------------------------------------------------------------------------- activations
@@ -290,14 +304,14 @@ struct Bf16Matrix : SplitRows<Bf16Matrix> {
     const int64_t K = x.K, Kp = x.Kp;
     const float* X = x.data.data() + v0 * Kp;
     const __m256i zero = _mm256_setzero_si256();
-    bf16 spare[kChunk];
+    const bf16* rows[S];
+    for (int i = 0; i < S; i++) rows[i] = data + row[i] * ld;
     __m256 acc[S][NV][2];
     for (int i = 0; i < S; i++)
       for (int v = 0; v < NV; v++) acc[i][v][0] = acc[i][v][1] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; k += kChunk)
+    for_each_chunk<S>(rows, 0, K, [&](const bf16* const* at, int64_t k) {
       for (int i = 0; i < S; i++) {
-        const bf16* w = chunk_at(data + row[i] * ld, k, K, spare);
-        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at[i]));
         const __m256 low = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, wv));
         const __m256 high = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, wv));
         for (int v = 0; v < NV; v++) {
@@ -306,6 +320,7 @@ struct Bf16Matrix : SplitRows<Bf16Matrix> {
           acc[i][v][1] = _mm256_fmadd_ps(high, _mm256_loadu_ps(xv + 8), acc[i][v][1]);
         }
       }
+    });
     for (int i = 0; i < S; i++)
       for (int v = 0; v < NV; v++)
         out[v * ldo + row[i]] = reduce_add(_mm256_add_ps(acc[i][v][0], acc[i][v][1]));
@@ -332,22 +347,24 @@ struct Int8Matrix : SplitRows<Int8Matrix> {
                 int64_t ldo) const {
     const int64_t K = x.K, Kp = x.Kp;
     const int16_t* X = x.q.data() + v0 * Kp;
-    int8_t spare[kChunk];
+    const int8_t* rows[S];
+    for (int i = 0; i < S; i++) rows[i] = data + row[i] * ld;
     int64_t total[S][NV] = {};
     for (int64_t k0 = 0; k0 < K; k0 += kExactSpan) {
       __m256i acc[S][NV];
       for (int i = 0; i < S; i++)
         for (int v = 0; v < NV; v++) acc[i][v] = _mm256_setzero_si256();
-      for (int64_t k = k0; k < std::min(K, k0 + kExactSpan); k += kChunk)
+      for_each_chunk<S>(rows, k0, std::min(K, k0 + kExactSpan), [&](const int8_t* const* at,
+                                                                   int64_t k) {
         for (int i = 0; i < S; i++) {
-          const int8_t* w = chunk_at(data + row[i] * ld, k, K, spare);
           const __m256i wv =
-              _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+              _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at[i])));
           for (int v = 0; v < NV; v++) {
             const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X + v * Kp + k));
             acc[i][v] = _mm256_add_epi32(acc[i][v], _mm256_madd_epi16(wv, xv));
           }
         }
+      });
       for (int i = 0; i < S; i++)
         for (int v = 0; v < NV; v++) total[i][v] += reduce_add(acc[i][v]);
     }
