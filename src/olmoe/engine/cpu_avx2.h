@@ -271,13 +271,19 @@ void split_rows(const Matrix& W, int64_t begin, int64_t end,
   for (int64_t r = begin + S * part; r < end; r++) W.template products<1, NV>(&r, x, v0, out, ldo);
 }
 
+// Streams per pass: as many as keep the accumulators within half of the 16 vector registers (the
+// rest hold weights and activations), so that two activation rows still read two streams; eight
+// accumulators also keep enough sums in flight to cover the FMA's latency.
+constexpr int kAccumulators = 8;
+
 // gemv's names for the products, the same for every matrix kind.
 template <class Matrix>
 struct SplitRows {
   template <int U, int NV, class Activations>
   void rows(int64_t begin, int64_t end, const Activations& x, int64_t v0, float* out,
             int64_t ldo) const {
-    split_rows<NV == 1 ? Matrix::kStreams : 1, Matrix, NV>(
+    constexpr int fit = kAccumulators / (NV * Matrix::kAccumulatorsPerProduct);
+    split_rows<std::max(1, std::min(fit, Matrix::kStreams)), Matrix, NV>(
         static_cast<const Matrix&>(*this), begin, end, x, v0, out, ldo);
   }
   template <int R, int NV, class Activations>
@@ -292,6 +298,7 @@ struct Bf16Matrix : SplitRows<Bf16Matrix> {
   using Activations = Bf16Activations;
   static constexpr int64_t kBitsPerWeight = 16;
   static constexpr int kWideRows = 1, kSingleUnroll = 1, kStreams = 4;
+  static constexpr int kAccumulatorsPerProduct = 2;
   const bf16* data;
   int64_t ld;
   Bf16Matrix(const bf16* data, int64_t ld) : data(data), ld(ld) {}
@@ -332,6 +339,7 @@ struct Int8Matrix : SplitRows<Int8Matrix> {
   using Activations = Int8Activations;
   static constexpr int64_t kBitsPerWeight = 8;
   static constexpr int kWideRows = 1, kSingleUnroll = 1, kStreams = 4;
+  static constexpr int kAccumulatorsPerProduct = 1;
   // Values per 32-bit partial sum before it moves to 64 bits: 2 x 127 x 16383 per pair keeps
   // 4096 inputs (256 pairs per lane) below 2^31.
   static constexpr int64_t kExactSpan = 4096;
@@ -380,6 +388,7 @@ struct Int4Matrix : SplitRows<Int4Matrix> {
   using Activations = Int4Activations;
   static constexpr int64_t kBitsPerWeight = 4;
   static constexpr int kWideRows = 1, kSingleUnroll = 1, kStreams = 3;
+  static constexpr int kAccumulatorsPerProduct = 1;
   const uint8_t* data;
   int64_t ld;  // bytes per row, Kp / 2
   const c10::Half* scale;
