@@ -259,6 +259,20 @@ struct Int4Activations : Int4ActivationRows {
 // than one row after the other (as cpu_avx512.h's int4 kernel; docs/inference.md has the
 // measurements). With more activation rows there is enough work per weight byte, and one row at
 // a time leaves the registers to the activation rows' accumulators.
+//
+// More activation rows than 14 accumulators hold (bf16 with 8) take two passes over each
+// group of rows, the second reading them from L1: accumulators beyond the registers would live
+// in memory.
+template <int S, int NV, class Matrix>
+void products_in_passes(const Matrix& W, const int64_t* row,
+                        const typename Matrix::Activations& x, int64_t v0, float* out,
+                        int64_t ldo) {
+  constexpr int first = NV * Matrix::kAccumulatorsPerProduct > 14 ? NV / 2 : NV;
+  W.template products<S, first>(row, x, v0, out, ldo);
+  if constexpr (first < NV)
+    W.template products<S, NV - first>(row, x, v0 + first, out + first * ldo, ldo);
+}
+
 template <int S, class Matrix, int NV>
 void split_rows(const Matrix& W, int64_t begin, int64_t end,
                 const typename Matrix::Activations& x, int64_t v0, float* out, int64_t ldo) {
@@ -266,9 +280,10 @@ void split_rows(const Matrix& W, int64_t begin, int64_t end,
   int64_t row[S];
   for (int64_t j = 0; j < part; j++) {
     for (int i = 0; i < S; i++) row[i] = begin + i * part + j;
-    W.template products<S, NV>(row, x, v0, out, ldo);
+    products_in_passes<S, NV>(W, row, x, v0, out, ldo);
   }
-  for (int64_t r = begin + S * part; r < end; r++) W.template products<1, NV>(&r, x, v0, out, ldo);
+  for (int64_t r = begin + S * part; r < end; r++)
+    products_in_passes<1, NV>(W, &r, x, v0, out, ldo);
 }
 
 // Streams per pass: as many as keep the accumulators within half of the 16 vector registers (the
