@@ -254,15 +254,14 @@ struct Int4Activations : Int4ActivationRows {
 // activation row v0 + v) for S rows, v < NV; `split_rows` below feeds it the rows of [begin,
 // end) as the names gemv calls (rows<U, NV>, dot<R, NV>).
 //
-// With one activation row, S = kStreams rows at a time from S separate stretches of the range:
-// S sequential streams, which the prefetchers follow each on its own, keep more reads in flight
-// than one row after the other (as cpu_avx512.h's int4 kernel; docs/inference.md has the
-// measurements). With more activation rows there is enough work per weight byte, and one row at
-// a time leaves the registers to the activation rows' accumulators.
-//
-// More activation rows than 14 accumulators hold (bf16 with 8) take two passes over each
-// group of rows, the second reading them from L1: accumulators beyond the registers would live
-// in memory.
+// S rows at a time from S separate stretches of the range: S sequential streams, which the
+// prefetchers follow each on its own, keep more reads in flight than one row after the other (as
+// cpu_avx512.h's int4 kernel; docs/inference.md has the measurements). S is up to kStreams, as
+// many as the accumulators allow (SplitRows below).
+
+// More activation rows than 14 accumulators hold (bf16 with 8) take two passes over each group
+// of rows, the second reading them from L1: accumulators beyond the registers would live in
+// memory.
 template <int S, int NV, class Matrix>
 void products_in_passes(const Matrix& W, const int64_t* row,
                         const typename Matrix::Activations& x, int64_t v0, float* out,
