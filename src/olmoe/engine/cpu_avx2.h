@@ -259,14 +259,20 @@ struct Int4Activations : Int4ActivationRows {
 // cpu_avx512.h's int4 kernel; docs/inference.md has the measurements). S is up to kStreams, as
 // many as the accumulators allow (SplitRows below).
 
-// More activation rows than 14 accumulators hold (bf16 with 8) take two passes over each group
-// of rows, the second reading them from L1: accumulators beyond the registers would live in
-// memory.
+// Streams per pass: as many as keep the accumulators within half of the 16 vector registers (the
+// rest hold weights and activations), so that two activation rows still read two streams; eight
+// accumulators also keep enough sums in flight to cover the FMA's latency.
+constexpr int kAccumulators = 8;
+// The most accumulators one pass keeps: the 16 vector registers less a weight chunk's two
+// halves. More activation rows than that (bf16 with 8) take two passes over each group of rows,
+// the second reading them from L1: accumulators beyond the registers would live in memory.
+constexpr int kMostAccumulators = 14;
+
 template <int S, int NV, class Matrix>
 void products_in_passes(const Matrix& W, const int64_t* row,
                         const typename Matrix::Activations& x, int64_t v0, float* out,
                         int64_t ldo) {
-  constexpr int first = NV * Matrix::kAccumulatorsPerProduct > 14 ? NV / 2 : NV;
+  constexpr int first = NV * Matrix::kAccumulatorsPerProduct > kMostAccumulators ? NV / 2 : NV;
   W.template products<S, first>(row, x, v0, out, ldo);
   if constexpr (first < NV)
     W.template products<S, NV - first>(row, x, v0 + first, out + first * ldo, ldo);
@@ -284,11 +290,6 @@ void split_rows(const Matrix& W, int64_t begin, int64_t end,
   for (int64_t r = begin + S * part; r < end; r++)
     products_in_passes<1, NV>(W, &r, x, v0, out, ldo);
 }
-
-// Streams per pass: as many as keep the accumulators within half of the 16 vector registers (the
-// rest hold weights and activations), so that two activation rows still read two streams; eight
-// accumulators also keep enough sums in flight to cover the FMA's latency.
-constexpr int kAccumulators = 8;
 
 // gemv's names for the products, the same for every matrix kind.
 template <class Matrix>
